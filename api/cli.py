@@ -1,0 +1,215 @@
+"""The `channelgraph` command line.
+
+Every command takes `--store PATH` or `--neo4j URI` and `--format table|json|csv`. With
+json or csv, stdout carries that document alone; progress and logs go to stderr. Exit
+status 0 on success; on failure a one-line error on stderr and a non-zero status.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from graph.errors import ChannelgraphError
+from graph.settings import Settings
+from graph.store import Store, open_store
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Graph analytics for brand channels: trace codes, find cross-region diversion (窜货), rank super users.")
+stderr = Console(stderr=True)
+log = logging.getLogger("channelgraph")
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="Embedded store folder [env CHANNELGRAPH_STORE; default ./channelgraph-data].", show_default=False)]
+Neo4jOpt = Annotated[str | None, typer.Option("--neo4j", help="Neo4j URI (bolt://, neo4j://, neo4j+s://) [env CHANNELGRAPH_NEO4J]; user/password from NEO4J_USER/NEO4J_PASSWORD.", show_default=False)]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output: table for people, json or csv for programs.")]
+
+
+def settings_from(store: Path | None, neo4j: str | None, **overrides: Any) -> Settings:
+    """Settings from the environment, overridden by explicit command-line options."""
+    given = {k: v for k, v in {"store": store, "neo4j": neo4j, **overrides}.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ChannelgraphError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+
+@contextmanager
+def opened(store: Path | None, neo4j: str | None, **overrides: Any) -> Iterator[tuple[Store, Settings]]:
+    settings = settings_from(store, neo4j, **overrides)
+    handle = open_store(settings)
+    try:
+        yield handle, settings
+    finally:
+        handle.close()
+
+
+@contextmanager
+def progress_bar() -> Iterator[Any]:
+    """A progress callback `(stage, done, total)` drawing on stderr when it is a terminal."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def update(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=max(total, 1))
+
+        yield update
+
+
+def emit(data: Any, fmt: Format, *, rows: Sequence[dict] | None = None, title: str | None = None) -> None:
+    """Print `data` as JSON, or `rows` as CSV or a table (rows default to `data`)."""
+    if fmt is Format.json:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+        return
+    rows = list(rows if rows is not None else data)
+    if fmt is Format.csv:
+        sys.stdout.write(to_csv(rows))
+        return
+    console = Console()
+    if not rows:
+        console.print(f"{title or 'result'}: nothing found")
+        return
+    table = Table(title=title, show_lines=False)
+    columns = list(rows[0].keys())
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    """Rows as CSV; nested values become JSON text."""
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0].keys()), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+# ---------------------------------------------------------------- commands
+
+
+@app.command()
+def load(
+    dataset: Annotated[Path, typer.Argument(help="A dataset folder (or file): canonical tables and/or EPCIS documents.")],
+    store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
+    rejects: Annotated[Path | None, typer.Option(help="Folder for reject records [default: STORE/rejects].")] = None,
+) -> None:
+    """Validate and load a dataset; bad rows go to a rejects file with their reason."""
+    from loaders.ingest import load_dataset
+
+    with opened(store, neo4j) as (handle, settings), progress_bar() as progress:
+        rejects_dir = rejects or (settings.store / "rejects" if not settings.neo4j else Path("channelgraph-rejects"))
+        report = load_dataset(handle, dataset, rejects_dir=rejects_dir, progress=progress)
+    data = report.as_dict()
+    rows = [{"table": t, "accepted": report.accepted[t], "rejected": report.rejected[t],
+             "duplicates": report.duplicates[t]} for t in report.accepted]
+    emit(data, format, rows=rows, title=f"loaded {dataset} into {handle.uri}")
+    if format is Format.table:
+        stderr.print(f"implicit consumers registered: {report.implicit_consumers}")
+        if report.rejects_path:
+            stderr.print(f"rejected rows and reasons: {report.rejects_path}")
+
+
+@app.command()
+def generate(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the dataset and answers.json into.")],
+    scale: Annotated[float, typer.Option(help="1 = demo size (~10k scans); 1000 = ~10M scans.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
+    table_format: Annotated[str, typer.Option("--table-format", help="csv, jsonl, parquet or mixed.")] = "csv",
+    store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
+) -> None:
+    """Write a realistic scenario dataset with its known answers (answers.json)."""
+    from loaders.generate import generate_dataset
+
+    if table_format not in ("csv", "jsonl", "parquet", "mixed"):
+        raise ChannelgraphError(f"--table-format {table_format!r}: expected csv, jsonl, parquet or mixed")
+    summary = generate_dataset(out_dir, scale=scale, seed=seed, fmt=table_format)
+    rows = [{"table": t, "rows": n} for t, n in summary.get("rows", {}).items()]
+    emit(summary, format, rows=rows, title=f"generated {out_dir} (scale {scale}, seed {seed})")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="Where the dataset, store and HTML views go.")] = Path("demo-output"),
+    scale: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 7,
+    store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
+) -> None:
+    """Generate a dataset, load it into the embedded store, run the analyses, write views."""
+    from api.demo import run_demo
+
+    run_demo(out_dir=out_dir, scale=scale, seed=seed,
+             settings=settings_from(store or out_dir / "store", neo4j), fmt=format.value)
+
+
+def _register_subcommands() -> None:
+    try:
+        from api.neo4j_cli import neo4j_app
+    except ImportError:  # pragma: no cover - the launcher module is optional in a broken checkout
+        return
+    app.add_typer(neo4j_app, name="neo4j", help="Run a local Neo4j 5.26 server (needs Java 17 and Maven).")
+
+
+_register_subcommands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors, never a traceback (set CHANNELGRAPH_DEBUG=1 for one)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        app(args=argv, standalone_mode=False)
+    except (typer.Exit, SystemExit) as exc:
+        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
+    except typer.Abort:
+        stderr.print("aborted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place errors become one line
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if os.environ.get("CHANNELGRAPH_DEBUG"):
+            raise
+        label = "error" if isinstance(exc, ChannelgraphError) else f"internal error ({type(exc).__name__})"
+        print(f"channelgraph: {label}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

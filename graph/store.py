@@ -1,0 +1,41 @@
+"""The store interface and its factory. Only `graph.neo4j_store` imports `neo4j`."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from graph.settings import Settings
+    from loaders.validate import Validated
+
+
+class Store(Protocol):
+    """A place channelgraph loads into and queries. Both backends give identical answers."""
+
+    uri: str
+
+    def stored(self, table: str, keys: pa.Array) -> pa.Table:
+        """Stored rows (typed canonical columns) of `table` whose key is in `keys`."""
+
+    def regions(self) -> pa.Table:
+        """All stored regions."""
+
+    def apply(self, validated: Validated) -> None:
+        """Merge validated rows atomically: all of them become visible, or none do."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows held per table."""
+
+    def close(self) -> None: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """The Neo4j store when `settings.neo4j` is set, else the embedded store."""
+    if settings.neo4j:
+        from graph.neo4j_store import Neo4jStore
+
+        return Neo4jStore.connect(settings)
+    from graph.embedded import EmbeddedStore
+
+    return EmbeddedStore(settings.store)

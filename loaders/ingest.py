@@ -1,0 +1,84 @@
+"""Load a dataset into a store: read, validate, write rejects, apply atomically."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+
+from graph.model import LOAD_ORDER
+from graph.store import Store
+from loaders.readers import RawTable, Reject, discover, read_source
+from loaders.validate import validate_dataset
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class LoadReport:
+    accepted: dict[str, int]
+    rejected: dict[str, int]
+    duplicates: dict[str, int]
+    implicit_consumers: int
+    rejects_path: str | None
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, "rejected": self.rejected, "duplicates": self.duplicates,
+                "implicit_consumers": self.implicit_consumers, "rejects_path": self.rejects_path}
+
+
+def read_dataset(dataset: Path, progress: Progress | None = None) -> dict[str, list[RawTable]]:
+    """Every source of `dataset` as raw tables, by canonical table name."""
+    sources = discover(dataset)
+    raw: dict[str, list[RawTable]] = {}
+    for done, source in enumerate(sources, start=1):
+        if source.table == "epcis":
+            from loaders.epcis import read_epcis
+
+            for table in read_epcis(source.path):
+                raw.setdefault(table.table, []).append(table)
+        else:
+            raw.setdefault(source.table, []).append(read_source(source))
+        if progress:
+            progress(f"read {source.path.name}", done, len(sources))
+    return raw
+
+
+def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Progress | None = None) -> LoadReport:
+    """Load every table of `dataset` into `store`. Bad rows become reject records in a
+    JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
+    raw = read_dataset(Path(dataset), progress)
+    if progress:
+        progress("validate", 0, 1)
+    validated = validate_dataset(raw, store)
+    rejects = [r for outcome in validated.tables.values() for r in outcome.rejects]
+    rejects_path = write_rejects(rejects, rejects_dir) if rejects else None
+    if progress:
+        progress("write", 0, 1)
+    store.apply(validated)
+    counts = validated.counts()
+    tables = [t for t in LOAD_ORDER if t in raw or counts["accepted"].get(t)]
+    implicit = validated.implicit_consumers.num_rows if validated.implicit_consumers is not None else 0
+    return LoadReport(
+        accepted={t: counts["accepted"].get(t, 0) for t in tables},
+        rejected={t: counts["rejected"].get(t, 0) for t in tables},
+        duplicates={t: counts["duplicates"].get(t, 0) for t in tables},
+        implicit_consumers=implicit,
+        rejects_path=str(rejects_path) if rejects_path else None,
+    )
+
+
+def write_rejects(rejects: list[Reject], directory: Path) -> Path:
+    """Write reject records as JSON lines; returns the file's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = directory / f"load-{stamp}.jsonl"
+    with path.open("wb") as f:
+        for reject in rejects:
+            f.write(orjson.dumps(reject.as_dict(), default=str) + b"\n")
+    return path

@@ -1,0 +1,310 @@
+"""Read dataset files into raw string tables.
+
+Every reader returns `RawTable`s: a pyarrow Table whose data columns are strings (null
+when missing or empty) plus `_file` and `_line` columns, and the reject records of rows
+that could not even be split into columns. Nothing here judges values; that is
+`loaders.validate`.
+
+Line numbers: CSV counts physical lines with the header as line 1; JSONL counts lines;
+Parquet counts rows from 1.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from graph.errors import DatasetError
+from graph.model import TABLES
+
+log = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+EPCIS_SUFFIXES = (".xml", ".json", ".jsonld")
+META_COLUMNS = ("_file", "_line")
+
+
+@dataclass
+class Reject:
+    """One input row that is not loaded, and why."""
+
+    table: str
+    file: str
+    line: int | None
+    reason: str
+    row: dict | str | None
+
+    def as_dict(self) -> dict:
+        return {"table": self.table, "file": self.file, "line": self.line,
+                "reason": self.reason, "row": self.row}
+
+
+@dataclass
+class RawTable:
+    table: str
+    data: pa.Table  # string columns + _file + _line
+    rejects: list[Reject] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Source:
+    table: str  # canonical table name, or "epcis"
+    path: Path
+
+
+def table_of(path: Path) -> str | None:
+    """Canonical table a file holds, from its name (`scans.csv`, `scans_2024-01.parquet`)."""
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    for table in TABLES:
+        if stem == table or stem.startswith((table + "_", table + "-", table + ".")):
+            return table
+    return None
+
+
+def discover(dataset: Path) -> list[Source]:
+    """The readable sources of a dataset: a folder of tables/EPCIS files, or one file."""
+    if not dataset.exists():
+        raise DatasetError(f"{dataset}: no such file or directory")
+    paths = sorted(p for p in dataset.rglob("*") if p.is_file()) if dataset.is_dir() else [dataset]
+    sources = []
+    for path in paths:
+        if path.name.startswith("."):
+            continue
+        table = table_of(path) if path.suffix in TABLE_SUFFIXES else None
+        if table:
+            sources.append(Source(table, path))
+        elif path.suffix in EPCIS_SUFFIXES and _looks_like_epcis(path):
+            sources.append(Source("epcis", path))
+        else:
+            log.warning("ignoring %s: not a channelgraph table or EPCIS document", path)
+    if not sources:
+        raise DatasetError(f"{dataset}: no tables (regions, parties, products, codes, scans, referrals) or EPCIS documents found")
+    return sources
+
+
+def _looks_like_epcis(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096)
+    return b"EPCIS" in head or b"epcis" in head
+
+
+def read_source(source: Source) -> RawTable:
+    """Read one table file completely. Raises DatasetError if the file is unreadable."""
+    readers = {".csv": read_csv, ".jsonl": read_jsonl, ".parquet": read_parquet}
+    try:
+        return readers[source.path.suffix](source.path, source.table)
+    except DatasetError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise DatasetError(f"{source.path}: cannot read {source.table} table: {exc}") from exc
+
+
+def _finish(table: str, path: Path, columns: dict[str, pa.Array], lines: pa.Array,
+            rejects: list[Reject]) -> RawTable:
+    """Values are trimmed, empty ones become null; adds the _file/_line columns."""
+    n = len(lines)
+    arrays = {}
+    for name, arr in columns.items():
+        trimmed = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+        arrays[name] = pc.if_else(pc.equal(trimmed, ""), None, trimmed)
+    arrays["_file"] = pa.array([str(path)] * n, pa.string()) if n else pa.array([], pa.string())
+    arrays["_line"] = lines.cast(pa.int64())
+    return RawTable(table, pa.table(arrays), rejects)
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def read_csv(path: Path, table: str) -> RawTable:
+    """Fast pyarrow parse; exact fallback with Python's csv module when rows are irregular."""
+    irregular: list[str] = []
+
+    def on_invalid(row: pa_csv.InvalidRow) -> str:
+        irregular.append(row.text)
+        return "skip"
+
+    header = _csv_header(path)
+    if not header:
+        raise DatasetError(f"{path}: empty file (no header row)")
+    parsed = pa_csv.read_csv(
+        path,
+        read_options=pa_csv.ReadOptions(block_size=16 << 20),
+        parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.binary() for name in header}, strings_can_be_null=False,
+            quoted_strings_can_be_null=False),
+    )
+    if irregular:
+        log.info("%s: %d irregular rows; re-reading with exact line numbers", path, len(irregular))
+        return _read_csv_exact(path, table)
+    columns, bad_rows = _decode_utf8(parsed)
+    lines = pa.array(range(2, parsed.num_rows + 2), pa.int64())
+    rejects = []
+    if bad_rows:
+        keep = pa.array([i not in bad_rows for i in range(parsed.num_rows)])
+        rejects = [Reject(table, str(path), i + 2, "invalid UTF-8 text (file must be UTF-8)",
+                          _row_repr(parsed, i)) for i in sorted(bad_rows)]
+        columns = {k: v.filter(keep) for k, v in columns.items()}
+        lines = lines.filter(keep)
+    return _finish(table, path, columns, lines, rejects)
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open("rb") as f:
+        first = f.readline()
+    text = first.decode("utf-8-sig", errors="replace").strip("\r\n")
+    return [name.strip() for name in next(csv.reader([text]), [])]
+
+
+def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.Array], set[int]]:
+    columns: dict[str, pa.Array] = {}
+    bad: set[int] = set()
+    for name in parsed.column_names:
+        col = parsed.column(name).combine_chunks()
+        try:
+            columns[name] = col.cast(pa.string())
+        except pa.ArrowInvalid:
+            values = col.to_pylist()
+            for i, value in enumerate(values):
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad.add(i)
+            columns[name] = pa.array([v.decode("utf-8", errors="replace") for v in values], pa.string())
+    return columns, bad
+
+
+def _row_repr(parsed: pa.Table, i: int) -> dict:
+    return {name: parsed.column(name)[i].as_py().decode("utf-8", errors="replace")
+            for name in parsed.column_names}
+
+
+def _read_csv_exact(path: Path, table: str) -> RawTable:
+    """Slow, exact CSV reading: every record with the physical line it starts on."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader, [])]
+    values: dict[str, list] = {name: [] for name in header}
+    lines: list[int] = []
+    rejects: list[Reject] = []
+    start = reader.line_num + 1
+    for record in reader:
+        line, start = start, reader.line_num + 1
+        if not record or record == [""]:
+            continue
+        if len(record) != len(header):
+            rejects.append(Reject(table, str(path), line,
+                                  f"expected {len(header)} columns, got {len(record)}",
+                                  ",".join(record)))
+            continue
+        if any(_has_surrogate(v) for v in record):
+            rejects.append(Reject(table, str(path), line, "invalid UTF-8 text (file must be UTF-8)",
+                                  {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                                   for k, v in zip(header, record)}))
+            continue
+        for name, value in zip(header, record):
+            values[name].append(value)
+        lines.append(line)
+    columns = {name: pa.array(vals, pa.string()) for name, vals in values.items()}
+    return _finish(table, path, columns, pa.array(lines, pa.int64()), rejects)
+
+
+def _has_surrogate(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- JSONL
+
+
+def read_jsonl(path: Path, table: str) -> RawTable:
+    """One JSON object a line; scalars become strings, nested values JSON text."""
+    values: dict[str, list] = {}
+    lines: list[int] = []
+    rejects: list[Reject] = []
+    n = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                rejects.append(Reject(table, str(path), number, f"invalid JSON: {exc}",
+                                      raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+                continue
+            if not isinstance(obj, dict):
+                rejects.append(Reject(table, str(path), number, "line is not a JSON object",
+                                      raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+                continue
+            for key, value in obj.items():
+                column = values.get(key)
+                if column is None:
+                    column = values[key] = [None] * n
+                column.append(_jsonl_text(value))
+            n += 1
+            for column in values.values():
+                if len(column) < n:
+                    column.append(None)
+            lines.append(number)
+    columns = {name: pa.array(vals, pa.string()) for name, vals in values.items()}
+    return _finish(table, path, columns, pa.array(lines, pa.int64()), rejects)
+
+
+def _jsonl_text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+def read_parquet(path: Path, table: str) -> RawTable:
+    """Parquet columns of any type become strings; timestamps become ISO 8601 (naive = UTC)."""
+    data = pq.read_table(path)
+    columns = {name: _to_string(data.column(name).combine_chunks()) for name in data.column_names}
+    lines = pa.array(range(1, data.num_rows + 1), pa.int64())
+    return _finish(table, path, columns, lines, [])
+
+
+def _to_string(arr: pa.Array) -> pa.Array:
+    if pa.types.is_timestamp(arr.type):
+        utc = arr.cast(pa.timestamp("us", tz="UTC")) if arr.type.tz else arr.cast(pa.timestamp("us"))
+        return pc.strftime(utc, format="%Y-%m-%dT%H:%M:%S.%f", locale="C")
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr.cast(pa.string())
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return pa.array([None if v is None else v.decode("utf-8", errors="replace") for v in arr.to_pylist()], pa.string())
+    if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+        return arr.cast(pa.string())
+    return pa.array([_jsonl_text(v) for v in arr.to_pylist()], pa.string())
+
+
+def iter_chunks(raw: RawTable, rows: int = 1 << 20) -> Iterator[pa.Table]:
+    for offset in range(0, raw.data.num_rows, rows):
+        yield raw.data.slice(offset, rows)
