@@ -176,6 +176,116 @@ def demo(
              settings=settings_from(store or out_dir / "store", neo4j), fmt=format.value)
 
 
+@app.command("trace")
+def trace_command(
+    code: Annotated[str | None, typer.Argument(help="A pallet, case, box or unit code.")] = None,
+    batch: Annotated[str | None, typer.Option(help="Aggregated flow of every unit of this batch.")] = None,
+    sku: Annotated[str | None, typer.Option(help="Aggregated flow of every unit of this SKU.")] = None,
+    k: Annotated[int | None, typer.Option(help="Consumer scans per case that confirm a suspected diversion.")] = None,
+    store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
+) -> None:
+    """Where a code went (custody path F -> B -> b -> C), or the flow of a batch/SKU."""
+    from queries.trace import flow, trace
+
+    if (code is None) == (batch is None and sku is None):
+        raise ChannelgraphError("give a CODE, or --batch and/or --sku (not both)")
+    with opened(store, neo4j, k=k) as (handle, settings):
+        if code is not None:
+            result = trace(handle, code, k=settings.k)
+            data = result.model_dump()
+            rows = [hop.model_dump() for hop in result.path]
+            title = (f"{result.level} {code} (sku {result.sku}, batch {result.batch}); assigned to "
+                     f"{result.assigned_distributor or 'nobody (untracked)'}"
+                     + (f"; DIVERTED ({result.diversion.severity})" if result.diversion else ""))
+        else:
+            edges = flow(handle, batch=batch, sku=sku)
+            data = [e.model_dump() for e in edges]
+            rows, title = data, f"flow of {'batch ' + batch if batch else ''} {'sku ' + sku if sku else ''}".strip()
+    emit(data, format, rows=rows, title=title)
+
+
+@app.command()
+def diversions(
+    k: Annotated[int | None, typer.Option(help="Consumer scans per case, in one outside region, that confirm a suspected diversion [default 3].")] = None,
+    severity: Annotated[str | None, typer.Option(help="confirmed or suspected.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only crossings at or after this ISO 8601 time.")] = None,
+    by: Annotated[str | None, typer.Option(help="Group: responsible, region-pair, case, batch, sku or month.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the document to this file instead of stdout.")] = None,
+    store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
+) -> None:
+    """Cross-region diversion (窜货): one finding per diverted unit, or grouped views."""
+    from queries.diversion import diversion_view, find_diversions
+
+    since_ts = _parse_since(since)
+    with opened(store, neo4j, k=k) as (handle, settings):
+        try:
+            findings = find_diversions(handle, k=settings.k, severity=severity, since=since_ts)
+            view = diversion_view(findings, by) if by else None
+        except ValueError as exc:
+            raise ChannelgraphError(str(exc)) from exc
+    if view is not None:
+        data, rows, title = view, view, f"diversions by {by}"
+    else:
+        data = [f.model_dump() for f in findings]
+        rows = [{k: v for k, v in f.items() if k != "path"} for f in data] if format is not Format.json else None
+        title = f"{len(findings)} diverted units"
+    if out is not None:
+        with _redirect_stdout(out):
+            emit(data, format if format is not Format.table else Format.json, rows=rows, title=title)
+        stderr.print(f"wrote {title} to {out}")
+    else:
+        emit(data, format, rows=rows, title=title)
+
+
+@app.command()
+def influencers(
+    top: Annotated[int, typer.Option(help="How many to list.")] = 10,
+    percent: Annotated[float | None, typer.Option(help="List the top P% of referrers instead of --top.")] = None,
+    by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
+    cascade: Annotated[str | None, typer.Option(help="Export the referral cascade of this party instead.")] = None,
+    store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
+) -> None:
+    """Super users (超级用户): referrers ranked by the cascades they bring in."""
+    from queries import influence
+
+    with opened(store, neo4j) as (handle, _):
+        try:
+            if cascade is not None:
+                data = [n.model_dump() for n in influence.cascade(handle, cascade)]
+                title = f"cascade of {cascade}: {len(data) - 1} members"
+            else:
+                data = [i.model_dump() for i in influence.influencers(handle, top=top, percent=percent, by=by)]
+                title = f"top referrers by {by}"
+        except ValueError as exc:
+            raise ChannelgraphError(str(exc)) from exc
+    emit(data, format, title=title)
+
+
+def _parse_since(since: str | None):  # noqa: ANN202
+    if since is None:
+        return None
+    import pandas as pd
+
+    try:
+        return pd.Timestamp(since).to_pydatetime()
+    except ValueError as exc:
+        raise ChannelgraphError(f"--since {since!r}: not an ISO 8601 time") from exc
+
+
+@contextmanager
+def _redirect_stdout(path: Path) -> Iterator[None]:
+    try:
+        handle = path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ChannelgraphError(f"--out {path}: {exc.strerror or exc}") from exc
+    previous, sys.stdout = sys.stdout, handle
+    try:
+        yield
+    finally:
+        sys.stdout = previous
+        handle.close()
+
+
 def _register_subcommands() -> None:
     try:
         from api.neo4j_cli import neo4j_app

@@ -14,8 +14,9 @@ re-opening a store costs milliseconds whatever its size.
 
 Derived columns written with each version (never loaded from input):
 `codes.parent_idx` (row of the parent code, -1 for none), `codes.unit_count` (units
-packed inside, 1 for a unit), `scans.code_idx` (row of the scanned code). `codes` is
-sorted by `code`; `scans` by code row, time, action rank and event id.
+packed inside, 1 for a unit), `scans.code_idx` (row of the scanned code) and
+`scans.event_order` (rank of the event by time, action rank, event id). `codes` is
+sorted by `code`; `scans` by code row, then event order.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,12 +35,14 @@ import pyarrow.compute as pc
 
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
+from graph.timeline import Timeline, encode
 from loaders.validate import TS_TYPE, Validated
 
 log = logging.getLogger(__name__)
 
 MASTER_TABLES = ("regions", "products", "parties", "codes")
 FACT_TABLES = ("scans", "referrals", "tasks")
+DERIVED_COLUMNS = ("parent_idx", "unit_count", "code_idx", "event_order")
 _TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": TS_TYPE}
 
 
@@ -96,6 +99,102 @@ class EmbeddedStore:
     def regions(self) -> pa.Table:
         return self.table("regions")
 
+    def timelines(self, units: Sequence[str] | None = None) -> Timeline:
+        """Timelines of the given codes (any level; unknown ones are left out), or of every
+        unit when `units` is None."""
+        codes, scans = self.table("codes"), self.table("scans")
+        parent = codes.column("parent_idx").to_numpy()
+        level = encode(codes.column("level"), pa.array(LEVELS))
+        if units is None:
+            unit_rows = np.flatnonzero(level == 0)
+        else:
+            unit_rows = encode(pa.array(list(units), pa.string()), codes.column("code").combine_chunks())
+            unit_rows = np.unique(unit_rows[unit_rows >= 0])
+        starts = np.searchsorted(scans.column("code_idx").to_numpy(), np.arange(codes.num_rows + 1))
+        counts = np.diff(starts)
+        unit_parts, event_parts = [], []
+        positions, ancestor = np.arange(len(unit_rows)), unit_rows.copy()
+        case = np.full(len(unit_rows), -1, np.int64)
+        lineage = [unit_rows]
+        for _ in range(len(LEVELS)):
+            n = counts[ancestor]
+            unit_parts.append(np.repeat(positions, n))
+            first = np.repeat(starts[ancestor] - np.cumsum(n) + n, n)
+            event_parts.append(first + np.arange(int(n.sum())))
+            up = parent[ancestor]
+            keep = up >= 0
+            positions, ancestor = positions[keep], up[keep]
+            if not len(ancestor):
+                break
+            is_case = (level[ancestor] == LEVELS.index("case")) & (case[positions] < 0)
+            case[positions[is_case]] = ancestor[is_case]
+            full = np.full(len(unit_rows), -1, np.int64)
+            full[positions] = ancestor
+            lineage.append(full)
+        unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int64)
+        event = np.concatenate(event_parts) if event_parts else np.zeros(0, np.int64)
+        order = scans.column("event_order").to_numpy()
+        rows = np.argsort(unit.astype(np.int64) * max(scans.num_rows, 1) + order[event], kind="stable")
+        unit_table = pa.table({
+            "code": pc.take(codes.column("code"), pa.array(unit_rows)),
+            "case": pc.take(codes.column("code"), pa.array(case, mask=case < 0)),
+            "sku": _inherited(codes.column("sku"), lineage),
+            "batch": _inherited(codes.column("batch"), lineage),
+        })
+        return Timeline(unit[rows].astype(np.int32), event[rows], unit_table, scans)
+
+    def descendants(self, code: str) -> pa.Table:
+        """Every code packed (directly or not) inside `code`: code, level, parent_code."""
+        codes = self.table("codes")
+        children = self._children_index()
+        frontier = encode(pa.array([code], pa.string()), codes.column("code").combine_chunks())
+        frontier = frontier[frontier >= 0]
+        found = []
+        for _ in range(len(LEVELS)):
+            frontier = np.concatenate([children[1][children[0][r]:children[0][r + 1]] for r in frontier]) if len(frontier) else frontier
+            if not len(frontier):
+                break
+            found.append(frontier)
+        rows = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        return codes.take(pa.array(rows)).select(["code", "level", "parent_code"])
+
+    def _children_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR of children: rows of the children of code row r are order[starts[r]:starts[r+1]]."""
+        if "_children" not in self._cache:
+            parent = self.table("codes").column("parent_idx").to_numpy()
+            order = np.argsort(parent, kind="stable")
+            starts = np.searchsorted(parent[order], np.arange(len(parent) + 1))
+            self._cache["_children"] = (starts, order)  # type: ignore[assignment]
+        return self._cache["_children"]  # type: ignore[return-value]
+
+    def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
+        """Unit codes of a batch and/or SKU (inherited from packed-in codes); all if neither."""
+        codes = self.table("codes")
+        keep = pc.equal(codes.column("level"), LEVELS[0])
+        for name, value in (("batch", batch), ("sku", sku)):
+            if value is not None:
+                keep = pc.and_(keep, pc.fill_null(pc.equal(_inherited_all(codes, name), value), False))
+        return codes.column("code").filter(keep).to_pylist()
+
+    def referrals(self) -> pa.Table:
+        """All referral rows (referral_id, referrer_id, referee_id, ts, channel, code)."""
+        return self.table("referrals").select([c.name for c in TABLES["referrals"].columns])
+
+    def purchases(self) -> pa.Table:
+        """One row per consumer `scan` event: party_id, ts, code, sku, unit_price
+        (sku inherited from the nearest packed-in code that has one; price 0 if unknown)."""
+        codes, scans = self.table("codes"), self.table("scans")
+        bought = scans.filter(pc.equal(scans.column("action"), "scan"))
+        sku = _inherited_all(codes, "sku")
+        products = self.table("products")
+        product = encode(sku, products.column("sku").combine_chunks())
+        price = pc.take(products.column("unit_price"), pa.array(product, mask=product < 0))
+        rows = pa.array(bought.column("code_idx").to_numpy())
+        return pa.table({
+            "party_id": bought.column("party_id"), "ts": bought.column("ts"), "code": bought.column("code"),
+            "sku": pc.take(sku, rows), "unit_price": pc.fill_null(pc.take(price, rows), 0.0),
+        })
+
     def counts(self) -> dict[str, int]:
         return {name: self.table(name).num_rows for name in TABLES}
 
@@ -120,6 +219,8 @@ class EmbeddedStore:
 
     def apply(self, validated: Validated) -> None:
         """Merge validated rows into a new version and make it live atomically."""
+        if not validated.changes_anything():
+            return
         with self._locked():
             self.version = self._live_version()
             self._cache.clear()
@@ -140,7 +241,7 @@ class EmbeddedStore:
             for column in taken:
                 implicit = implicit.filter(pc.invert(pc.is_in(implicit.column("party_id"), value_set=column.combine_chunks())))
             new = implicit if new is None else pa.concat_tables([new, implicit], promote_options="permissive")
-        old = old.drop_columns([c for c in ("parent_idx", "unit_count", "code_idx") if c in old.column_names])
+        old = old.drop_columns([c for c in DERIVED_COLUMNS if c in old.column_names])
         if new is None or new.num_rows == 0:
             return old
         if name in MASTER_TABLES and old.num_rows:
@@ -174,6 +275,26 @@ class EmbeddedStore:
         self._cache.clear()
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+
+
+def _inherited(column: pa.ChunkedArray, lineage: list[np.ndarray]) -> pa.Array:
+    """Per unit, the value of `column` on the unit or else its nearest ancestor."""
+    result = pa.nulls(len(lineage[0]), pa.string())
+    for rows in lineage:
+        values = pc.take(column, pa.array(rows, mask=rows < 0))
+        result = pc.coalesce(result, values)
+    return result
+
+
+def _inherited_all(codes: pa.Table, column: str) -> pa.Array:
+    """`column` of every code, inherited from the nearest ancestor when missing."""
+    parent = codes.column("parent_idx").to_numpy()
+    rows = np.arange(codes.num_rows)
+    lineage = [rows]
+    for _ in range(len(LEVELS) - 1):
+        rows = np.where(rows >= 0, parent[np.maximum(rows, 0)], -1)
+        lineage.append(rows)
+    return _inherited(codes.column(column), lineage)
 
 
 def _fsync(path: Path) -> None:
@@ -220,10 +341,15 @@ def _with_code_links(codes: pa.Table) -> pa.Table:
 
 
 def _sorted_scans(scans: pa.Table, codes: pa.Table) -> pa.Table:
-    """Attach code_idx and sort by (code_idx, ts, action rank, event_id)."""
+    """Attach code_idx and event_order (global rank by ts, action rank, event_id) and sort
+    by (code_idx, event_order)."""
+    scans = scans.drop_columns([c for c in ("code_idx", "event_order") if c in scans.column_names])
     code_idx = pc.index_in(scans.column("code"), value_set=codes.column("code")).cast(pa.int32())
     rank = pc.index_in(scans.column("action"), value_set=pa.array(ACTIONS))
     scans = scans.append_column("code_idx", code_idx).append_column("_rank", rank)
-    order = pc.sort_indices(scans, [("code_idx", "ascending"), ("ts", "ascending"),
-                                    ("_rank", "ascending"), ("event_id", "ascending")])
+    by_time = pc.sort_indices(scans, [("ts", "ascending"), ("_rank", "ascending"), ("event_id", "ascending")])
+    event_order = np.empty(scans.num_rows, np.int64)
+    event_order[by_time.to_numpy()] = np.arange(scans.num_rows, dtype=np.int64)
+    scans = scans.append_column("event_order", pa.array(event_order))
+    order = pc.sort_indices(scans, [("code_idx", "ascending"), ("event_order", "ascending")])
     return scans.take(order).drop_columns(["_rank"]).combine_chunks()

@@ -49,6 +49,11 @@ class Validated:
     tables: dict[str, TableOutcome]
     implicit_consumers: pa.Table | None = None  # party rows registered by scans/referrals
 
+    def changes_anything(self) -> bool:
+        """True when applying this would add or change a stored row."""
+        return (self.implicit_consumers is not None and self.implicit_consumers.num_rows > 0) or any(
+            o.accepted is not None and o.accepted.num_rows > 0 for o in self.tables.values())
+
     def counts(self) -> dict[str, dict[str, int]]:
         return {
             "accepted": {t: (o.accepted.num_rows if o.accepted is not None else 0) for t, o in self.tables.items()},

@@ -1,0 +1,78 @@
+"""Unit timelines: the effective events of units, the input of trace and diversion.
+
+An event on a code applies to every unit packed inside it, so a unit's effective events
+are the events on the unit and on each of its ancestors, in event order
+(`ts`, action rank, `event_id`; docs/design.md). Stores build timelines (the embedded
+store vectorised over all units, the Neo4j store for the units a query names); the
+analyses in `queries/` read them and never care which store made them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from graph.model import ACTIONS
+
+UNIT_COLUMNS = ("code", "case", "sku", "batch")
+EVENT_COLUMNS = ("event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id")
+
+
+@dataclass
+class Timeline:
+    """One row per (unit, effective event), grouped by unit and in event order per unit.
+
+    `unit[i]` indexes `units` (code, case-level ancestor, sku, batch); `event[i]` indexes
+    `events` (the scan rows, EVENT_COLUMNS at least).
+    """
+
+    unit: np.ndarray
+    event: np.ndarray
+    units: pa.Table
+    events: pa.Table
+
+    @classmethod
+    def from_frames(cls, units: pd.DataFrame, events: pd.DataFrame, links: pd.DataFrame) -> Timeline:
+        """Build from small frames: `units` (UNIT_COLUMNS), `events` (EVENT_COLUMNS, ts as
+        UTC datetimes) and `links` (unit code, event_id) pairs of a unit and an effective
+        event. Orders rows exactly as the embedded store does."""
+        units = units.drop_duplicates("code").reset_index(drop=True)
+        events = events.drop_duplicates("event_id").reset_index(drop=True)
+        unit_pos = pd.Index(units["code"]).get_indexer(links["code"])
+        event_pos = pd.Index(events["event_id"]).get_indexer(links["event_id"])
+        rank = pd.Index(ACTIONS).get_indexer(events["action"])
+        ts = pd.to_datetime(events["ts"], utc=True).astype("int64").to_numpy()
+        order = np.empty(len(events), np.int64)
+        order[np.lexsort((events["event_id"].to_numpy(dtype=str), rank, ts))] = np.arange(len(events))
+        rows = np.lexsort((order[event_pos], unit_pos))
+        unit_table = pa.Table.from_pandas(units[list(UNIT_COLUMNS)], preserve_index=False)
+        frame = events[list(EVENT_COLUMNS)].copy()
+        frame["ts"] = pd.to_datetime(frame["ts"], utc=True).astype("datetime64[us, UTC]")
+        event_table = pa.Table.from_pandas(frame, preserve_index=False)
+        event_table = pa.table({name: event_table.column(name).cast(pa.string()) if name != "ts" else event_table.column(name)
+                                for name in EVENT_COLUMNS})
+        return cls(unit_pos[rows].astype(np.int32), event_pos[rows].astype(np.int64),
+                   unit_table.cast(pa.schema([(c, pa.string()) for c in UNIT_COLUMNS])), event_table)
+
+    def __len__(self) -> int:
+        return len(self.unit)
+
+    def unit_starts(self) -> np.ndarray:
+        """Row index where each row's unit group starts."""
+        if not len(self.unit):
+            return np.zeros(0, np.int64)
+        first = np.r_[True, self.unit[1:] != self.unit[:-1]]
+        return np.maximum.accumulate(np.where(first, np.arange(len(self.unit)), 0))
+
+    def event_column(self, name: str) -> np.ndarray:
+        """Column `name` of the events table, one value per timeline row."""
+        return pc.take(self.events.column(name), pa.array(self.event)).to_numpy(zero_copy_only=False)
+
+
+def encode(values: pa.Array | pa.ChunkedArray, dictionary: pa.Array) -> np.ndarray:
+    """Positions of `values` in `dictionary` as int64, -1 where absent or null."""
+    pos = pc.index_in(values, value_set=dictionary)
+    return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)

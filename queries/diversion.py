@@ -1,0 +1,327 @@
+"""Cross-region diversion (窜货), exactly per DOMAIN.md §3 and docs/design.md.
+
+`judge` evaluates the rules vectorised over a `Timeline`, whichever store built it;
+`find_diversions` turns its verdicts into one `DiversionFinding` per diverted unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel
+
+from graph.model import ACTIONS, KINDS
+from graph.timeline import Timeline, encode
+from queries.common import iso, judging_context
+
+SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
+FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
+SEVERITIES = ("confirmed", "suspected")
+VIEWS = ("responsible", "region-pair", "case", "batch", "sku", "month")
+
+
+class Hop(BaseModel):
+    """One event of a unit's custody path (events on the unit or a code it is packed in)."""
+
+    party_id: str | None
+    kind: str | None
+    region_id: str | None  # where the event happened
+    ts: str
+    event_id: str
+    action: str
+    crossed: bool  # this event took the goods out of the territory
+    code: str  # the code the event was recorded on
+    counterparty_id: str | None = None
+    to_region_id: str | None = None  # where the goods were after the event
+
+
+class DiversionFinding(BaseModel):
+    code: str
+    sku: str | None
+    batch: str | None
+    responsible: str
+    territory: list[str]
+    severity: str
+    crossing_event_id: str
+    crossing_ts: str
+    crossing_party: str | None
+    crossing_region: str | None
+    exit_via: str | None
+    case: str | None
+    path: list[Hop]
+
+
+class Territories:
+    """Which regions each distributor may sell into: its territory regions and their
+    descendants (fallback: its registered region and descendants)."""
+
+    def __init__(self, parties: pa.Table, regions: pa.Table):
+        region_ids = regions.column("region_id").to_pylist()
+        index = {r: i for i, r in enumerate(region_ids)}
+        tree = nx.DiGraph()
+        tree.add_nodes_from(range(len(region_ids)))
+        tree.add_edges_from((index[p], index[c]) for c, p in zip(region_ids, regions.column("parent_id").to_pylist())
+                            if p in index)
+        kinds = parties.column("kind").to_pylist()
+        self.slot = np.full(parties.num_rows, -1, np.int64)
+        rows = []
+        for i, (kind, territory, home) in enumerate(zip(kinds, parties.column("territory").to_pylist(),
+                                                        parties.column("region_id").to_pylist())):
+            if kind != "distributor":
+                continue
+            roots = [t.strip() for t in territory.split("|") if t.strip()] if territory else []
+            roots = roots or ([home] if home else [])
+            allowed = np.zeros(len(region_ids), bool)
+            for root in roots:
+                if root in index:
+                    allowed[index[root]] = True
+                    allowed[list(nx.descendants(tree, index[root]))] = True
+            self.slot[i] = len(rows)
+            rows.append(allowed)
+        self.matrix = np.array(rows, bool).reshape(len(rows), len(region_ids))
+        self.declared = {parties.column("party_id")[i].as_py(): _territory_list(parties.column("territory")[i].as_py(), parties.column("region_id")[i].as_py())
+                         for i in np.flatnonzero(self.slot >= 0)}
+
+    def contains(self, distributor: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """Per pair: region inside the distributor's territory (False when either is unknown)."""
+        slot = np.where(distributor >= 0, self.slot[np.maximum(distributor, 0)], -1)
+        ok = (slot >= 0) & (region >= 0)
+        out = np.zeros(len(distributor), bool)
+        out[ok] = self.matrix[slot[ok], region[ok]]
+        return out
+
+
+def _territory_list(territory: str | None, home: str | None) -> list[str]:
+    roots = [t.strip() for t in territory.split("|") if t.strip()] if territory else []
+    return roots or ([home] if home else [])
+
+
+@dataclass
+class Judgement:
+    """Per-row facts of a timeline and the verdicts derived from them."""
+
+    timeline: Timeline
+    parties: pa.Table
+    regions: pa.Table
+    action: np.ndarray
+    party: np.ndarray
+    holder: np.ndarray
+    location: np.ndarray  # where the event happened (region row), -1 unknown
+    after: np.ndarray  # where the goods are after the event
+    governing: np.ndarray  # row of the governing assignment, -1 before any
+    distributor: np.ndarray  # party row of the assigned distributor, -1 if none
+    findings: pd.DataFrame  # unit, row (crossing), severity, exit_via (party row)
+    untracked: np.ndarray  # unit positions without any assignment
+
+    def unit_assignment(self) -> np.ndarray:
+        """Per unit: the party row of its latest assignment (-1 untracked)."""
+        out = np.full(self.timeline.units.num_rows, -1, np.int64)
+        has = self.distributor >= 0
+        out[self.timeline.unit[has]] = self.distributor[has]  # rows are in event order: last wins
+        return out
+
+
+def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3) -> Judgement:
+    """Apply the diversion rules to every unit of `timeline`.
+
+    `parties` must hold every party the events name; `regions` the whole region tree.
+    Units sharing a case must be judged together for the k rule to see them all.
+    """
+    n = len(timeline)
+    party_ids = parties.column("party_id").combine_chunks()
+    region_ids = regions.column("region_id").combine_chunks()
+    kind = encode(parties.column("kind"), pa.array(KINDS))
+    home = encode(parties.column("region_id"), region_ids)
+    events = timeline.events
+    ev_rows = pa.array(timeline.event)
+    action = encode(pc.take(events.column("action"), ev_rows), pa.array(ACTIONS))
+    party = encode(pc.take(events.column("party_id"), ev_rows), party_ids)
+    counterparty = encode(pc.take(events.column("counterparty_id"), ev_rows), party_ids)
+    own_region = encode(pc.take(events.column("region_id"), ev_rows), region_ids)
+
+    def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
+        return np.where(who >= 0, values[np.maximum(who, 0)], -1)
+
+    party_kind, cp_kind = of(kind, party), of(kind, counterparty)
+    location = np.where(own_region >= 0, own_region, of(home, party))
+    is_ship = action == SHIP
+    shipped_to = is_ship & (counterparty >= 0)
+    after = np.where(shipped_to & (of(home, counterparty) >= 0), of(home, counterparty), location)
+    holder = np.where(shipped_to, counterparty, party)
+
+    assigns = (is_ship & (party_kind == FACTORY) & (cp_kind == DISTRIBUTOR)) | (
+        (action == RECEIVE) & (party_kind == DISTRIBUTOR) & (cp_kind == FACTORY))
+    assigned_to = np.where(is_ship, counterparty, party)
+    pos = np.arange(n)
+    start = timeline.unit_starts()
+    last = np.maximum.accumulate(np.where(assigns, pos, -1)) if n else pos
+    governing = np.where(last >= start, last, -1)
+    distributor = np.where(governing >= 0, assigned_to[np.maximum(governing, 0)], -1)
+
+    territories = Territories(parties, regions)
+    judged = governing >= 0
+    inside_after = territories.contains(distributor, after)
+    outside_after = judged & (after >= 0) & ~inside_after
+
+    other_distributor = lambda who, who_kind: (who_kind == DISTRIBUTOR) & (who != distributor)  # noqa: E731
+    ship_out = is_ship & ((cp_kind == STORE) | other_distributor(counterparty, cp_kind))
+    held_out = np.isin(action, (RECEIVE, OPEN)) & ((party_kind == STORE) | other_distributor(party, party_kind))
+    confirmed_evidence = outside_after & (ship_out | held_out) & ~assigns
+
+    store_inside = judged & (of(kind, holder) == STORE) & (after >= 0) & inside_after
+    handled = np.cumsum(store_inside)
+    g = np.maximum(governing, 0)
+    handled_before = judged & ((handled - (handled[g] - store_inside[g])) > 0)
+    scan_outside = (action == SCAN) & judged & (location >= 0) & ~territories.contains(distributor, location)
+    consumer_evidence = scan_outside & ~handled_before
+
+    inside_rows = judged & (after >= 0) & inside_after
+    last_inside = np.maximum.accumulate(np.where(inside_rows, pos, -1)) if n else pos
+
+    units = timeline.unit
+    confirmed = _first_per_unit(units, confirmed_evidence)
+    consumer = _first_per_unit(units, consumer_evidence)
+    consumer = consumer[~np.isin(consumer.unit, confirmed.unit)]
+    confirmed["severity"] = "confirmed"
+    consumer["severity"] = _k_rule(timeline, consumer, distributor, location, k)
+    findings = pd.concat([confirmed, consumer], ignore_index=True)
+    crossing = findings["row"].to_numpy()
+    before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
+    same_lineage = (crossing > 0) & (before >= governing[crossing]) & (before >= 0)
+    findings["exit_via"] = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
+    tracked = np.unique(units[assigns])
+    untracked = np.setdiff1d(np.arange(timeline.units.num_rows), tracked)
+    return Judgement(timeline, parties, regions, action, party, holder, location, after, governing,
+                     distributor, findings.sort_values("unit", ignore_index=True), untracked)
+
+
+def _first_per_unit(units: np.ndarray, mask: np.ndarray) -> pd.DataFrame:
+    rows = np.flatnonzero(mask)
+    hit_units, first = np.unique(units[rows], return_index=True)
+    return pd.DataFrame({"unit": hit_units, "row": rows[first]})
+
+
+def _k_rule(timeline: Timeline, suspects: pd.DataFrame, distributor: np.ndarray, location: np.ndarray,
+            k: int) -> np.ndarray:
+    """`confirmed` where at least k units of one case, assigned to one distributor, have
+    suspected crossings in one region; else `suspected`."""
+    if suspects.empty:
+        return np.array([], dtype=object)
+    case = timeline.units.column("case").to_numpy(zero_copy_only=False)[suspects["unit"].to_numpy()]
+    rows = suspects["row"].to_numpy()
+    groups = pd.DataFrame({"case": case, "dist": distributor[rows], "region": location[rows]})
+    size = groups.groupby(["case", "dist", "region"], dropna=False)["dist"].transform("size").to_numpy()
+    return np.where(pd.notna(case) & (size >= k), "confirmed", "suspected")
+
+
+def findings_of(judgement: Judgement, *, units: np.ndarray | None = None) -> list[DiversionFinding]:
+    """DiversionFinding objects (with custody paths) for the judged units, by unit code."""
+    tl = judgement.timeline
+    frame = judgement.findings
+    if units is not None:
+        frame = frame[frame["unit"].isin(units)]
+    if frame.empty:
+        return []
+    party_ids = judgement.parties.column("party_id").to_pylist()
+    territories = Territories(judgement.parties, judgement.regions)
+    codes = tl.units.column("code").to_pylist()
+    sku, batch, case = (tl.units.column(c).to_pylist() for c in ("sku", "batch", "case"))
+    paths = unit_paths(judgement, frame["unit"].to_numpy(), crossing=frame["row"].to_numpy())
+    region_ids = judgement.regions.column("region_id").to_pylist()
+    ts = tl.event_column("ts")
+    event_ids = tl.event_column("event_id")
+    out = []
+    for unit, row, severity, exit_via in zip(frame["unit"], frame["row"], frame["severity"], frame["exit_via"]):
+        responsible = party_ids[judgement.distributor[row]]
+        out.append(DiversionFinding(
+            code=codes[unit], sku=sku[unit], batch=batch[unit], responsible=responsible,
+            territory=territories.declared.get(responsible, []), severity=severity,
+            crossing_event_id=event_ids[row], crossing_ts=iso(ts[row]),
+            crossing_party=_name(party_ids, judgement.party[row]),
+            crossing_region=_name(region_ids, judgement.after[row]),
+            exit_via=_name(party_ids, exit_via), case=case[unit], path=paths[unit]))
+    return sorted(out, key=lambda f: f.code)
+
+
+def _name(names: list, row: int) -> str | None:
+    return names[row] if row >= 0 else None
+
+
+def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> dict[int, list[Hop]]:
+    """Custody paths (all effective events as hops) of the given unit positions."""
+    tl = judgement.timeline
+    wanted = np.isin(tl.unit, units)
+    rows = np.flatnonzero(wanted)
+    crossed_rows = set(crossing.tolist()) if crossing is not None else set()
+    party_ids = judgement.parties.column("party_id").to_pylist()
+    kinds = judgement.parties.column("kind").to_pylist()
+    region_ids = judgement.regions.column("region_id").to_pylist()
+    taken = tl.events.take(pa.array(tl.event[rows]))
+    columns = {name: taken.column(name).to_pylist() for name in ("event_id", "action", "code", "counterparty_id")}
+    ts = taken.column("ts").to_pylist()
+    paths: dict[int, list[Hop]] = {int(u): [] for u in units}
+    for i, row in enumerate(rows):
+        p = judgement.party[row]
+        paths[int(tl.unit[row])].append(Hop(
+            party_id=party_ids[p] if p >= 0 else None, kind=kinds[p] if p >= 0 else None,
+            region_id=_name(region_ids, judgement.location[row]), ts=iso(ts[i]),
+            event_id=columns["event_id"][i], action=columns["action"][i], crossed=int(row) in crossed_rows,
+            code=columns["code"][i], counterparty_id=columns["counterparty_id"][i],
+            to_region_id=_name(region_ids, judgement.after[row])))
+    return paths
+
+
+def judge_store(store, *, k: int = 3) -> Judgement:  # noqa: ANN001 - any Store
+    """Judge every unit the store could find diverted (all units on the embedded store)."""
+    candidates = store.diversion_candidates() if hasattr(store, "diversion_candidates") else None
+    timeline = store.timelines(candidates)
+    parties, regions = judging_context(store, timeline)
+    return judge(timeline, parties, regions, k=k)
+
+
+def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
+                    since: datetime | None = None) -> list[DiversionFinding]:
+    """One finding per diverted unit, filtered by severity and crossing time (>= since)."""
+    if severity is not None and severity not in SEVERITIES:
+        raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
+    judgement = judge_store(store, k=k)
+    frame = judgement.findings
+    keep = np.ones(len(frame), bool)
+    if severity:
+        keep &= (frame["severity"] == severity).to_numpy()
+    if since is not None:
+        ts = pd.to_datetime(judgement.timeline.event_column("ts")[frame["row"].to_numpy()], utc=True)
+        keep &= np.asarray(ts >= pd.Timestamp(since).tz_localize("UTC") if pd.Timestamp(since).tzinfo is None
+                           else ts >= pd.Timestamp(since))
+    return findings_of(judgement, units=frame["unit"].to_numpy()[keep])
+
+
+def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
+    """Findings grouped `by` one of VIEWS, with unit counts, most units first (repeat
+    offenders on top for `responsible`)."""
+    if by not in VIEWS:
+        raise ValueError(f"--by {by!r}: expected one of {', '.join(VIEWS)}")
+    if not findings:
+        return []
+    frame = pd.DataFrame([{
+        "responsible": f.responsible, "from_territory": "|".join(f.territory), "to_region": f.crossing_region,
+        "case": f.case, "batch": f.batch, "sku": f.sku, "month": f.crossing_ts[:7], "severity": f.severity,
+        "crossing_event_id": f.crossing_event_id, "crossing_ts": f.crossing_ts} for f in findings])
+    keys = {"responsible": ["responsible"], "region-pair": ["from_territory", "to_region"], "case": ["case"],
+            "batch": ["batch"], "sku": ["sku"], "month": ["month"]}[by]
+    grouped = frame.groupby(keys, dropna=False).agg(
+        units=("severity", "size"),
+        confirmed=("severity", lambda s: int((s == "confirmed").sum())),
+        suspected=("severity", lambda s: int((s == "suspected").sum())),
+        crossings=("crossing_event_id", "nunique"),
+        first_ts=("crossing_ts", "min"), last_ts=("crossing_ts", "max"),
+    ).reset_index()
+    grouped = grouped.sort_values(["units", "crossings", *keys], ascending=[False, False, *([True] * len(keys))])
+    grouped.insert(0, "rank", range(1, len(grouped) + 1))
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else (int(v) if isinstance(v, np.integer) else v))
+             for k, v in row.items()} for row in grouped.to_dict("records")]

@@ -1,0 +1,142 @@
+"""Trace (物流追溯): where a code went, and the aggregated flow of a batch or SKU."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel
+
+from graph.errors import NotFound
+from graph.model import LEVELS
+from queries.common import iso, judging_context
+from queries.diversion import DiversionFinding, Hop, findings_of, judge, unit_paths
+
+
+class ChildrenSummary(BaseModel):
+    """What a case or pallet holds, and how much of it was diverted."""
+
+    by_level: dict[str, int]
+    units: int
+    diverted_units: int
+    confirmed: int
+    suspected: int
+    untracked_units: int
+
+
+class TraceResult(BaseModel):
+    code: str
+    level: str
+    sku: str | None
+    batch: str | None
+    ancestors: list[str]  # parent first
+    assigned_distributor: str | None
+    untracked: bool
+    path: list[Hop]
+    events: list[dict]
+    diversion: DiversionFinding | None = None
+    children: ChildrenSummary | None = None
+
+
+class FlowEdge(BaseModel):
+    source: str
+    source_kind: str | None
+    target: str
+    target_kind: str | None
+    units: int
+
+
+def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any Store
+    """The custody path of `code`: events on it and on every code it is packed in, the
+    assigned distributor, its diversion finding if any; for a case or pallet, a summary
+    of what it holds. Raises NotFound for an unknown code."""
+    rows = store.stored("codes", pa.array([code], pa.string())).to_pylist()
+    if not rows:
+        raise NotFound(f"unknown code {code!r}")
+    info = rows[0]
+    ancestors = _ancestors(store, info)
+    descendants = store.descendants(code) if info["level"] != LEVELS[0] else None
+    units = [code]
+    if descendants is not None:
+        units += [d for d, level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
+                  if level == LEVELS[0]]
+    else:
+        units += _case_siblings(store, info, ancestors)  # the k rule looks at the whole case
+    timeline = store.timelines(units)
+    parties, regions = judging_context(store, timeline)
+    judgement = judge(timeline, parties, regions, k=k)
+    me = timeline.units.column("code").to_pylist().index(code)
+    finding = findings_of(judgement, units=np.array([me]))
+    crossing = judgement.findings.loc[judgement.findings["unit"] == me, "row"].to_numpy()
+    path = unit_paths(judgement, np.array([me]), crossing=crossing)[me]
+    assigned = judgement.unit_assignment()[me]
+    party_ids = judgement.parties.column("party_id").to_pylist()
+    events = [{**row, "ts": iso(row["ts"])} for row in
+              timeline.events.take(pa.array(timeline.event[timeline.unit == me]))
+              .select(["event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id"]).to_pylist()]
+    result = TraceResult(
+        code=code, level=info["level"], sku=timeline.units.column("sku")[me].as_py(),
+        batch=timeline.units.column("batch")[me].as_py(), ancestors=ancestors,
+        assigned_distributor=party_ids[assigned] if assigned >= 0 else None,
+        untracked=bool(np.isin(me, judgement.untracked)), path=path, events=events,
+        diversion=finding[0] if finding else None)
+    if descendants is not None:
+        unit_rows = np.arange(1, timeline.units.num_rows)
+        verdicts = judgement.findings[judgement.findings["unit"] != me]
+        result.children = ChildrenSummary(
+            by_level=dict(Counter(descendants.column("level").to_pylist())), units=len(unit_rows),
+            diverted_units=len(verdicts), confirmed=int((verdicts["severity"] == "confirmed").sum()),
+            suspected=int((verdicts["severity"] == "suspected").sum()),
+            untracked_units=int(np.isin(judgement.untracked, unit_rows).sum()))
+    return result
+
+
+def _ancestors(store, info: dict) -> list[str]:  # noqa: ANN001
+    chain, parent = [], info.get("parent_code")
+    while parent and parent not in chain and len(chain) < len(LEVELS):
+        chain.append(parent)
+        found = store.stored("codes", pa.array([parent], pa.string())).to_pylist()
+        parent = found[0].get("parent_code") if found else None
+    return chain
+
+
+def _case_siblings(store, info: dict, ancestors: list[str]) -> list[str]:  # noqa: ANN001
+    if not ancestors:
+        return []
+    levels = store.stored("codes", pa.array(ancestors, pa.string()))
+    cases = [c for c, level in zip(levels.column("code").to_pylist(), levels.column("level").to_pylist()) if level == "case"]
+    if not cases:
+        return []
+    inside = store.descendants(cases[0])
+    return [c for c, level in zip(inside.column("code").to_pylist(), inside.column("level").to_pylist())
+            if level == LEVELS[0] and c != info["code"]]
+
+
+def flow(store, *, batch: str | None = None, sku: str | None = None) -> list[FlowEdge]:  # noqa: ANN001
+    """Aggregated custody flow between parties (F -> B -> b -> C) of the units of a batch
+    and/or SKU (all units when neither is given): an edge per change of holder, weighted
+    by the number of units that moved along it."""
+    units = store.units_where(batch=batch, sku=sku)
+    if not units:
+        what = " and ".join(f"{k} {v!r}" for k, v in (("batch", batch), ("sku", sku)) if v)
+        raise NotFound(f"no units for {what}" if what else "the store holds no units")
+    timeline = store.timelines(units)
+    parties, regions = judging_context(store, timeline)
+    judgement = judge(timeline, parties, regions)
+    holder = judgement.holder
+    unit = timeline.unit
+    moved = np.r_[False, (unit[1:] == unit[:-1]) & (holder[1:] != holder[:-1])] & (holder >= 0)
+    previous = np.r_[-1, holder[:-1]]
+    moved &= previous >= 0
+    edges = pd.DataFrame({"source": previous[moved], "target": holder[moved], "unit": unit[moved]})
+    first_hand = np.r_[True, unit[1:] != unit[:-1]]
+    factory_out = first_hand & (judgement.action == 0) & (judgement.party >= 0) & (holder >= 0)
+    edges = pd.concat([edges, pd.DataFrame({"source": judgement.party[factory_out], "target": holder[factory_out],
+                                            "unit": unit[factory_out]})])
+    counts = edges.drop_duplicates().groupby(["source", "target"]).size().reset_index(name="units")
+    ids = parties.column("party_id").to_pylist()
+    kinds = parties.column("kind").to_pylist()
+    out = [FlowEdge(source=ids[s], source_kind=kinds[s], target=ids[t], target_kind=kinds[t], units=int(n))
+           for s, t, n in counts.itertuples(index=False)]
+    return sorted(out, key=lambda e: (-e.units, e.source, e.target))
