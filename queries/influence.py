@@ -133,7 +133,7 @@ def cascade(store, party_id: str) -> list[CascadeNode]:  # noqa: ANN001 - any St
     attribution = attribute(store.referrals().to_pandas())
     forest = attribution.forest
     if party_id not in forest:
-        raise NotFound(f"party {party_id!r} has no attributed referrals")
+        raise NotFound(f"party {party_id!r} takes part in no attributed referral")
     purchases = store.purchases().to_pandas()
     lengths = nx.single_source_shortest_path_length(forest, party_id)
     kinds = _kinds(store, list(lengths))

@@ -1,0 +1,137 @@
+"""Trace, diversion and influence on the hand-checked channel world, on every store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from graph.errors import NotFound
+from loaders.ingest import load_dataset
+from queries.diversion import diversion_view, find_diversions
+from queries.influence import attribute, cascade, influencers
+from queries.trace import flow, trace
+from tests.worlds import CHANNEL_DIVERSIONS, NOT_DIVERTED, UNTRACKED, channel_world, write_world
+
+
+@pytest.fixture
+def world_store(store, tmp_path: Path):
+    load_dataset(store, write_world(channel_world(), tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    return store
+
+
+def test_diversion_findings_match_hand_checked_answers(world_store):
+    findings = find_diversions(world_store)
+    got = [(f.code, f.severity, f.responsible, f.exit_via, f.crossing_event_id) for f in findings]
+    assert got == sorted(CHANNEL_DIVERSIONS)
+    assert not {f.code for f in findings} & set(NOT_DIVERTED)
+
+
+def test_finding_explains_the_crossing(world_store):
+    finding = next(f for f in find_diversions(world_store) if f.code == "SS1")
+    assert finding.territory == ["ZJ"]
+    assert finding.crossing_region == "NJ"
+    crossed = [hop for hop in finding.path if hop.crossed]
+    assert [(h.event_id, h.party_id, h.counterparty_id) for h in crossed] == [("s4", "SD1", "S3")]
+    assert [h.event_id for h in finding.path] == ["s1", "s2", "s3", "s4"]
+
+
+def test_k_rule_is_configurable(world_store):
+    by_code = {f.code: f.severity for f in find_diversions(world_store, k=2)}
+    assert by_code["J1"] == by_code["J2"] == "confirmed"  # two units of CJ in Nanjing
+    assert by_code["K4"] == "suspected"
+    by_code = {f.code: f.severity for f in find_diversions(world_store, k=4)}
+    assert by_code["K1"] == "suspected"
+
+
+def test_severity_and_since_filters(world_store):
+    suspected = find_diversions(world_store, severity="suspected")
+    assert sorted(f.code for f in suspected) == ["J1", "J2", "K4"]
+    from datetime import datetime
+
+    late = find_diversions(world_store, since=datetime(2024, 3, 1, 0, 30))
+    assert sorted(f.code for f in late) == ["J2", "K2", "K3", "K4"]
+    with pytest.raises(ValueError):
+        find_diversions(world_store, severity="maybe")
+
+
+def test_views_rank_repeat_offenders(world_store):
+    findings = find_diversions(world_store)
+    by_responsible = diversion_view(findings, "responsible")
+    assert [(r["responsible"], r["units"]) for r in by_responsible] == [("D1", 15)]
+    pairs = {(r["from_territory"], r["to_region"]): r["units"] for r in diversion_view(findings, "region-pair")}
+    assert pairs == {("ZJ", "NJ"): 14, ("ZJ", "SZ"): 1}
+    cases = {r["case"]: r["units"] for r in diversion_view(findings, "case")}
+    assert cases["CA"] == 3 and cases["CK"] == 4 and cases["CB"] == 2
+    assert {r["sku"]: r["units"] for r in diversion_view(findings, "sku")} == {"BJ500": 13, "BJ250": 2}
+
+
+def test_trace_unit_through_three_packaging_levels(world_store):
+    result = trace(world_store, "B2")
+    assert result.ancestors == ["BB", "CB", "PB"]
+    assert (result.sku, result.batch) == ("BJ250", "B2")
+    assert result.assigned_distributor == "D1"
+    assert [h.event_id for h in result.path] == ["b1", "b2", "b3", "b4"]
+    assert [h.crossed for h in result.path] == [False, True, False, False]
+    assert result.diversion is not None and result.diversion.crossing_event_id == "b2"
+
+
+def test_trace_orders_mixed_offsets_by_instant(world_store):
+    result = trace(world_store, "M1")
+    assert [h.event_id for h in result.path] == ["m1", "m2"]
+    assert result.path[0].ts == "2024-02-01T01:00:00Z"
+
+
+def test_trace_reassignment_and_untracked(world_store):
+    assert trace(world_store, "R1").assigned_distributor == "D2"
+    assert trace(world_store, "R1").diversion is None
+    untracked = trace(world_store, UNTRACKED[0])
+    assert untracked.untracked and untracked.assigned_distributor is None and untracked.diversion is None
+
+
+def test_trace_case_summarises_children(world_store):
+    result = trace(world_store, "CK")
+    assert result.level == "case"
+    assert result.children.units == 4
+    assert (result.children.confirmed, result.children.suspected) == (3, 1)
+    assert trace(world_store, "PB").children.by_level == {"case": 1, "box": 1, "unit": 2}
+
+
+def test_trace_unknown_code(world_store):
+    with pytest.raises(NotFound, match="NOPE"):
+        trace(world_store, "NOPE")
+
+
+def test_flow_of_a_batch(world_store):
+    edges = {(e.source, e.target): e.units for e in flow(world_store, batch="B2")}
+    assert edges == {("F1", "D1"): 2, ("D1", "S3"): 2, ("S3", "wx-b2"): 1}
+    with pytest.raises(NotFound):
+        flow(world_store, sku="NOSUCH")
+
+
+def test_first_touch_attribution_counts_ignored_referrals(world_store):
+    attribution = attribute(world_store.referrals().to_pandas())
+    assert dict(attribution.ignored) == {"self": 1, "duplicate": 1, "late": 3, "cycle": 1}
+    assert attribution.forest.has_edge("wx-j2", "wx-j1") and not attribution.forest.has_edge("wx-j1", "wx-j2")
+
+
+def test_influencer_metrics(world_store):
+    ranked = {i.party_id: i for i in influencers(world_store, top=None, by="cascade_size")}
+    s1 = ranked["S1"]
+    assert (s1.direct, s1.converted, s1.cascade_size, s1.cascade_depth) == (1, 1, 5, 4)
+    assert s1.referred_revenue == 1800.0
+    assert (ranked["C1"].cascade_size, ranked["C1"].referred_revenue) == (4, 1200.0)
+    assert (ranked["wx-a1"].direct, ranked["wx-a1"].converted, ranked["wx-a1"].cascade_size) == (2, 2, 3)
+    assert ranked["SP1"].kind == "salesperson"
+    assert [i.party_id for i in influencers(world_store, top=2, by="cascade_size")] == ["S1", "C1"]
+    by_influence = influencers(world_store, top=None)
+    assert by_influence[0].influence >= by_influence[-1].influence
+    assert len(influencers(world_store, percent=50, by="revenue")) == 3  # 6 referrers
+
+
+def test_cascade_export(world_store):
+    nodes = cascade(world_store, "C1")
+    assert [(n.party_id, n.depth, n.referrer_id) for n in nodes] == [
+        ("C1", 0, None), ("wx-a1", 1, "C1"), ("wx-k1", 2, "wx-a1"), ("wx-k2", 2, "wx-a1"), ("wx-k3", 3, "wx-k1")]
+    assert [n.party_id for n in cascade(world_store, "wx-k3")] == ["wx-k3"]
+    with pytest.raises(NotFound):
+        cascade(world_store, "nobody")
