@@ -169,8 +169,10 @@ UNTRACKED = ["U1"]
 
 
 def channel_world() -> dict[str, Rows]:
-    return {"regions": REGIONS, "parties": PARTIES, "products": PRODUCTS, "codes": CODES,
-            "scans": SCANS, "referrals": REFERRALS}
+    """A fresh copy of the channel world's tables (callers may change it)."""
+    tables = {"regions": REGIONS, "parties": PARTIES, "products": PRODUCTS, "codes": CODES,
+              "scans": SCANS, "referrals": REFERRALS}
+    return {name: [dict(row) for row in rows] for name, rows in tables.items()}
 
 
 def write_world(tables: dict[str, Rows], folder: Path, fmt: str = "csv") -> Path:

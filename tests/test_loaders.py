@@ -1,0 +1,231 @@
+"""Loading: validation rules, formats, duplicates, idempotence and atomicity."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from graph.embedded import EmbeddedStore
+from graph.errors import DatasetError
+from loaders.ingest import load_dataset
+from tests.worlds import channel_world, write_world
+
+
+def load(store, folder: Path, tmp_path: Path):
+    return load_dataset(store, folder, rejects_dir=tmp_path / "rejects")
+
+
+def rejects_of(report) -> list[dict]:
+    if not report.rejects_path:
+        return []
+    return [json.loads(line) for line in Path(report.rejects_path).read_text().splitlines()]
+
+
+BAD_ROWS = [
+    ("regions", {"region_id": None, "name": "nameless"}, "missing required value: region_id"),
+    ("regions", {"region_id": "X1", "parent_id": "NOWHERE"}, "unknown parent region 'NOWHERE'"),
+    ("regions", {"region_id": "CN", "name": "Other China", "parent_id": None}, "conflicting duplicate region_id"),
+    ("products", {"sku": "P9", "unit_price": "cheap"}, "bad number in unit_price"),
+    ("products", {"sku": "P8", "unit_price": "-1"}, "unit_price must not be negative"),
+    ("parties", {"party_id": "X", "kind": "wholesaler", "region_id": "HZ"}, "bad kind 'wholesaler'"),
+    ("parties", {"party_id": "S9", "kind": "store", "upstream_id": "D1"}, "a store needs region_id"),
+    ("parties", {"party_id": "S8", "kind": "store", "region_id": "MARS"}, "unknown region 'MARS'"),
+    ("parties", {"party_id": "D9", "kind": "distributor", "region_id": "HZ", "territory": "ZJ|MOON"}, "unknown territory region 'MOON'"),
+    ("parties", {"party_id": "S7", "kind": "store", "region_id": "HZ", "upstream_id": "GHOST"}, "unknown upstream party 'GHOST'"),
+    ("parties", {"party_id": None, "kind": "store", "region_id": "HZ"}, "missing required value: party_id"),
+    ("codes", {"code": "Z1", "level": "crate"}, "bad level 'crate'"),
+    ("codes", {"code": "Z2", "level": "unit", "parent_code": "NOPE"}, "unknown parent_code 'NOPE'"),
+    ("codes", {"code": "Z3", "level": "pallet", "parent_code": "CA"}, "level inversion"),
+    ("codes", {"code": "Z4", "level": "case", "parent_code": "CA"}, "level inversion"),
+    ("codes", {"code": "Z5", "level": "unit", "produced_at": "yesterday"}, "bad timestamp in produced_at"),
+    ("scans", {"event_id": "x1", "code": "NOCODE", "action": "ship", "party_id": "F1", "ts": "2024-01-01"}, "unknown code 'NOCODE'"),
+    ("scans", {"event_id": "x2", "code": "CA", "action": "teleport", "party_id": "F1", "ts": "2024-01-01"}, "bad action 'teleport'"),
+    ("scans", {"event_id": "x3", "code": "CA", "action": "ship", "party_id": "NOBODY", "ts": "2024-01-01"}, "unknown party 'NOBODY'"),
+    ("scans", {"event_id": "x4", "code": "CA", "action": "ship", "party_id": "F1", "counterparty_id": "NOBODY", "ts": "2024-01-01"}, "unknown counterparty 'NOBODY'"),
+    ("scans", {"event_id": "x5", "code": "CA", "action": "ship", "party_id": "F1", "ts": "2024-02-30T10:00:00"}, "bad timestamp in ts"),
+    ("scans", {"event_id": "x6", "code": "CA", "action": "open", "party_id": "S1", "ts": None}, "missing required value: ts"),
+    ("scans", {"event_id": "x7", "code": "A1", "action": "scan", "party_id": "wx-new", "ts": "2024-01-01", "region_id": "ATLANTIS"}, "unknown region 'ATLANTIS'"),
+    ("referrals", {"referrer_id": "C1", "referee_id": None, "ts": "2024-01-01"}, "missing required value: referee_id"),
+    ("referrals", {"referrer_id": "C1", "referee_id": "wx-z", "ts": "2024-01-01", "channel": "tv"}, "bad channel 'tv'"),
+    ("referrals", {"referrer_id": "C1", "referee_id": "wx-z", "ts": "2024-01-01", "code": "NOCODE"}, "unknown code 'NOCODE'"),
+]
+
+
+@pytest.mark.parametrize(("table", "row", "reason"), BAD_ROWS, ids=[f"{t}-{r}" for t, _, r in BAD_ROWS])
+def test_each_rule_rejects_the_row_that_breaks_it(tmp_path, table, row, reason):
+    world = channel_world()
+    world[table] = [*world[table], row]
+    store = EmbeddedStore(tmp_path / "store")
+    report = load(store, write_world(world, tmp_path / "data"), tmp_path)
+    rejects = rejects_of(report)
+    assert report.rejected[table] == 1, rejects
+    assert sum(report.rejected.values()) == 1
+    (reject,) = rejects
+    assert reason in reject["reason"]
+    assert reject["file"].endswith(f"{table}.csv")
+    assert reject["line"] == len(world[table]) + 1  # the header is line 1
+    assert reject["table"] == table
+
+
+def test_packaging_cycle_and_orphans_of_rejected_codes(tmp_path):
+    world = channel_world()
+    world["codes"] += [{"code": "Y1", "level": "case", "parent_code": "Y2"}, {"code": "Y2", "level": "case", "parent_code": "Y1"},
+                       {"code": "Y3", "level": "unit", "parent_code": "Y1"}]
+    report = load(EmbeddedStore(tmp_path / "s"), write_world(world, tmp_path / "d"), tmp_path)
+    reasons = {r["row"]["code"]: r["reason"] for r in rejects_of(report)}
+    assert reasons["Y1"].startswith("packaging cycle") and reasons["Y2"].startswith("packaging cycle")
+    assert reasons["Y3"] == "unknown parent_code 'Y1'"
+
+
+def test_region_cycle_rejected(tmp_path):
+    world = channel_world()
+    world["regions"] += [{"region_id": "L1", "parent_id": "L2"}, {"region_id": "L2", "parent_id": "L1"}]
+    report = load(EmbeddedStore(tmp_path / "s"), write_world(world, tmp_path / "d"), tmp_path)
+    assert sorted(r["reason"] for r in rejects_of(report))[0].startswith("region tree cycle")
+    assert report.rejected["regions"] == 2
+
+
+def _contents(store: EmbeddedStore) -> dict[str, list]:
+    out = {}
+    for name in ("regions", "parties", "products", "codes", "scans", "referrals"):
+        table = store.table(name)
+        keep = [c for c in table.column_names if c not in ("parent_idx", "unit_count", "code_idx", "event_order")]
+        rows = table.select(sorted(keep)).to_pylist()
+        out[name] = sorted(rows, key=lambda r: json.dumps(r, default=str, sort_keys=True))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_every_format_loads_the_same_data(tmp_path, fmt):
+    reference = EmbeddedStore(tmp_path / "ref")
+    ref_report = load(reference, write_world(channel_world(), tmp_path / "csv"), tmp_path)
+    store = EmbeddedStore(tmp_path / fmt)
+    report = load(store, write_world(channel_world(), tmp_path / f"data-{fmt}", fmt), tmp_path)
+    assert report.accepted == ref_report.accepted
+    assert report.duplicates == {**ref_report.duplicates} and report.duplicates["scans"] == 2
+    assert _contents(store) == _contents(reference)
+
+
+def test_counts_duplicates_and_implicit_consumers(tmp_path):
+    store = EmbeddedStore(tmp_path / "s")
+    world = channel_world()
+    report = load(store, write_world(world, tmp_path / "d"), tmp_path)
+    assert report.accepted["scans"] == len(world["scans"]) - 2
+    assert report.duplicates["scans"] == 2
+    assert report.rejected == {t: 0 for t in report.accepted}
+    wx = {r["party_id"] for r in world["scans"] if r["party_id"].startswith("wx-")}
+    assert report.implicit_consumers == len(wx)
+    consumers = store.stored("parties", pa.array(["wx-k1", "wx-h1"])).to_pylist()
+    assert {(c["party_id"], c["kind"], c["region_id"]) for c in consumers} == {("wx-k1", "consumer", "NJ"), ("wx-h1", "consumer", "HZ-XH")}
+
+
+def test_reload_is_idempotent(tmp_path):
+    store = EmbeddedStore(tmp_path / "s")
+    data = write_world(channel_world(), tmp_path / "d")
+    first = load(store, data, tmp_path)
+    before = _contents(store)
+    second = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert _contents(EmbeddedStore(tmp_path / "s")) == before
+    assert sum(second.accepted.values()) == 0 and second.implicit_consumers == 0
+    for table, n in first.accepted.items():
+        assert second.duplicates[table] == n + first.duplicates[table]
+
+
+def test_incremental_load_and_updates(tmp_path):
+    world = channel_world()
+    store = EmbeddedStore(tmp_path / "s")
+    load(store, write_world({k: world[k] for k in ("regions", "parties", "products", "codes")}, tmp_path / "master"), tmp_path)
+    report = load(store, write_world({"scans": world["scans"]}, tmp_path / "scans"), tmp_path)
+    assert report.rejected["scans"] == 0 and report.accepted["scans"] == len(world["scans"]) - 2
+    moved = [{"party_id": "S1", "kind": "store", "region_id": "NB"}]
+    load(store, write_world({"parties": moved}, tmp_path / "update"), tmp_path)
+    s1 = EmbeddedStore(tmp_path / "s").stored("parties", pa.array(["S1"])).to_pylist()[0]
+    assert (s1["region_id"], s1["name"], s1["upstream_id"]) == ("NB", "Xihu store", "D1")  # missing values kept
+
+
+def test_csv_irregular_rows_bom_crlf_and_bad_utf8(tmp_path):
+    data = tmp_path / "d"
+    write_world(channel_world(), data)
+    raw = (data / "regions.csv").read_bytes().replace(b"\n", b"\r\n")
+    raw = b"\xef\xbb\xbf" + raw + b'"X1","too","many","cols"\r\n' + b'"X2","\xd6\xd0\xce\xc4","CN"\r\n'
+    (data / "regions.csv").write_bytes(raw)
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    rejects = rejects_of(report)
+    n = len(channel_world()["regions"])
+    assert report.accepted["regions"] == n
+    assert [(r["line"], r["reason"][:20]) for r in rejects] == [(n + 2, "expected 3 columns, "), (n + 3, "invalid UTF-8 text (")]
+
+
+def test_jsonl_bad_lines_are_rejected_with_line_numbers(tmp_path):
+    data = write_world(channel_world(), tmp_path / "d", "jsonl")
+    with (data / "products.jsonl").open("a") as f:
+        f.write('{"sku": "P7", "unit_price": 3\n["not", "an", "object"]\n\n{"sku": "P6", "unit_price": 7}\n')
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejects_of(report)] == [(3, "invalid JSON"), (4, "line is not a JSON object")]
+    assert report.accepted["products"] == 3
+
+
+def test_unreadable_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        load(EmbeddedStore(tmp_path / "s"), tmp_path / "missing", tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="no tables"):
+        load(EmbeddedStore(tmp_path / "s"), empty, tmp_path)
+    (empty / "scans.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DatasetError, match="scans.parquet"):
+        load(EmbeddedStore(tmp_path / "s"), empty, tmp_path)
+    assert not (tmp_path / "s" / "CURRENT").exists()
+
+
+def test_missing_required_column_rejects_every_row(tmp_path):
+    world = channel_world()
+    world["products"] = [{"name": p["name"], "unit_price": p["unit_price"]} for p in world["products"]]
+    world = {"regions": world["regions"], "products": world["products"]}
+    report = load(EmbeddedStore(tmp_path / "s"), write_world(world, tmp_path / "d"), tmp_path)
+    assert report.rejected["products"] == 2
+    assert {r["reason"] for r in rejects_of(report)} == {"missing required column: sku"}
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "api.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1], **kwargs)
+
+
+@pytest.mark.slow
+def test_interrupted_load_leaves_previous_state_and_rerun_equals_clean_load(tmp_path):
+    from loaders.generate import generate_dataset
+
+    world = write_world(channel_world(), tmp_path / "world")
+    data = tmp_path / "data"
+    generate_dataset(data, scale=3, seed=5)
+    clean = tmp_path / "clean"
+    for dataset in (world, data):
+        assert _cli("load", str(dataset), "--store", str(clean)).wait() == 0
+    expected = _contents(EmbeddedStore(clean))
+
+    store = tmp_path / "store"
+    assert _cli("load", str(world), "--store", str(store)).wait() == 0
+    before = _contents(EmbeddedStore(store))
+    seen = []
+    for delay in (0.3, 0.8, 1.3, 1.8, 2.5, 3.5, 5.0):
+        process = _cli("load", str(data), "--store", str(store))
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        after = _contents(EmbeddedStore(store))
+        assert after == before or after == expected  # never a half-written store
+        seen.append(after == before)
+        if after == expected:
+            break
+    assert seen[0]  # the first kill landed before the new version was made live
+    assert _cli("load", str(data), "--store", str(store)).wait() == 0
+    assert _contents(EmbeddedStore(store)) == expected
+    assert not list(store.glob(".tmp-*"))
