@@ -40,9 +40,8 @@ from loaders.validate import TS_TYPE, Validated
 
 log = logging.getLogger(__name__)
 
-MASTER_TABLES = ("regions", "products", "parties", "codes")
-FACT_TABLES = ("scans", "referrals", "tasks")
-DERIVED_COLUMNS = ("parent_idx", "unit_count", "code_idx", "event_order")
+MASTER_TABLES = ("regions", "products", "parties", "codes", "epcis_events", "retractions")
+DERIVED_COLUMNS = ("parent_idx", "unit_count", "code_idx", "event_order", "retracted")
 _TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": TS_TYPE}
 
 
@@ -133,6 +132,8 @@ class EmbeddedStore:
             lineage.append(full)
         unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int64)
         event = np.concatenate(event_parts) if event_parts else np.zeros(0, np.int64)
+        live = ~scans.column("retracted").to_numpy(zero_copy_only=False)[event]
+        unit, event = unit[live], event[live]
         order = scans.column("event_order").to_numpy()
         rows = np.argsort(unit.astype(np.int64) * max(scans.num_rows, 1) + order[event], kind="stable")
         unit_table = pa.table({
@@ -228,7 +229,7 @@ class EmbeddedStore:
                 shutil.rmtree(stale, ignore_errors=True)
             tables = {name: self._merged(name, validated) for name in TABLES}
             tables["codes"] = _with_code_links(tables["codes"])
-            tables["scans"] = _sorted_scans(tables["scans"], tables["codes"])
+            tables["scans"] = _sorted_scans(tables["scans"], tables["codes"], tables["retractions"])
             self._write_version(tables)
 
     def _merged(self, name: str, validated: Validated) -> pa.Table:
@@ -340,10 +341,10 @@ def _with_code_links(codes: pa.Table) -> pa.Table:
         "unit_count", pa.array(units, pa.int64()))
 
 
-def _sorted_scans(scans: pa.Table, codes: pa.Table) -> pa.Table:
-    """Attach code_idx and event_order (global rank by ts, action rank, event_id) and sort
-    by (code_idx, event_order)."""
-    scans = scans.drop_columns([c for c in ("code_idx", "event_order") if c in scans.column_names])
+def _sorted_scans(scans: pa.Table, codes: pa.Table, retractions: pa.Table) -> pa.Table:
+    """Attach code_idx, event_order (global rank by ts, action rank, event_id) and
+    retracted (an errorDeclaration names the event), and sort by (code_idx, event_order)."""
+    scans = scans.drop_columns([c for c in DERIVED_COLUMNS if c in scans.column_names])
     code_idx = pc.index_in(scans.column("code"), value_set=codes.column("code")).cast(pa.int32())
     rank = pc.index_in(scans.column("action"), value_set=pa.array(ACTIONS))
     scans = scans.append_column("code_idx", code_idx).append_column("_rank", rank)
@@ -351,5 +352,6 @@ def _sorted_scans(scans: pa.Table, codes: pa.Table) -> pa.Table:
     event_order = np.empty(scans.num_rows, np.int64)
     event_order[by_time.to_numpy()] = np.arange(scans.num_rows, dtype=np.int64)
     scans = scans.append_column("event_order", pa.array(event_order))
+    scans = scans.append_column("retracted", pc.is_in(scans.column("event_id"), value_set=retractions.column("event_id")))
     order = pc.sort_indices(scans, [("code_idx", "ascending"), ("event_order", "ascending")])
     return scans.take(order).drop_columns(["_rank"]).combine_chunks()

@@ -63,8 +63,18 @@ TABLES: dict[str, TableSpec] = {
             Column("referee_id", required=True), Column("ts", "ts", True),
             Column("channel", "enum", False, CHANNELS), Column("code"))),
         TableSpec("tasks", (), ()),
+        # EPCIS events that are not hand-overs (commissioning, transactions,
+        # transformations, sensor reports...): kept whole, never judged.
+        TableSpec("epcis_events", ("event_id",), (
+            Column("event_id", required=True), Column("event_type", required=True),
+            Column("biz_step"), Column("action"), Column("event_time", "ts"), Column("document"))),
+        # An EPCIS errorDeclaration: the named event stays stored but no analysis uses it.
+        TableSpec("retractions", ("event_id",), (
+            Column("event_id", required=True), Column("declared_at", "ts"), Column("reason"),
+            Column("corrective_event_ids"))),
     )
 }
 
 # Load order: a table may only reference tables loaded before it.
-LOAD_ORDER = ("regions", "products", "parties", "codes", "scans", "referrals", "tasks")
+LOAD_ORDER = ("regions", "products", "parties", "codes", "scans", "referrals", "tasks",
+              "epcis_events", "retractions")

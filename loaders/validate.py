@@ -257,6 +257,9 @@ def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
     referrals, implicit_ref = _validate_events("referrals", raw.get("referrals", []), known, region_ids, parties, codes)
     out["referrals"] = referrals
     out["tasks"] = _validate_tasks(raw.get("tasks", []))
+    for name in ("epcis_events", "retractions"):
+        if name in raw:
+            out[name] = _validate_simple(name, raw[name], known)
     implicit = _implicit_consumers([implicit_scan, implicit_ref])
     return Validated({t: out[t] for t in LOAD_ORDER if t in out}, implicit)
 
