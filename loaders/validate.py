@@ -95,9 +95,9 @@ class _Rows:
         """Reject rows in `mask` with `template` formatted with the row's `column` value."""
         mask = np.asarray(mask, dtype=bool) & self.ok
         if mask.any():
-            values = self.np(column)
+            rows = np.flatnonzero(mask)
             texts = np.full(self.n, None, dtype=object)
-            texts[mask] = [template.format(v) for v in values[mask]]
+            texts[rows] = [template.format(v) for v in pc.take(self.col(column), pa.array(rows)).to_pylist()]
             self.fail(mask, texts)
 
     def rejects(self) -> list[Reject]:
@@ -159,12 +159,19 @@ def _extras(rows: _Rows) -> dict[str, pa.Array]:
     return {name: rows.col(name) for name in rows.raw.column_names if name not in known}
 
 
-def _content_key(columns: dict[str, pa.Array], names: tuple[str, ...], prefix: str) -> pa.Array:
-    """A stable id derived from row content (for rows without an explicit id)."""
-    frame = pd.DataFrame({name: pd.Series(columns[name].cast(pa.string()).to_numpy(zero_copy_only=False))
+def _with_content_ids(ids: pa.Array, columns: dict[str, pa.Array], names: tuple[str, ...], prefix: str) -> pa.Array:
+    """`ids`, with a stable id derived from the row's content where it is missing."""
+    missing = pc.is_null(ids)
+    rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return ids
+    taken = pa.array(rows)
+    frame = pd.DataFrame({name: pd.Series(pd.arrays.ArrowStringArray(pc.take(columns[name], taken).cast(pa.string())))
                           for name in names})
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    return pc.binary_join_element_wise(prefix, pa.array(hashed).cast(pa.string()), "")
+    derived = np.full(len(ids), None, dtype=object)
+    derived[rows] = [f"{prefix}{h}" for h in hashed]
+    return pc.coalesce(ids, pa.array(derived, pa.string()))
 
 
 def _equal_rows(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
@@ -195,7 +202,7 @@ class _TableValidation:
         """Rows repeating an earlier valid row's key: identical ones are duplicates; others
         are rejected (`conflicts_rejected`) or also counted as duplicates (event ids)."""
         name = self.spec.key[0]
-        keys = pd.Series(self.key().to_numpy(zero_copy_only=False)).where(self.rows.ok)
+        keys = pd.Series(pd.arrays.ArrowStringArray(self.key().cast(pa.string()))).where(self.rows.ok)
         dup_key = (keys.duplicated() & keys.notna()).to_numpy()
         if not dup_key.any():
             return
@@ -235,7 +242,9 @@ class _TableValidation:
     def outcome(self) -> TableOutcome:
         keep = self.rows.ok & ~self.duplicate
         columns = {**self.typed, **self.extras}
-        accepted = pa.table(columns).filter(pa.array(keep)) if self.rows.n else None
+        accepted = pa.table(columns) if self.rows.n else None
+        if accepted is not None and not keep.all():
+            accepted = accepted.filter(pa.array(keep))
         return TableOutcome(accepted=accepted, rejects=self.pre_rejects + self.rows.rejects(),
                             duplicates=int((self.rows.ok & self.duplicate).sum()),
                             read=self.rows.n + len(self.pre_rejects))
@@ -469,8 +478,7 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
         implicit_mask = {c: rows.ok & pc.is_valid(typed[c]).to_numpy(zero_copy_only=False) & ~known_party(typed[c])
                          for c in implicit_cols}
         id_col, id_fields, prefix = "referral_id", ("referrer_id", "referee_id", "ts", "channel", "code"), "r"
-    derived = _content_key(typed, id_fields, prefix)
-    typed[id_col] = pc.coalesce(typed[id_col], derived)
+    typed[id_col] = _with_content_ids(typed[id_col], typed, id_fields, prefix)
     v.dedupe_input(conflicts_rejected=False)
     live = rows.ok & ~v.duplicate
     stored_ids = known.stored(name, pc.filter(typed[id_col], pa.array(live))).column(id_col)
