@@ -91,8 +91,8 @@ def _pinyin(rng: np.random.Generator, n: int = 2) -> str:
     return "".join(_SYLLABLES[i] for i in rng.integers(0, len(_SYLLABLES), n)).capitalize()
 
 
-def _uniform_int(rng: np.random.Generator, lo: float, hi: float, n: int | None = None):
-    return rng.integers(int(lo), int(hi), n)
+def _uniform_int(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.ndarray:
+    return rng.integers(lo, hi, n)
 
 
 def _fixed_strings(buf: np.ndarray) -> pa.Array:
@@ -534,8 +534,8 @@ class _Events:
 
     def __init__(self, next_id: int) -> None:
         self.next_id = next_id
-        self.parts: dict[str, list] = {c: [] for c in self.COLUMNS}
-        self.ones: dict[str, list] = {c: [] for c in self.COLUMNS}
+        self.parts: dict[str, list] = {c: [] for c in self.COLUMNS + ("id",)}
+        self.ones: dict[str, list] = {c: [] for c in self.COLUMNS + ("id",)}
 
     def add(self, level, code, action, party, cp, ts, region, quiet=False) -> np.ndarray:
         code = np.asarray(code, np.int64)
@@ -544,7 +544,7 @@ class _Events:
         self.next_id += n
         for name, v in zip(self.COLUMNS, (level, code, action, party, cp, ts, region, quiet)):
             self.parts[name].append(np.broadcast_to(np.asarray(v), (n,)))
-        self.parts.setdefault("id", []).append(ids)
+        self.parts["id"].append(ids)
         return ids
 
     def one(self, level, code, action, party, cp, ts, region) -> int:
@@ -552,15 +552,15 @@ class _Events:
         self.next_id += 1
         for name, v in zip(self.COLUMNS, (level, code, action, party, cp, ts, region, False)):
             self.ones[name].append(v)
-        self.ones.setdefault("id", []).append(eid)
+        self.ones["id"].append(eid)
         return eid
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {}
         for name in self.COLUMNS + ("id",):
             dtype = bool if name == "quiet" else np.int64
-            parts = [p.astype(dtype) for p in self.parts.get(name, [])]
-            parts.append(np.array(self.ones.get(name, []), dtype))
+            parts = [p.astype(dtype) for p in self.parts[name]]
+            parts.append(np.array(self.ones[name], dtype))
             out[name] = np.concatenate(parts)
         return out
 
@@ -1143,10 +1143,19 @@ def generate_dataset(out_dir: Path, *, scale: float = 1.0, seed: int = 0, fmt: s
                      noise: bool = True, progress: Callable[[int], None] | None = None) -> dict:
     """Write a canonical dataset with planted answers into out_dir; return a summary.
 
-    fmt: csv | jsonl | parquet | mixed (each table's format drawn from the seed).
-    noise=False leaves out bad rows, duplicate scan rows and referral noise rows (the
-    planted situations, missing receives, blank values and mixed time forms remain).
+    fmt: csv | jsonl | parquet | mixed (each table's format drawn from the seed). Files of
+    the six tables left in out_dir by an earlier run, in any format, are removed first.
+    noise=False leaves out bad rows, duplicate scan rows and referral noise (the planted
+    situations, missing receives, blank values and mixed time forms remain).
     progress, when given, is called after each chunk with the scan rows written so far.
+
+    answers.json (and the returned summary) hold: rows written per table, bad_rows and
+    bad_reasons (expected reject classes), duplicates (exact repeats of an earlier row),
+    expected_accepted = rows - bad_rows - duplicates, implicit_consumers (distinct
+    unregistered ids in accepted scans/referrals), one `diversions` item per diverted
+    unit (code, severity, responsible, exit_via, crossing_event_id, kind a-h), the
+    travel / reassigned / untracked unit codes, the top 10 super users by cascade size
+    and the counts of each kind of ignored referral.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
