@@ -1,0 +1,218 @@
+"""Benchmarks of the embedded store, written to bench/RESULTS.md with the machine and date.
+
+    .venv/bin/python -m bench.run                      # everything (scale 100 and 1000)
+    .venv/bin/python -m bench.run --only load --scales 100
+
+Each measurement runs in a fresh Python process so peak memory (ru_maxrss) is its own.
+Generated datasets are cached under bench/.data (git-ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "bench" / ".data"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SEED = 1
+
+
+def run_child(code: str) -> dict:
+    """Run `code` in a fresh interpreter; it must print one JSON object as its last line.
+    Adds the child's peak resident memory (MiB)."""
+    prelude = "import json, resource, time, sys\n"
+    epilogue = "\nresult['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)\nprint(json.dumps(result))\n"
+    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def dataset(scale: int) -> Path:
+    folder = DATA / f"scale{scale}-seed{SEED}"
+    if not (folder / "answers.json").exists():
+        print(f"generating scale {scale} ...", file=sys.stderr)
+        run_child(f"""
+            from pathlib import Path
+            from loaders.generate import generate_dataset
+            t = time.perf_counter()
+            generate_dataset(Path({str(folder)!r}), scale={scale}, seed={SEED})
+            result = {{'seconds': time.perf_counter() - t}}
+        """)
+    return folder
+
+
+def store_of(scale: int) -> Path:
+    return DATA / f"store-scale{scale}"
+
+
+def bench_load(scale: int) -> dict:
+    folder, store = dataset(scale), store_of(scale)
+    subprocess.run(["rm", "-rf", str(store)], check=True)
+    result = run_child(f"""
+        from pathlib import Path
+        from graph.embedded import EmbeddedStore
+        from loaders.ingest import load_dataset
+        t = time.perf_counter()
+        report = load_dataset(EmbeddedStore(Path({str(store)!r})), Path({str(folder)!r}), rejects_dir=Path({str(store)!r}) / 'rejects')
+        seconds = time.perf_counter() - t
+        rows = sum(report.accepted.values()) + sum(report.rejected.values()) + sum(report.duplicates.values())
+        scans = report.accepted['scans'] + report.rejected['scans'] + report.duplicates['scans']
+        result = {{'seconds': round(seconds, 2), 'scan_rows': scans, 'all_rows': rows,
+                   'scan_rows_per_s': round(scans / seconds), 'all_rows_per_s': round(rows / seconds)}}
+    """)
+    result["bytes_per_scan_row"] = round(result["peak_rss_mib"] * 2**20 / result["scan_rows"])
+    return result
+
+
+def bench_diversion(scale: int) -> dict:
+    store = store_of(scale)
+    return run_child(f"""
+        import numpy as np, pyarrow as pa
+        from pathlib import Path
+        from graph.embedded import EmbeddedStore
+        from queries.diversion import find_diversions
+        path = Path({str(store)!r})
+        version = path / (path / 'CURRENT').read_text().strip()
+        t = time.perf_counter()
+        with pa.OSFile(str(version / 'scans.arrow')) as f:
+            scans = pa.ipc.open_file(f).read_all()
+        floor = time.perf_counter() - t
+        del scans
+        t = time.perf_counter()
+        findings = find_diversions(EmbeddedStore(path))
+        seconds = time.perf_counter() - t
+        answers = json.loads((Path({str(dataset(scale))!r}) / 'answers.json').read_text())
+        want = {{d['code'] for d in answers['diversions']}}
+        got = {{f.code for f in findings}}
+        result = {{'seconds': round(seconds, 2), 'floor_read_scans_s': round(floor, 2),
+                   'ratio_to_floor': round(seconds / floor, 1), 'findings': len(findings),
+                   'precision': round(len(got & want) / max(len(got), 1), 4), 'recall': round(len(got & want) / max(len(want), 1), 4)}}
+    """)
+
+
+def bench_trace(scale: int, samples: int = 2000) -> dict:
+    store = store_of(scale)
+    return run_child(f"""
+        import numpy as np
+        from pathlib import Path
+        from graph.embedded import EmbeddedStore
+        from queries.trace import trace
+        t = time.perf_counter()
+        store = EmbeddedStore(Path({str(store)!r}))
+        codes = store.table('codes')
+        opened = time.perf_counter() - t
+        units = np.flatnonzero((codes.column('level').to_numpy(zero_copy_only=False) == 'unit'))
+        rng = np.random.default_rng(0)
+        picked = codes.column('code').take(rng.choice(units, {samples})).to_pylist()
+        trace(store, picked[0])  # first call builds the children index
+        times = []
+        for code in picked:
+            t = time.perf_counter()
+            trace(store, code)
+            times.append(time.perf_counter() - t)
+        ms = np.array(times) * 1000
+        result = {{'open_ms': round(opened * 1000, 1), 'median_ms': round(float(np.median(ms)), 2),
+                   'p95_ms': round(float(np.percentile(ms, 95)), 2), 'samples': {samples}}}
+    """)
+
+
+def bench_influence(edges: int = 1_000_000) -> dict:
+    folder, store = DATA / f"referrals-{edges}", DATA / f"store-referrals-{edges}"
+    if not (folder / "referrals.parquet").exists():
+        run_child(f"""
+            import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+            from pathlib import Path
+            rng = np.random.default_rng(1)
+            n = {edges}
+            referee = np.arange(1, n + 1)
+            referrer = (rng.random(n) ** 3 * referee).astype(np.int64)  # a forest with heavy roots
+            ts = 1_700_000_000 + referee * 10
+            folder = Path({str(folder)!r}); folder.mkdir(parents=True, exist_ok=True)
+            ids = lambda a: pa.array(np.char.add('c', a.astype(str)))
+            pq.write_table(pa.table({{'referrer_id': ids(referrer), 'referee_id': ids(referee),
+                'ts': pa.array(ts * 1_000_000, pa.timestamp('us', tz='UTC')), 'channel': pa.array(['share'] * n)}}),
+                folder / 'referrals.parquet')
+            result = {{}}
+        """)
+    if not (store / "CURRENT").exists():
+        run_child(f"""
+            from pathlib import Path
+            from graph.embedded import EmbeddedStore
+            from loaders.ingest import load_dataset
+            load_dataset(EmbeddedStore(Path({str(store)!r})), Path({str(folder)!r}), rejects_dir=Path('/tmp'))
+            result = {{}}
+        """)
+    return run_child(f"""
+        from pathlib import Path
+        import pyarrow as pa
+        from graph.embedded import EmbeddedStore
+        from queries.influence import influencers
+        path = Path({str(store)!r})
+        version = path / (path / 'CURRENT').read_text().strip()
+        t = time.perf_counter()
+        with pa.OSFile(str(version / 'referrals.arrow')) as f:
+            pa.ipc.open_file(f).read_all()
+        floor = time.perf_counter() - t
+        t = time.perf_counter()
+        top = influencers(EmbeddedStore(path), top=10)
+        seconds = time.perf_counter() - t
+        result = {{'edges': {edges}, 'seconds': round(seconds, 2), 'floor_read_referrals_s': round(floor, 3),
+                   'ratio_to_floor': round(seconds / max(floor, 1e-6), 1), 'top_cascade': top[0].cascade_size}}
+    """)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def write_results(title: str, rows: list[dict], notes: str = "") -> None:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = [f"\n## {title} — {stamp}\n", f"Machine: {machine()}\n", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    if notes:
+        lines += ["", notes]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by `python -m bench.run` (and the other scripts in bench/).\n")
+    with RESULTS.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", default="100,1000")
+    parser.add_argument("--only", default="load,diversion,trace,influence")
+    args = parser.parse_args()
+    scales = [int(s) for s in args.scales.split(",")]
+    only = set(args.only.split(","))
+    rows = []
+    for scale in scales:
+        if "load" in only:
+            rows.append({"benchmark": f"load scale {scale}", **bench_load(scale)})
+        if "diversion" in only:
+            rows.append({"benchmark": f"diversions scale {scale}", **bench_diversion(scale)})
+        if "trace" in only:
+            rows.append({"benchmark": f"trace scale {scale}", **bench_trace(scale)})
+    if "influence" in only:
+        rows.append({"benchmark": "influencers 1M referral edges", **bench_influence()})
+    write_results("Embedded store", rows, "Targets: load >= 300,000 scan rows/s and < 200 bytes RSS per scan row; "
+                  "diversions at scale 1000 < 30 s and < 8 GiB; trace median < 5 ms; influencers on 1M edges < 10 s.")
+
+
+if __name__ == "__main__":
+    main()
