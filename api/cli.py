@@ -261,6 +261,28 @@ def influencers(
     emit(data, format, title=title)
 
 
+@app.command()
+def serve(
+    store: StoreOpt = None, neo4j: Neo4jOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on; loopback unless you mean to share it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: warning, info, debug.")] = "info",
+) -> None:
+    """Serve the HTTP API (/api; OpenAPI document at /openapi.json) and the browser views (/views).
+    Read-only unless CHANNELGRAPH_API_KEY is set (then POST /api/datasets needs it)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = settings_from(store, neo4j)
+    application = create_app(settings)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        stderr.print(f"warning: listening on {host}, reachable from other machines"
+                     + ("" if settings.api_key else " (read-only: no API key set)"))
+    stderr.print(f"channelgraph on http://{host}:{port}/ over {application.state.service.store.uri}")
+    uvicorn.run(application, host=host, port=port, log_level=log_level)
+
+
 def _parse_since(since: str | None):  # noqa: ANN202
     if since is None:
         return None
@@ -287,6 +309,9 @@ def _redirect_stdout(path: Path) -> Iterator[None]:
 
 
 def _register_subcommands() -> None:
+    from api.viz_cli import viz_app
+
+    app.add_typer(viz_app, name="viz", help="Write a browser view (trace, diversions, influencers, network) as one HTML file.")
     try:
         from api.neo4j_cli import neo4j_app
     except ImportError:  # pragma: no cover - the launcher module is optional in a broken checkout

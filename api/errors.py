@@ -1,0 +1,134 @@
+"""The one error shape of the HTTP API, and the one place exceptions become it.
+
+Every error answer is ``{"error": {"status": 404, "code": "not_found", "message": "..."}}``::
+
+    NotFound                 -> 404 not_found        ("unknown code 'X'")
+    request validation       -> 422 invalid_parameter ("query parameter 'limit': ...")
+    ValueError               -> 422 invalid_parameter (a query rejected an option)
+    DatasetError             -> 400 bad_dataset
+    StoreError               -> 503 store_unavailable
+    ApiError                 -> its own status and code (401 unauthorized, 403 read_only)
+    other ChannelgraphError  -> 400 bad_request
+    HTTP errors of routing   -> their status (404 not_found, 405 method_not_allowed)
+    anything else            -> 500 internal_error (logged with its traceback)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from graph.errors import ChannelgraphError, DatasetError, NotFound, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    status: int = Field(description="The HTTP status of the answer.")
+    code: str = Field(description="Stable machine-readable error code, e.g. not_found, invalid_parameter.")
+    message: str = Field(description="What went wrong, for people; names the offending value.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+class ApiError(ChannelgraphError):
+    """An error that belongs to the HTTP layer (authentication, read-only mode)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 406: "not_acceptable", 413: "too_large", 415: "unsupported_media_type",
+                 422: "invalid_parameter", 500: "internal_error", 503: "store_unavailable"}
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"status": status, "code": code, "message": message}}
+
+
+def _answer(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(error_body(status, code, " ".join(message.split()))), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and error code of an exception the application raised."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code
+    if isinstance(exc, NotFound):
+        return 404, "not_found"
+    if isinstance(exc, StoreError):
+        return 503, "store_unavailable"
+    if isinstance(exc, DatasetError):
+        return 400, "bad_dataset"
+    if isinstance(exc, ChannelgraphError):
+        return 400, "bad_request"
+    if isinstance(exc, ValueError):
+        return 422, "invalid_parameter"
+    return 500, "internal_error"
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """`query parameter 'limit': Input should be ...; ...` from FastAPI's error list."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ())]
+        where = {"query": "query parameter", "path": "path parameter", "header": "header",
+                 "body": "request body", "cookie": "cookie"}.get(loc[0], loc[0]) if loc else "request"
+        name = ".".join(loc[1:])
+        message = str(error.get("msg", "invalid"))
+        if error.get("type") == "missing":
+            message = "is required"
+        parts.append(f"{where} {name!r}: {message}" if name else f"{where}: {message}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to the one error shape (see the module docstring)."""
+
+    async def on_validation(_: Request, exc: RequestValidationError) -> Response:
+        return _answer(422, "invalid_parameter", validation_message(exc))
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        if status == 404 and detail == "Not Found":
+            detail = f"no such path: {request.url.path}"
+        elif status == 405:
+            detail = f"method {request.method} not allowed on {request.url.path}"
+        return _answer(status, _STATUS_CODES.get(status, f"http_{status}"), detail, getattr(exc, "headers", None))
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        status, code = classify(exc)
+        if status >= 500 and code == "internal_error":
+            log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+            return _answer(500, code, f"internal error ({type(exc).__name__}); see the server log")
+        if code == "store_unavailable":
+            log.warning("store unavailable on %s: %s", request.url.path, exc)
+        return _answer(status, code, str(exc))
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(ChannelgraphError, on_error)
+    app.add_exception_handler(ValueError, on_error)
+    app.add_exception_handler(Exception, on_error)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error shape for `statuses`."""
+    described = {400: "Bad request", 401: "Missing or wrong API key", 403: "Writes are disabled (no API key configured)",
+                 404: "Not found: the message names the unknown code, party or value",
+                 422: "Invalid parameter: the message names the parameter", 503: "The store cannot be read"}
+    return {s: {"model": ErrorResponse, "description": described.get(s, "Error")} for s in statuses}

@@ -1,0 +1,77 @@
+"""`channelgraph viz trace|diversions|influencers|network`: a browser view as one HTML file.
+
+The file is standalone (vis-network and the styles inline): it opens offline, from disk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from api import views
+from api.cli import Neo4jOpt, StoreOpt, _parse_since, opened, stderr
+from api.service import ApiService, DiversionFilters
+from graph.errors import ChannelgraphError
+
+viz_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")]
+KOpt = Annotated[int | None, typer.Option(help="Consumer scans per case that confirm a suspected diversion.")]
+Text = Annotated[str | None, typer.Option()]
+
+
+def _write(page: views.Page, out: Path) -> None:
+    if page.error:
+        raise ChannelgraphError(page.error)
+    try:
+        views.write_page(page, out)
+    except OSError as exc:
+        raise ChannelgraphError(f"--out {out}: {exc.strerror or exc}") from exc
+    stderr.print(f"wrote {out}")
+
+
+@viz_app.command()
+def trace(code: Annotated[str, typer.Argument(help="A pallet, case, box or unit code.")],
+          out: OutOpt = Path("trace.html"), k: KOpt = None, store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
+    """The custody graph of a code, the crossing hop in red."""
+    with opened(store, neo4j, k=k) as (handle, settings):
+        _write(views.trace_page(ApiService(handle, k=settings.k), code, inline=True), out)
+
+
+@viz_app.command()
+def diversions(out: OutOpt = Path("diversions.html"), severity: Text = None, responsible: Text = None,
+               region: Annotated[str | None, typer.Option(help="Crossings into this region or one inside it.")] = None,
+               sku: Text = None, batch: Text = None, since: Text = None, until: Text = None, k: KOpt = None,
+               store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
+    """The findings (sortable, filterable, each with its path) and the territory-to-region flow."""
+    try:
+        filters = DiversionFilters(severity=severity, responsible=responsible, region=region, sku=sku, batch=batch,
+                                   since=_parse_since(since), until=_parse_since(until))
+    except ValueError as exc:
+        raise ChannelgraphError(str(exc)) from exc
+    with opened(store, neo4j, k=k) as (handle, settings):
+        _write(views.diversions_page(ApiService(handle, k=settings.k), filters, inline=True), out)
+
+
+@viz_app.command()
+def influencers(out: OutOpt = Path("influencers.html"),
+                by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
+                top: Annotated[int, typer.Option(min=1)] = 20,
+                user: Annotated[str | None, typer.Option(help="Whose cascade to show first [default: the top one].")] = None,
+                store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
+    """The super-user ranking and the cascade trees of the top users."""
+    with opened(store, neo4j) as (handle, settings):
+        try:
+            page = views.influencers_page(ApiService(handle, k=settings.k), by=by, top=top, user=user, inline=True)
+        except ValueError as exc:
+            raise ChannelgraphError(str(exc)) from exc
+        _write(page, out)
+
+
+@viz_app.command()
+def network(out: OutOpt = Path("network.html"), region: Text = None, sku: Text = None, batch: Text = None,
+            store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
+    """The aggregated F -> B -> b -> C flow of a region, SKU or batch (all units if none)."""
+    with opened(store, neo4j) as (handle, settings):
+        _write(views.network_page(ApiService(handle, k=settings.k), region=region, sku=sku, batch=batch, inline=True), out)
