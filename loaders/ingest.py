@@ -36,16 +36,21 @@ def read_dataset(dataset: Path, progress: Progress | None = None) -> dict[str, l
     """Every source of `dataset` as raw tables, by canonical table name."""
     sources = discover(dataset)
     raw: dict[str, list[RawTable]] = {}
+    epcis: list[list[RawTable]] = []
     for done, source in enumerate(sources, start=1):
         if source.table == "epcis":
             from loaders.epcis import read_epcis
 
-            for table in read_epcis(source.path):
-                raw.setdefault(table.table, []).append(table)
+            epcis.append(read_epcis(source.path))
         else:
             raw.setdefault(source.table, []).append(read_source(source))
         if progress:
             progress(f"read {source.path.name}", done, len(sources))
+    if epcis:
+        from loaders.epcis import combine_epcis
+
+        for table in combine_epcis(epcis, raw.get("parties", [])):
+            raw.setdefault(table.table, []).append(table)
     return raw
 
 
