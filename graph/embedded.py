@@ -46,12 +46,18 @@ _TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": 
 
 
 def empty_table(name: str) -> pa.Table:
-    """A table with the canonical columns of `name` and no rows."""
+    """A table with the canonical columns of `name` (and the derived columns a version
+    holds, so a never-loaded store answers queries) and no rows."""
     spec = TABLES[name]
     fields = [pa.field(c.name, _TYPES[c.type]) for c in spec.columns]
     if name == "tasks":
         fields = [pa.field("task_id", pa.string())]
-    return pa.schema(fields).empty_table()
+    table = pa.schema(fields).empty_table()
+    if name == "codes":
+        return _with_code_links(table)
+    if name == "scans":
+        return _sorted_scans(table, empty_table("codes"), empty_table("retractions"))
+    return table
 
 
 class EmbeddedStore:
@@ -97,6 +103,10 @@ class EmbeddedStore:
 
     def regions(self) -> pa.Table:
         return self.table("regions")
+
+    def parties(self) -> pa.Table:
+        """All stored parties (canonical columns, then unknown columns)."""
+        return self.table("parties")
 
     def timelines(self, units: Sequence[str] | None = None) -> Timeline:
         """Timelines of the given codes (any level; unknown ones are left out), or of every

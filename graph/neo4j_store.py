@@ -89,8 +89,11 @@ def _checked(name: str, allowed: Sequence[str]) -> str:
 
 
 def _property_of(column: str) -> str:
-    """The property holding the unknown input column `column` (never an internal name)."""
-    return INTERNAL_PREFIX + "x_" + column if column.startswith(INTERNAL_PREFIX) else column
+    """The property holding the unknown input column `column` (never an internal name, and
+    a valid Neo4j property name even when `column` is empty or holds NUL characters)."""
+    if column.startswith(INTERNAL_PREFIX) or not column or "\x00" in column:
+        return INTERNAL_PREFIX + "x_" + column.replace("\x00", "\ufffd")
+    return column
 
 
 # ---------------------------------------------------------------- Cypher: schema
@@ -575,6 +578,10 @@ class Neo4jStore:
 
     def regions(self) -> pa.Table:
         return self._all("regions")
+
+    def parties(self) -> pa.Table:
+        """All stored parties (canonical columns, then unknown columns)."""
+        return self._all("parties")
 
     def referrals(self) -> pa.Table:
         """All referral rows (referral_id, referrer_id, referee_id, ts, channel, code)."""

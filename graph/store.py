@@ -21,6 +21,9 @@ class Store(Protocol):
     def regions(self) -> pa.Table:
         """All stored regions."""
 
+    def parties(self) -> pa.Table:
+        """All stored parties (canonical columns, then unknown columns)."""
+
     def apply(self, validated: Validated) -> None:
         """Merge validated rows atomically: all of them become visible, or none do."""
 

@@ -1,0 +1,171 @@
+"""Sales facts: what each store took in, which consumer scans it sold, what was diverted.
+
+Stores, consumers, rebates and regions (DOMAIN.md §5) all read one `SalesFacts`, built
+from the timelines of every unit and the diversion judgement (`queries.diversion.judge`),
+so every store backend gives the same answers. Definitions (docs/design.md):
+
+- *sell-in*: one row per (unit, store) the first time the store holds the unit (the
+  holder after a `ship` to it, or its own `receive`/`open`); `diverted` when that event
+  is at or after the unit's diversion crossing.
+- *sell-out*: one row per unit, its first consumer `scan` (later scans of the same unit
+  are repeats); credited to the store that handled the unit last before the scan.
+- *opened*: one row per unit, its first `open` by anyone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from graph.model import ACTIONS, KINDS
+from graph.timeline import Timeline, encode
+from queries.diversion import judge
+
+SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
+STORE = KINDS.index("store")
+LEVELS = {"country": 0, "province": 1, "city": 2, "district": 3}  # depth in the region tree
+
+
+@dataclass
+class SalesFacts:
+    """Frames shared by the analyses of DOMAIN.md §5 (ids are strings, None if unknown)."""
+
+    parties: pd.DataFrame  # indexed by party_id: kind, name, region_id, upstream_id, ...
+    regions: pd.DataFrame  # indexed by region_id: name, parent_id, depth
+    sell_in: pd.DataFrame  # code, sku, store, ts, diverted
+    sell_out: pd.DataFrame  # event_id, code, sku, unit_price, consumer, ts, region_id, store, finding, severity
+    opened: pd.DataFrame  # code, party, ts, region_id
+    findings: pd.DataFrame  # code, responsible, exit_via, from_region, to_region, severity, crossing_event_id, ts
+    as_of: pd.Timestamp  # the time the facts describe (latest event kept)
+
+    def ancestor(self, region_ids: pd.Series, level: str) -> pd.Series:
+        """Each region's ancestor at `level` (itself when it is at or above that level)."""
+        if level not in LEVELS:
+            raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
+        depth = LEVELS[level]
+        parent = self.regions["parent_id"]
+        current = region_ids.astype(object)
+        for _ in range(int(self.regions["depth"].max()) if len(self.regions) else 0):
+            d = current.map(self.regions["depth"])
+            up = current.map(parent)
+            current = current.where(~(d > depth) | up.isna(), up)
+        return current
+
+    def under(self, region_ids: pd.Series, root: str) -> pd.Series:
+        """Per region id: it is `root` or lies below it."""
+        inside = pd.Series(False, index=region_ids.index)
+        current = region_ids.astype(object)
+        for _ in range(int(self.regions["depth"].max()) + 1 if len(self.regions) else 1):
+            inside |= current == root
+            current = current.map(self.regions["parent_id"])
+        return inside
+
+    def stores(self) -> pd.DataFrame:
+        return self.parties[self.parties["kind"] == "store"]
+
+
+def text(value: object) -> str | None:
+    """A frame cell as a string, None when missing."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def utc(moment: datetime | str | None) -> pd.Timestamp | None:
+    """A moment as a UTC pandas Timestamp (a time without offset is UTC)."""
+    if moment is None:
+        return None
+    ts = pd.Timestamp(moment)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:  # noqa: ANN001 - any Store
+    """The facts of every unit as known at `as_of` (events after it are ignored; default:
+    the latest event)."""
+    timeline = store.timelines()
+    ts = pd.to_datetime(timeline.event_column("ts"), utc=True) if len(timeline) else pd.DatetimeIndex([], tz="UTC")
+    cutoff = utc(as_of)
+    if cutoff is not None:
+        keep = np.asarray(ts <= cutoff)
+        timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
+        ts = ts[keep]
+    else:
+        cutoff = ts.max() if len(ts) else pd.Timestamp("1970-01-01", tz="UTC")
+    parties_t, regions_t = store.parties(), store.regions()
+    j = judge(timeline, parties_t, regions_t, k=k)
+    party_ids = np.array(parties_t.column("party_id").to_pylist() + [None], dtype=object)
+    region_ids = np.array(regions_t.column("region_id").to_pylist() + [None], dtype=object)
+    kind = encode(parties_t.column("kind"), pa.array(KINDS))
+    units = timeline.units.to_pandas()
+    n = len(timeline)
+    pos = np.arange(n)
+    start = timeline.unit_starts()
+    unit = timeline.unit.astype(np.int64)
+
+    holder_kind = np.where(j.holder >= 0, kind[np.maximum(j.holder, 0)], -1)
+    store_row = (holder_kind == STORE) & (j.action != SCAN)
+    last_store = np.maximum.accumulate(np.where(store_row, pos, -1)) if n else pos
+    last_store = np.where(last_store >= start, last_store, -1)
+    crossing = np.full(timeline.units.num_rows, n, np.int64)
+    crossing[j.findings["unit"].to_numpy(np.int64)] = j.findings["row"].to_numpy(np.int64)
+    severity = np.full(timeline.units.num_rows, None, dtype=object)
+    severity[j.findings["unit"].to_numpy(np.int64)] = j.findings["severity"].to_numpy(object)
+    diverted = pos >= crossing[unit]
+    event_ids = timeline.event_column("event_id")
+
+    rows = np.flatnonzero(store_row)
+    sell_in = pd.DataFrame({"unit": unit[rows], "store": party_ids[j.holder[rows]], "row": rows})
+    sell_in = sell_in.drop_duplicates(["unit", "store"])
+    rows = sell_in["row"].to_numpy()
+    sell_in = pd.DataFrame({"code": units["code"].to_numpy()[unit[rows]], "sku": units["sku"].to_numpy()[unit[rows]],
+                            "store": sell_in["store"].to_numpy(), "ts": ts[rows], "diverted": diverted[rows]})
+
+    scans = np.flatnonzero(j.action == SCAN)
+    rows = scans[np.unique(unit[scans], return_index=True)[1]] if len(scans) else scans
+    seller = last_store[rows]
+    sold_by = np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)
+    sku = units["sku"].to_numpy()[unit[rows]]
+    products = store.stored("products", pa.array(pd.unique(sku[pd.notna(sku)]).tolist(), pa.string())).to_pandas()
+    price = pd.Series(sku).map(products.set_index("sku")["unit_price"]).fillna(0.0).to_numpy(float)
+    finding = np.where(diverted[rows], event_ids[np.minimum(crossing[unit[rows]], max(n - 1, 0))], None)
+    sell_out = pd.DataFrame({
+        "event_id": event_ids[rows], "code": units["code"].to_numpy()[unit[rows]], "sku": sku, "unit_price": price,
+        "consumer": party_ids[j.party[rows]], "ts": ts[rows], "region_id": region_ids[j.location[rows]],
+        "store": party_ids[sold_by], "finding": finding,
+        "severity": np.where(diverted[rows], severity[unit[rows]], None)})
+
+    opens = np.flatnonzero(j.action == OPEN)
+    rows = opens[np.unique(unit[opens], return_index=True)[1]] if len(opens) else opens
+    opened = pd.DataFrame({"code": units["code"].to_numpy()[unit[rows]], "party": party_ids[j.party[rows]],
+                           "ts": ts[rows], "region_id": region_ids[j.location[rows]]})
+
+    f = j.findings
+    rows = f["row"].to_numpy(np.int64)
+    exit_via = f["exit_via"].to_numpy(np.int64)
+    home = encode(parties_t.column("region_id"), regions_t.column("region_id").combine_chunks())
+    findings = pd.DataFrame({
+        "code": units["code"].to_numpy()[f["unit"].to_numpy(np.int64)], "responsible": party_ids[j.distributor[rows]],
+        "exit_via": party_ids[exit_via], "from_region": region_ids[np.where(exit_via >= 0, home[exit_via], -1)],
+        "to_region": region_ids[j.after[rows]], "severity": f["severity"].to_numpy(object),
+        "crossing_event_id": event_ids[rows] if len(rows) else np.zeros(0, object), "ts": ts[rows]})
+
+    parties = parties_t.to_pandas().set_index("party_id")
+    parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
+    regions = regions_t.to_pandas().set_index("region_id")
+    regions["depth"] = _depths(regions["parent_id"])
+    return SalesFacts(parties, regions, sell_in, sell_out, opened, findings, cutoff)
+
+
+def _depths(parent: pd.Series) -> pd.Series:
+    """Depth of each region in the tree (roots 0; a parent not stored counts as no parent)."""
+    depth = pd.Series(0, index=parent.index)
+    current = parent.where(parent.isin(parent.index))
+    for _ in range(len(parent)):
+        known = current.notna()
+        if not known.any():
+            break
+        depth[known] += 1
+        current = current[known].map(parent).reindex(parent.index)
+        current = current.where(current.isin(parent.index))
+    return depth
