@@ -30,8 +30,7 @@ def stores(
     abnormal: Annotated[bool, typer.Option("--abnormal", help="Only stores flagged abnormal.")] = False,
     window: Annotated[int, typer.Option(help="Trailing window in days (a multiple of 7).")] = 28,
     peer_level: Annotated[str, typer.Option(help="Peers are the stores of the same region at this level: province, city or district.")] = "province",
-    as_of: TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
-AsOfOpt = None,
+    as_of: AsOfOpt = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Store (b) health: sell-in, sell-out, stock, days of cover, next purchase, abnormal flags."""
@@ -52,8 +51,7 @@ def consumers(
     segment: Annotated[str | None, typer.Option(help="Only this RFM segment: champions, loyal, promising, at_risk, hibernating, lost, prospect.")] = None,
     profile: Annotated[str | None, typer.Option(help="The 360° profile of this consumer instead.")] = None,
     funnel: Annotated[str | None, typer.Option(help="Stage counts at the end of each month or week instead.")] = None,
-    as_of: TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
-AsOfOpt = None,
+    as_of: AsOfOpt = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Consumer lifecycle: AARRR stage and next action, RFM scores and segment."""
@@ -77,8 +75,7 @@ def rebates(
     policy: Annotated[Path, typer.Option(help="Rebate policy (TOML): amount per scan per role, per SKU; see docs/policy.example.toml.")],
     month: Annotated[str | None, typer.Option(help="Only scans of this month (YYYY-MM).")] = None,
     lines: Annotated[bool, typer.Option("--lines", help="List every rebate line (one per scan and role) instead of totals.")] = False,
-    as_of: TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
-AsOfOpt = None,
+    as_of: AsOfOpt = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """BbC rebates per consumer scan for store, distributor and salesperson; withheld for diverted units."""
@@ -99,8 +96,7 @@ def regions(
     level: Annotated[str, typer.Option(help="province, city or district.")] = "province",
     period: Annotated[str, typer.Option(help="month, week or all.")] = "month",
     matrix: Annotated[bool, typer.Option("--matrix", help="The region-to-region diversion matrix instead.")] = False,
-    as_of: TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
-AsOfOpt = None,
+    as_of: AsOfOpt = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Regional sell-through (动销地图): units in, opened, scanned, active-store ratio, diversions in and out."""
