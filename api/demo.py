@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from api.views import write_views
 from graph.settings import Settings
 from graph.store import open_store
 from loaders.generate import generate_dataset
@@ -35,6 +36,7 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         top = influencers(store, top=5, by="cascade_size")
         example = trace(store, findings[0].code, k=settings.k) if findings else None
         answers = json.loads((dataset / "answers.json").read_text())
+        pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
     finally:
         store.close()
     planted = {(d["code"], d["severity"]) for d in answers.get("diversions", [])}
@@ -51,6 +53,7 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         "repeat_offenders": offenders,
         "super_users": [i.model_dump() for i in top],
         "example_trace": example.model_dump() if example else None,
+        "views": [str(page) for page in pages],
         "seconds": round(time.perf_counter() - started, 2),
     }
     console.print("[bold]4/4[/] report")
@@ -83,3 +86,4 @@ def _print_report(console: Console, report: dict) -> None:
             mark = "  [red]<- crossed[/]" if hop["crossed"] else ""
             console.print(f"  {hop['ts']}  {hop['action']:<7} {hop['party_id']} ({hop['kind']}) at {hop['region_id']}"
                           f"{' -> ' + hop['counterparty_id'] if hop['counterparty_id'] else ''}{mark}")
+    console.print("\n[bold]views[/] (open in a browser; they work offline): " + ", ".join(report["views"]))

@@ -12,6 +12,8 @@ finding is serialised to JSON once, so a page of findings is a join of bytes.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import tempfile
@@ -309,15 +311,14 @@ class ApiService:
         return b'{"total":%d,"offset":%d,"limit":%d,"items":[%b]}' % (len(rows), offset, limit, items)
 
     def findings_csv(self, filters: DiversionFilters, sort: str = "code", k: int | None = None) -> str:
-        from api.cli import to_csv
-
-        rows = []
+        """The findings as CSV (CSV_COLUMNS; the path as `party > party*`, `*` where the goods crossed)."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
         for finding in self.findings(filters, sort, k):
             row = finding.model_dump(exclude={"path"})
-            row["territory"] = "|".join(finding.territory)
-            row["path"] = " > ".join(_path_parties(finding))
-            rows.append({c: row.get(c) for c in CSV_COLUMNS})
-        return to_csv(rows) if rows else ",".join(CSV_COLUMNS) + "\n"
+            writer.writerow({**row, "territory": "|".join(finding.territory), "path": " > ".join(_path_parties(finding))})
+        return out.getvalue()
 
     def diversion_groups(self, filters: DiversionFilters, by: str, k: int | None = None) -> list[dict]:
         key, ttl = self._key("groups", k or self.k, filters, by)
