@@ -36,9 +36,10 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 from epcis_event_hash_generator import hash_generator, json_to_py, xml_to_py
@@ -72,6 +73,9 @@ _OFFSET = re.compile(r"^[+-](?:0\d|1[0-4]):[0-5]\d$")
 _GTIN = re.compile(r"^https://id\.gs1\.org/01/(\d{14})")
 _SSCC = re.compile(r"^https://id\.gs1\.org/00/")
 _GLN_EXT = re.compile(r"^(https://id\.gs1\.org/414/\d{13})/254/.+$")
+GS1_PREFIX = "https://id.gs1.org/"
+OWN_URN = "urn:channelgraph:"  # codes and parties that are not GS1 identifiers, as `export epcis` writes them
+_OWN = re.compile(r"^urn:channelgraph:(?:code|party):(.+)$")
 _HASH_CURIES = {"gs1:": "https://gs1.org/voc/", "cbv:": "https://ref.gs1.org/cbv/"}
 _EPCIS_CONTEXT = "e532647e8eb371379b8b0e8602d8981c8566bc60f7351f22c76a5bc865962008.jsonld"
 # XML list containers and the element each item is written as.
@@ -88,7 +92,8 @@ _XML_TYPED = ("bizTransaction", "source", "destination")  # <source type="t">val
 
 def canonical_id(value: Any) -> str | None:
     """One spelling per identifier: EPC URNs and Digital Link URIs become the canonical GS1
-    Digital Link URI, a bare 13-digit GLN its `/414/` URI; anything else is kept, trimmed.
+    Digital Link URI, a bare 13-digit GLN its `/414/` URI, channelgraph's own URNs (written by
+    `channelgraph export epcis`) the plain id; anything else is kept, trimmed.
 
     >>> canonical_id("urn:epc:id:sgtin:030001.0012345.11")
     'https://id.gs1.org/01/00300010123455/21/11'
@@ -101,7 +106,10 @@ def canonical_id(value: Any) -> str | None:
     if not text:
         return None
     if re.fullmatch(r"\d{13}", text):
-        return f"https://id.gs1.org/414/{text}"
+        return f"{GS1_PREFIX}414/{text}"
+    own = _OWN.match(text)
+    if own:
+        return unquote(own.group(1))
     return dl_normaliser(text) or text
 
 
@@ -186,6 +194,12 @@ class _Event:
         if offset not in (None, "") and not _OFFSET.match(str(offset)):
             out.append(f"bad eventTimeZoneOffset {offset!r}: expected +hh:mm or -hh:mm")
         return out
+
+
+def _utc(value: Any) -> Any:
+    """An EPCIS time as one ISO 8601 UTC spelling (unparseable values are left for validation)."""
+    moment = _parse_time(value) if value is not None else None
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if moment else value
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -443,14 +457,14 @@ def _tables(path: Path, events: list[_Event]) -> list[RawTable]:
         biz_step = event.term(event.get("bizStep"))
         rows["epcis_events"].append({
             "event_id": event_id, "event_type": event.get("type"), "biz_step": biz_step,
-            "action": event.get("action"), "event_time": event.get("eventTime"),
+            "action": event.get("action"), "event_time": _utc(event.get("eventTime")),
             "disposition": event.term(event.get("disposition")), "read_point": event.location("readPoint"),
             "biz_location": event.location("bizLocation"),
             "document": json.dumps({**event.body, "eventID": event_id}, ensure_ascii=False, sort_keys=True),
             **where})
         scans = [{"event_id": f"{event_id}#{code}", "code": code, "action": action,
                   "party_id": event.location("bizLocation") or event.location("readPoint"),
-                  "counterparty_id": _counterparty(event, action), "ts": event.get("eventTime"),
+                  "counterparty_id": _counterparty(event, action), "ts": _utc(event.get("eventTime")),
                   "epcis_event_id": event_id, "biz_step": biz_step,
                   "disposition": event.term(event.get("disposition")),
                   "biz_transactions": _joined(f"{t}:{v}" if t else v
@@ -460,7 +474,7 @@ def _tables(path: Path, events: list[_Event]) -> list[RawTable]:
         rows["scans"] += scans
         error = event.get("errorDeclaration")
         if isinstance(error, dict):
-            retracted = {"declared_at": error.get("declarationTime"), "reason": event.term(error.get("reason")),
+            retracted = {"declared_at": _utc(error.get("declarationTime")), "reason": event.term(error.get("reason")),
                          "corrective_event_ids": _joined(_as_list(error.get("correctiveEventIDs"))), **where}
             rows["retractions"] += [{"event_id": i, **retracted} for i in [event_id] + [s["event_id"] for s in scans]]
     rows["codes"] = codes.rows()
@@ -521,7 +535,7 @@ class _Codes:
             lot = _lot(event.get("ilmd"))
             for code in event.epcs("epcList"):
                 fact = self._fact(code, where)
-                fact["produced_at"] = fact["produced_at"] or event.get("eventTime")
+                fact["produced_at"] = fact["produced_at"] or _utc(event.get("eventTime"))
                 fact["batch"] = fact["batch"] or lot
         parent = event.ident(event.get("parentID"))
         if event.get("type") == "AggregationEvent" and parent:
@@ -575,12 +589,13 @@ def _text(value: Any) -> str | None:
 # ---------------------------------------------------------------- several documents
 
 
-def combine_epcis(documents: list[list[RawTable]], parties: list[RawTable]) -> list[RawTable]:
+def combine_epcis(documents: list[list[RawTable]], parties: list[pa.Table]) -> list[RawTable]:
     """The raw tables of several EPCIS documents of one load, made consistent: one `codes`
     row per code (the highest packaging level any document shows, other values from the
     first document that gives them), and each location replaced by the party that names
-    it in its `gln` or `sgln` column (`|`-separated; any spelling of the GLN/SGLN) in this
-    load's parties tables. A location with a /254/ extension falls back to its site's GLN."""
+    it in its `gln` or `sgln` column (`|`-separated; any spelling of the GLN/SGLN) in
+    `parties` (the raw and stored parties tables; the first one naming a location wins).
+    A location with a /254/ extension falls back to its site's GLN."""
     by_table: dict[str, list[RawTable]] = {}
     for tables in documents:
         for table in tables:
@@ -635,10 +650,9 @@ def _merged_codes(tables: list[RawTable]) -> RawTable:
     return RawTable("codes", pa.table(columns), rejects)
 
 
-def _location_aliases(parties: list[RawTable]) -> dict[str, str]:
+def _location_aliases(parties: list[pa.Table]) -> dict[str, str]:
     aliases: dict[str, str] = {}
-    for table in parties:
-        data = table.data
+    for data in parties:
         for column in ("gln", "sgln"):
             if column not in data.column_names or "party_id" not in data.column_names:
                 continue

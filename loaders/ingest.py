@@ -32,8 +32,9 @@ class LoadReport:
                 "implicit_consumers": self.implicit_consumers, "rejects_path": self.rejects_path}
 
 
-def read_dataset(dataset: Path, progress: Progress | None = None) -> dict[str, list[RawTable]]:
-    """Every source of `dataset` as raw tables, by canonical table name."""
+def read_dataset(dataset: Path, progress: Progress | None = None, *, known: Store | None = None) -> dict[str, list[RawTable]]:
+    """Every source of `dataset` as raw tables, by canonical table name. EPCIS locations are
+    mapped to the parties of this load and of `known` (see `loaders.epcis.combine_epcis`)."""
     sources = discover(dataset)
     raw: dict[str, list[RawTable]] = {}
     epcis: list[list[RawTable]] = []
@@ -49,7 +50,8 @@ def read_dataset(dataset: Path, progress: Progress | None = None) -> dict[str, l
     if epcis:
         from loaders.epcis import combine_epcis
 
-        for table in combine_epcis(epcis, raw.get("parties", [])):
+        parties = [t.data for t in raw.get("parties", [])] + ([known.parties()] if known is not None else [])
+        for table in combine_epcis(epcis, parties):
             raw.setdefault(table.table, []).append(table)
     return raw
 
@@ -57,7 +59,7 @@ def read_dataset(dataset: Path, progress: Progress | None = None) -> dict[str, l
 def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Progress | None = None) -> LoadReport:
     """Load every table of `dataset` into `store`. Bad rows become reject records in a
     JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
-    raw = read_dataset(Path(dataset), progress)
+    raw = read_dataset(Path(dataset), progress, known=store)
     if progress:
         progress("validate", 0, 1)
     validated = validate_dataset(raw, store)
