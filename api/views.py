@@ -399,7 +399,7 @@ def region_flow_graph(groups: Sequence[dict], names: dict[str, str], *, max_node
         graph.node(src, "territory", label=label, title=f"territory {src}: {label}")
         graph.node(dst, "region", label=names.get(dst, dst), title=f"region {dst}: {names.get(dst, dst)}")
         graph.edges.append({
-            "from": src, "to": dst, "label": f"{row['units']:,} units", "units": row["units"],
+            "from": src, "to": dst, "label": f"{row['units']:,} unit{'s' if row['units'] != 1 else ''}", "units": row["units"],
             "width": _width(row["units"], most), "crossed": True,
             "title": (f"{src} → {dst}: {row['units']:,} diverted units ({row['confirmed']} confirmed, "
                       f"{row['suspected']} suspected) in {row['crossings']} crossings\n"
