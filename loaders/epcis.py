@@ -137,8 +137,9 @@ class _Event:
 
     body: dict[str, Any]  # the event as JSON-LD-shaped data (XML converted)
     line: int | None
-    hash_input: Any  # what the hash generator reads: a JSON event or an XML string
-    prefixes: dict[str, str] = field(default_factory=dict)  # JSON-LD context prefixes
+    hash_input: Any  # what the hash generator reads: a JSON event, or an XML event as text
+    prefixes: dict[str, str] = field(default_factory=dict)  # JSON-LD context / XML namespace prefixes
+    context: Any = None  # the JSON-LD @context of the document
 
     def get(self, name: str) -> Any:
         return self.body.get(name)
@@ -238,8 +239,7 @@ def _json_events(path: Path, text: str) -> list[_Event] | None:
     for event, line in zip(events, lines):
         if not isinstance(event, dict):
             event = {"type": None, "value": event}
-        hash_doc = {"@context": context, "type": "EPCISDocument", "epcisBody": {"eventList": [_curies_expanded(event)]}}
-        out.append(_Event(event, line, hash_doc, prefixes))
+        out.append(_Event(event, line, _curies_expanded(event), prefixes, context))
     return out
 
 
@@ -295,11 +295,9 @@ def _xml_events(path: Path, data: bytes) -> list[_Event] | None:
     out = []
     for element in _xml_event_elements(lists[0]):
         body = {"type": etree.QName(element).localname, **_xml_dict(element)}
-        hash_xml = ("<EPCISDocument><EPCISBody><EventList>"
-                    + etree.tostring(element, encoding="unicode", with_tail=False)
-                    + "</EventList></EPCISBody></EPCISDocument>")
         prefixes = {p: ns for p, ns in element.nsmap.items() if p}
-        out.append(_Event(body, element.sourceline, hash_xml, prefixes))
+        out.append(_Event(body, element.sourceline, etree.tostring(element, encoding="unicode", with_tail=False),
+                          prefixes))
     return out
 
 
@@ -379,22 +377,60 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _event_id(event: _Event) -> str:
-    """The document's eventID, else the CBV 2.0 event hash, else our own content hash."""
-    given = event.get("eventID")
-    if isinstance(given, str) and given.strip():
-        return given.strip()
+def _event_ids(events: list[_Event]) -> list[str]:
+    """Each event's id: its eventID, else the CBV 2.0 event hash, else our own content hash."""
+    given = [e.get("eventID").strip() if isinstance(e.get("eventID"), str) and e.get("eventID").strip() else None
+             for e in events]
+    todo = [e for e, i in zip(events, given) if i is None]
+    hashed = iter(_cbv_hashes(todo))
+    return [i or next(hashed) or _own_hash(e) for e, i in zip(events, given)]
+
+
+def _cbv_hashes(events: list[_Event]) -> list[str | None]:
+    """The reference implementation's hash of each event (None where it fails). The events
+    are converted in one batch (the JSON-LD expansion is the slow part), else one by one."""
+    if not events:
+        return []
+    with _quiet():
+        try:
+            parsed = _hash_model(events)
+        except Exception:  # noqa: BLE001 - the reference implementation fails on some valid events
+            parsed = []
+        if len(parsed) != len(events):
+            parsed = [_hash_model_or_none(e) for e in events]
+        return [_hash_or_none(p) for p in parsed]
+
+
+def _hash_model(events: list[_Event]) -> list[Any]:
+    """The hash generator's own model of the events (all from one document)."""
+    if isinstance(events[0].hash_input, str):
+        xml = "".join(e.hash_input for e in events)
+        return xml_to_py.event_list_from_epcis_document_str(
+            f"<EPCISDocument><EPCISBody><EventList>{xml}</EventList></EPCISBody></EPCISDocument>")[2]
+    doc = {"@context": events[0].context, "type": "EPCISDocument",
+           "epcisBody": {"eventList": [e.hash_input for e in events]}}
+    return json_to_py.event_list_from_epcis_document_json(json.loads(json.dumps(doc)))[2]
+
+
+def _hash_model_or_none(event: _Event) -> Any:
     try:
-        with _quiet():
-            if isinstance(event.hash_input, str):
-                parsed = xml_to_py.event_list_from_epcis_document_str(event.hash_input)
-            else:
-                parsed = json_to_py.event_list_from_epcis_document_json(json.loads(json.dumps(event.hash_input)))
-            hashes = hash_generator.epcis_hashes_from_events(parsed)
-    except Exception:  # noqa: BLE001 - the reference implementation fails on some valid events
-        hashes = []
-    if len(hashes) == 1:
-        return hashes[0]
+        parsed = _hash_model([event])
+    except Exception:  # noqa: BLE001
+        return None
+    return parsed[0] if len(parsed) == 1 else None
+
+
+def _hash_or_none(parsed: Any) -> str | None:
+    if parsed is None:
+        return None
+    try:
+        hashes = hash_generator.epcis_hashes_from_events(("EventList", "", [parsed]))
+    except Exception:  # noqa: BLE001
+        return None
+    return hashes[0] if len(hashes) == 1 else None
+
+
+def _own_hash(event: _Event) -> str:
     return "cg:sha-256;" + hashlib.sha256(json.dumps(_normal_form(event), sort_keys=True).encode()).hexdigest()
 
 
@@ -445,13 +481,15 @@ def read_epcis(path: Path) -> list[RawTable]:
 def _tables(path: Path, events: list[_Event]) -> list[RawTable]:
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in OUTPUT_TABLES}
     rejects: list[Reject] = []
-    codes = _Codes()
+    valid = []
     for event in events:
         problems = event.problems()
         if problems:
             rejects.append(Reject("epcis_events", str(path), event.line, "; ".join(problems), event.body))
-            continue
-        event_id = _event_id(event)
+        else:
+            valid.append(event)
+    codes = _Codes()
+    for event, event_id in zip(valid, _event_ids(valid)):
         where = {"_line": event.line}
         codes.add(event, where)
         biz_step = event.term(event.get("bizStep"))
@@ -478,9 +516,7 @@ def _tables(path: Path, events: list[_Event]) -> list[RawTable]:
                          "corrective_event_ids": _joined(_as_list(error.get("correctiveEventIDs"))), **where}
             rows["retractions"] += [{"event_id": i, **retracted} for i in [event_id] + [s["event_id"] for s in scans]]
     rows["codes"] = codes.rows()
-    tables = [_raw(name, path, rows[name]) for name in OUTPUT_TABLES]
-    tables[2].rejects = rejects  # epcis_events
-    return tables
+    return [_raw(name, path, rows[name], rejects if name == "epcis_events" else []) for name in OUTPUT_TABLES]
 
 
 def _handovers(event: _Event, biz_step: str | None) -> list[tuple[str, str]]:
@@ -572,11 +608,11 @@ def _lot(ilmd: Any) -> str | None:
     return None
 
 
-def _raw(table: str, path: Path, rows: list[dict[str, Any]]) -> RawTable:
+def _raw(table: str, path: Path, rows: list[dict[str, Any]], rejects: list[Reject]) -> RawTable:
     columns = {name: pa.array([_text(r.get(name)) for r in rows], pa.string()) for name in OUTPUT_TABLES[table]}
     columns["_file"] = pa.array([str(path)] * len(rows), pa.string())
     columns["_line"] = pa.array([r.get("_line") for r in rows], pa.int64())
-    return RawTable(table, pa.table(columns))
+    return RawTable(table, pa.table(columns), rejects)
 
 
 def _text(value: Any) -> str | None:
