@@ -396,6 +396,60 @@ def test_loading_the_document_again_without_master_data_changes_nothing(channel,
     assert store.counts() == before
 
 
+def _read(tmp_path: Path, events: list[dict]) -> dict[str, list[dict]]:
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(_document(events)))
+    return {t.table: t.data.to_pylist() for t in read_epcis(path)}
+
+
+@pytest.mark.parametrize("kind, biz_step, action, scanned", [
+    ("ObjectEvent", "shipping", "OBSERVE", [(U1, "ship")]),
+    ("ObjectEvent", "receiving", "OBSERVE", [(U1, "receive")]),
+    ("ObjectEvent", "unpacking", "OBSERVE", [(U1, "open")]),
+    ("ObjectEvent", "retail_selling", "OBSERVE", [(U1, "scan")]),
+    ("ObjectEvent", "consuming", "OBSERVE", [(U1, "scan")]),
+    ("ObjectEvent", "commissioning", "ADD", []),  # codes only
+    ("ObjectEvent", "inspecting", "OBSERVE", []),  # kept as an EPCIS event only
+    ("AggregationEvent", "packing", "ADD", []),  # packaging only
+    ("AggregationEvent", "receiving", "OBSERVE", [(CASE, "receive")]),  # the parent is handed over
+    ("AggregationEvent", None, "DELETE", [(CASE, "open")]),  # disaggregation opens the parent
+    ("TransactionEvent", "shipping", "ADD", []),  # transactions are kept as events
+])
+def test_biz_step_and_action_map_to_scans(tmp_path, kind, biz_step, action, scanned):
+    fields = {"parentID": CASE, "childEPCs": [U1]} if kind == "AggregationEvent" else {"epcList": [U1]}
+    tables = _read(tmp_path, [_event(kind, "2024-03-01T08:00:00Z", action=action, biz_step=biz_step,
+                                     biz_location=S_SITE, **fields)])
+    assert [(s["code"], s["action"]) for s in tables["scans"]] == [(canonical_id(c), a) for c, a in scanned]
+    assert all(s["party_id"] == canonical_id(S_SITE) for s in tables["scans"])
+    assert len(tables["epcis_events"]) == 1
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ([("owning_party", "urn:epc:id:pgln:0614141.00002"), ("location", D_SITE)], D_SITE),  # location first
+    ([("owning_party", "urn:epc:id:pgln:0614141.00002"), ("possessing_party", "urn:epc:id:pgln:0614141.00004")],
+     "urn:epc:id:pgln:0614141.00004"),
+    ([("owning_party", "urn:epc:id:pgln:0614141.00002")], "urn:epc:id:pgln:0614141.00002"),
+    ([], None),
+])
+def test_counterparty_prefers_location_then_possessing_then_owning_party(tmp_path, listed, expected):
+    destinations = [{"type": f"urn:epcglobal:cbv:sdt:{t}", "destination": v} for t, v in listed]
+    tables = _read(tmp_path, [_event("ObjectEvent", "2024-03-01T08:00:00Z", epcs=[U1], biz_step="shipping",
+                                     read_point=F_SITE, destinationList=destinations)])
+    assert tables["scans"][0]["counterparty_id"] == canonical_id(expected)
+
+
+def test_epcis_1_2_base_extension_carries_event_id_and_error_declaration():
+    tables = {t.table: t.data.to_pylist() for t in read_epcis(EXAMPLES / "ObjectEvent_with_baseExtension_errorDeclaration.xml")}
+    ids = [e["event_id"] for e in tables["epcis_events"]]
+    assert ids[2] == "urn:uuid:6926712e-599f-4c4e-b6e9-8dd888c906bd"  # <baseExtension><eventID>
+    retracted = [r for r in tables["retractions"] if r["event_id"] in ids]
+    assert retracted and all(r["reason"] == "incorrect_data" for r in retracted)
+    assert retracted[0]["corrective_event_ids"] == "urn:uuid:6926712e-599f-4c4e-b6e9-8dd888c906bd"
+    assert retracted[0]["declared_at"] == "2023-07-17T17:00:00Z"  # -04:00 written as UTC
+    scan_ids = {s["event_id"] for s in tables["scans"]}
+    assert {r["event_id"] for r in tables["retractions"]} - set(ids) <= scan_ids  # and the scans derived from it
+
+
 # ---------------------------------------------------------------- bad documents
 
 
