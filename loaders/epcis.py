@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -50,6 +50,9 @@ from pyld import jsonld
 from graph.errors import DatasetError
 from graph.model import LEVELS
 from loaders.readers import RawTable, Reject
+
+if TYPE_CHECKING:
+    from graph.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -625,13 +628,19 @@ def _text(value: Any) -> str | None:
 # ---------------------------------------------------------------- several documents
 
 
-def combine_epcis(documents: list[list[RawTable]], parties: list[pa.Table]) -> list[RawTable]:
-    """The raw tables of several EPCIS documents of one load, made consistent: one `codes`
-    row per code (the highest packaging level any document shows, other values from the
-    first document that gives them), and each location replaced by the party that names
-    it in its `gln` or `sgln` column (`|`-separated; any spelling of the GLN/SGLN) in
-    `parties` (the raw and stored parties tables; the first one naming a location wins).
-    A location with a /254/ extension falls back to its site's GLN."""
+def combine_epcis(documents: list[list[RawTable]], raw: dict[str, list[RawTable]], known: Store | None) -> list[RawTable]:
+    """The raw tables of the EPCIS `documents` of one load, made consistent with each other,
+    with the load's other tables (`raw`) and with the store (`known`):
+
+    - one `codes` row per code: the highest packaging level any document shows (the stored
+      level for a stored code: a document that only observes a code cannot tell a case from
+      a unit), other values from the first document that gives them; none for a code a
+      `codes` table of this load defines;
+    - each location replaced by the party that names it in its `gln` or `sgln` column
+      (`|`-separated; any spelling of the GLN/SGLN), in this load's or the stored parties
+      (the first one naming a location wins). A location with a /254/ extension falls back
+      to its site's GLN.
+    """
     by_table: dict[str, list[RawTable]] = {}
     for tables in documents:
         for table in tables:
@@ -640,7 +649,8 @@ def combine_epcis(documents: list[list[RawTable]], parties: list[pa.Table]) -> l
            for table in tables]
     out += _same_documents(by_table.get("epcis_events", []))
     if "codes" in by_table:
-        out.append(_merged_codes(by_table["codes"]))
+        out.append(_merged_codes(by_table["codes"], raw.get("codes", []), known))
+    parties = [t.data for t in raw.get("parties", [])] + ([known.parties()] if known is not None else [])
     aliases = _location_aliases(parties)
     for table in by_table.get("scans", []):
         data = table.data
@@ -667,7 +677,7 @@ def _same_documents(tables: list[RawTable]) -> list[RawTable]:
     return out
 
 
-def _merged_codes(tables: list[RawTable]) -> RawTable:
+def _merged_codes(tables: list[RawTable], loaded: list[RawTable], known: Store | None) -> RawTable:
     rank = {level: i for i, level in enumerate(LEVELS)}
     merged: dict[str, dict[str, Any]] = {}
     rejects = [r for t in tables for r in t.rejects]
@@ -680,6 +690,13 @@ def _merged_codes(tables: list[RawTable]) -> RawTable:
             seen["level"] = row["level"]
         for name in ("parent_code", "sku", "batch", "produced_at"):
             seen[name] = seen[name] if seen[name] is not None else row[name]
+    for table in loaded:
+        for code in table.data.column("code").to_pylist() if "code" in table.data.column_names else []:
+            merged.pop(code, None)
+    if known is not None:
+        stored = known.stored("codes", pa.array(list(merged), pa.string()))
+        for code, level in zip(stored.column("code").to_pylist(), stored.column("level").to_pylist()):
+            merged[code]["level"] = level
     rows = list(merged.values())
     columns = {name: pa.array([r[name] for r in rows], pa.string()) for name in OUTPUT_TABLES["codes"] + ("_file",)}
     columns["_line"] = pa.array([r["_line"] for r in rows], pa.int64())

@@ -33,8 +33,8 @@ class LoadReport:
 
 
 def read_dataset(dataset: Path, progress: Progress | None = None, *, known: Store | None = None) -> dict[str, list[RawTable]]:
-    """Every source of `dataset` as raw tables, by canonical table name. EPCIS locations are
-    mapped to the parties of this load and of `known` (see `loaders.epcis.combine_epcis`)."""
+    """Every source of `dataset` as raw tables, by canonical table name. EPCIS documents are
+    made consistent with this load and with `known` (see `loaders.epcis.combine_epcis`)."""
     sources = discover(dataset)
     raw: dict[str, list[RawTable]] = {}
     epcis: list[list[RawTable]] = []
@@ -50,8 +50,7 @@ def read_dataset(dataset: Path, progress: Progress | None = None, *, known: Stor
     if epcis:
         from loaders.epcis import combine_epcis
 
-        parties = [t.data for t in raw.get("parties", [])] + ([known.parties()] if known is not None else [])
-        for table in combine_epcis(epcis, parties):
+        for table in combine_epcis(epcis, raw, known):
             raw.setdefault(table.table, []).append(table)
     return raw
 

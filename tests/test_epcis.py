@@ -168,7 +168,7 @@ def test_query_documents_hold_the_same_events_as_capture_documents():
 
 def _graph(names: list[str]) -> dict[str, list[tuple]]:
     """What documents put into the graph: every row of every table, without where it came from."""
-    tables = combine_epcis([read_epcis(EXAMPLES / n) for n in names], [])
+    tables = combine_epcis([read_epcis(EXAMPLES / n) for n in names], {}, None)
     out: dict[str, list[tuple]] = {}
     for table in tables:
         columns = [c for c in table.data.column_names if c not in ("_file", "_line", "document")]
@@ -400,6 +400,25 @@ def _read(tmp_path: Path, events: list[dict]) -> dict[str, list[dict]]:
     path = tmp_path / "doc.json"
     path.write_text(json.dumps(_document(events)))
     return {t.table: t.data.to_pylist() for t in read_epcis(path)}
+
+
+def test_a_later_document_that_only_observes_a_case_keeps_its_level(store, tmp_path):
+    """Day 1: commission and pack; day 2: a document that only ships the case (it cannot
+    tell a case from a unit) and one that ships a case from the brand's own codes table."""
+    packing = _document([_event("AggregationEvent", "2024-03-01T09:00:00Z", action="ADD", biz_step="packing",
+                                read_point=F_SITE, parentID=CASE, childEPCs=[U1])])
+    day1 = _dataset(tmp_path / "day1", documents={"packing.json": packing}, regions=REGIONS, parties=PARTIES)
+    assert load_dataset(store, day1, rejects_dir=tmp_path / "r1").rejects_path is None
+    own_case = "urn:epc:id:sgtin:0614141.207346.11"
+    shipping = _document([_event("ObjectEvent", "2024-03-02T08:00:00Z", epcs=[CASE, own_case], biz_step="shipping",
+                                 read_point=F_SITE, destinationList=[{"type": "location", "destination": D_SITE}])])
+    day2 = _dataset(tmp_path / "day2", documents={"shipping.json": shipping})
+    _write_csv(day2 / "codes.csv", [{"code": canonical_id(own_case), "level": "case"}])
+    report = load_dataset(store, day2, rejects_dir=tmp_path / "r2")
+    assert report.rejects_path is None, _rejects(report)
+    levels = {c["code"]: c["level"] for c in _stored(store, "codes", "code", [canonical_id(CASE), canonical_id(own_case)])}
+    assert levels == {canonical_id(CASE): "case", canonical_id(own_case): "case"}
+    assert [h.action for h in trace(store, canonical_id(U1)).path] == ["ship"]
 
 
 @pytest.mark.parametrize("kind, biz_step, action, scanned", [
