@@ -274,7 +274,10 @@ def _json_event_lines(text: str, count: int) -> list[int | None]:
         line += text.count("\n", counted, pos)
         counted = pos
         lines.append(line)
-        _, pos = decoder.raw_decode(text, pos)
+        try:
+            _, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # the key matched somewhere else: no line numbers
+            return [None] * count
     return lines
 
 
@@ -292,11 +295,11 @@ def _xml_events(path: Path, data: bytes) -> list[_Event] | None:
         raise DatasetError(f"{path}:{exc.lineno}: invalid XML: {exc.msg}") from exc
     if root.getroottree().docinfo.doctype:
         raise DatasetError(f"{path}: XML with a DOCTYPE is refused (EPCIS needs none; entities are unsafe)")
-    lists = [el for el in root.iter("EventList")]
-    if not lists:
+    event_list = next(root.iter("EventList"), None)
+    if event_list is None:
         return None
     out = []
-    for element in _xml_event_elements(lists[0]):
+    for element in _xml_event_elements(event_list):
         body = {"type": etree.QName(element).localname, **_xml_dict(element)}
         prefixes = {p: ns for p, ns in element.nsmap.items() if p}
         out.append(_Event(body, element.sourceline, etree.tostring(element, encoding="unicode", with_tail=False),
