@@ -136,14 +136,18 @@ def read_csv(path: Path, table: str) -> RawTable:
     header = _csv_header(path)
     if not header:
         raise DatasetError(f"{path}: empty file (no header row)")
-    parsed = pa_csv.read_csv(
-        path,
-        read_options=pa_csv.ReadOptions(block_size=16 << 20),
-        parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
-        convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.binary() for name in header}, strings_can_be_null=False,
-            quoted_strings_can_be_null=False),
-    )
+    _check_unique(path, header)
+    try:
+        parsed = pa_csv.read_csv(
+            path,
+            read_options=pa_csv.ReadOptions(block_size=16 << 20),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={name: pa.binary() for name in header}, strings_can_be_null=False,
+                quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid:  # e.g. an irregular row that is not UTF-8 (pyarrow cannot report it)
+        irregular.append("")
     if irregular:
         log.info("%s: %d irregular rows; re-reading with exact line numbers", path, len(irregular))
         return _read_csv_exact(path, table)
@@ -159,10 +163,22 @@ def read_csv(path: Path, table: str) -> RawTable:
     return _finish(table, path, columns, lines, rejects)
 
 
+def _check_unique(path: Path, names: list[str]) -> None:
+    """A file whose columns repeat a name cannot be read unambiguously."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DatasetError(f"{path}: column {name!r} appears more than once in the header")
+        seen.add(name)
+
+
 def _csv_header(path: Path) -> list[str]:
     with path.open("rb") as f:
         first = f.readline()
-    text = first.decode("utf-8-sig", errors="replace").strip("\r\n")
+    try:
+        text = first.decode("utf-8-sig").strip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: the header row is not UTF-8 text (the file must be UTF-8)") from exc
     return [name.strip() for name in next(csv.reader([text]), [])]
 
 
@@ -206,18 +222,22 @@ def _read_csv_exact(path: Path, table: str) -> RawTable:
         if len(record) != len(header):
             rejects.append(Reject(table, str(path), line,
                                   f"expected {len(header)} columns, got {len(record)}",
-                                  ",".join(record)))
+                                  _repaired(",".join(record))))
             continue
         if any(_has_surrogate(v) for v in record):
             rejects.append(Reject(table, str(path), line, "invalid UTF-8 text (file must be UTF-8)",
-                                  {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                                   for k, v in zip(header, record)}))
+                                  {k: _repaired(v) for k, v in zip(header, record)}))
             continue
         for name, value in zip(header, record):
             values[name].append(value)
         lines.append(line)
     columns = {name: pa.array(vals, pa.string()) for name, vals in values.items()}
     return _finish(table, path, columns, pa.array(lines, pa.int64()), rejects)
+
+
+def _repaired(text: str) -> str:
+    """Text read with surrogateescape, with undecodable bytes as U+FFFD (for reject records)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _has_surrogate(value: str) -> bool:
@@ -284,6 +304,7 @@ def _jsonl_text(value: object) -> str | None:
 
 def read_parquet(path: Path, table: str) -> RawTable:
     """Parquet columns of any type become strings; timestamps become ISO 8601 (naive = UTC)."""
+    _check_unique(path, pq.read_schema(path).names)
     data = pq.read_table(path)
     columns = {name: _to_string(data.column(name).combine_chunks()) for name in data.column_names}
     lines = pa.array(range(1, data.num_rows + 1), pa.int64())
@@ -291,18 +312,22 @@ def read_parquet(path: Path, table: str) -> RawTable:
 
 
 def _to_string(arr: pa.Array) -> pa.Array:
-    if pa.types.is_timestamp(arr.type):
-        utc = arr.cast(pa.timestamp("us", tz="UTC")) if arr.type.tz else arr.cast(pa.timestamp("us"))
-        return pc.strftime(utc, format="%Y-%m-%dT%H:%M:%S.%f", locale="C")
+    if pa.types.is_timestamp(arr.type):  # nanoseconds are truncated, as for text times
+        utc = pc.cast(arr, pa.timestamp("us", tz="UTC") if arr.type.tz else pa.timestamp("us"), safe=False)
+        return pc.strftime(utc, format="%Y-%m-%dT%H:%M:%S", locale="C")  # %S has the microseconds
     if pa.types.is_dictionary(arr.type):
         arr = arr.cast(arr.type.value_type)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         return arr.cast(pa.string())
     if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
         return pa.array([None if v is None else v.decode("utf-8", errors="replace") for v in arr.to_pylist()], pa.string())
-    if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
-        return arr.cast(pa.string())
-    return pa.array([_jsonl_text(v) for v in arr.to_pylist()], pa.string())
+    if not pa.types.is_nested(arr.type):
+        try:  # numbers, booleans, dates, times, decimals
+            return arr.cast(pa.string())
+        except pa.ArrowNotImplementedError:
+            pass
+    return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+                     for v in arr.to_pylist()], pa.string())
 
 
 def iter_chunks(raw: RawTable, rows: int = 1 << 20) -> Iterator[pa.Table]:

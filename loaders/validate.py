@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 MAX_PACKAGING_DEPTH = len(LEVEL_RANK)
+# Identifiers (keys and the columns that refer to them) are indexed by Neo4j, whose index
+# entries are limited to about 8 kB; 1024 characters is at most 4 kB of UTF-8.
+MAX_ID_LENGTH = 1024
+ID_COLUMNS = frozenset({"region_id", "parent_id", "party_id", "upstream_id", "sku", "code", "parent_code",
+                        "event_id", "counterparty_id", "referral_id", "referrer_id", "referee_id"})
 
 
 class Known(Protocol):
@@ -118,8 +123,9 @@ def _parse_ts(values: pa.Array) -> pa.Array:
 
 
 def _parse_float(values: pa.Array) -> pa.Array:
-    return pa.array(pd.to_numeric(pd.Series(values.to_numpy(zero_copy_only=False)), errors="coerce"),
-                    pa.float64(), from_pandas=True)
+    """Decimal text -> float64; bad, NaN and infinite values -> null."""
+    parsed = pd.to_numeric(pd.Series(values.to_numpy(zero_copy_only=False)), errors="coerce")
+    return pa.array(parsed.where(np.isfinite(parsed.astype(float))), pa.float64(), from_pandas=True)
 
 
 def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
@@ -133,6 +139,9 @@ def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
         if column.required:
             rows.fail(~present, f"missing required value: {column.name}")
+        if column.name in ID_COLUMNS:
+            too_long = pc.fill_null(pc.greater(pc.utf8_length(values), MAX_ID_LENGTH), False)
+            rows.fail(too_long, f"{column.name} longer than {MAX_ID_LENGTH} characters")
         if column.type == "enum":
             allowed = pc.is_in(values, value_set=pa.array(column.values)).to_numpy(zero_copy_only=False)
             rows.fail_values(present & ~allowed,
@@ -297,13 +306,17 @@ def _validate_regions(raws: list[RawTable], known: Known) -> TableOutcome:
     ids = v.rows.np("region_id")
     parents = v.typed["parent_id"].to_numpy(zero_copy_only=False)
     has_parent = pd.notna(parents)
-    while True:  # a rejected region makes its children's parent unknown
-        live = v.rows.ok & ~v.duplicate
-        known_ids = set(stored["region_id"]) | set(ids[live])
-        unknown = has_parent & ~np.isin(parents, list(known_ids)) & v.rows.ok
-        if not unknown.any():
-            break
-        v.rows.fail_values(unknown, "unknown parent region {!r}", "parent_id")
+
+    def reject_orphans() -> None:
+        while True:  # a rejected region makes its children's parent unknown
+            live = v.rows.ok & ~v.duplicate
+            known_ids = set(stored["region_id"]) | set(ids[live])
+            unknown = has_parent & ~np.isin(parents, list(known_ids)) & v.rows.ok
+            if not unknown.any():
+                return
+            v.rows.fail_values(unknown, "unknown parent region {!r}", "parent_id")
+
+    reject_orphans()
     live = v.rows.ok & ~v.duplicate
     tree = nx.DiGraph()
     tree.add_edges_from(zip(stored["region_id"], stored["parent_id"]))
@@ -319,6 +332,7 @@ def _validate_regions(raws: list[RawTable], known: Known) -> TableOutcome:
         mask = np.array([i in in_cycle for i in ids]) & live
         texts = np.array([f"region tree cycle: {in_cycle.get(i, '')}" for i in ids], dtype=object)
         v.rows.fail(mask, texts)
+        reject_orphans()
     v.compare_with_store()
     return v.outcome()
 
@@ -463,7 +477,7 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
     implicit_cols: list[str]
     if name == "scans":
         party_known = known_party(typed["party_id"])
-        is_scan = pc.equal(typed["action"], "scan").to_numpy(zero_copy_only=False)
+        is_scan = pc.fill_null(pc.equal(typed["action"], "scan"), False).to_numpy(zero_copy_only=False)
         present = pc.is_valid(typed["party_id"]).to_numpy(zero_copy_only=False)
         rows.fail_values(present & ~party_known & ~is_scan,
                          "unknown party {!r} (only a consumer scan may introduce a new party)", "party_id")
