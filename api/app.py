@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import cache
 from datetime import datetime, time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Literal
@@ -32,7 +33,7 @@ JSON = "application/json"
 K = Annotated[int | None, Query(ge=1, le=1000, description="Consumer scans per case that confirm a suspected diversion [default from settings, 3].")]
 
 
-def diversion_filters(
+async def diversion_filters(
     severity: Literal["confirmed", "suspected"] | None = None,
     responsible: Annotated[str | None, Query(max_length=500, description="Responsible (assigned) distributor id.")] = None,
     region: Annotated[str | None, Query(max_length=500, description="Crossings into this region or any region inside it.")] = None,
@@ -54,7 +55,7 @@ api = APIRouter(prefix="/api", tags=["api"])
 
 
 @api.get("/health", response_model=Health, summary="Liveness")
-def health() -> Health:
+async def health() -> Health:
     return Health(version=_version())
 
 
@@ -82,12 +83,13 @@ def flow(svc: Svc, batch: Annotated[str | None, Query(max_length=500)] = None,
 
 @api.get("/diversions", response_model=FindingsPage, responses=responses(404, 422),
          summary="Diversion findings (窜货), filtered and paginated")
-def diversions(svc: Svc, filters: Filters, k: K = None, sort: SortKey = SortKey.code,
-               offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+async def diversions(svc: Svc, filters: Filters, k: K = None, sort: SortKey = SortKey.code,
+                     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     """One finding per diverted unit, with its custody path. `sort` is a field name, `-` for
     descending. An unknown `region` is a 404."""
-    return Response(svc.findings_page_json(filters, offset=offset, limit=limit, sort=sort.value, k=k), media_type=JSON)
+    page = await svc.findings_page_json_async(filters, offset=offset, limit=limit, sort=sort.value, k=k)
+    return Response(page, media_type=JSON)
 
 
 @api.get("/diversions.csv", response_class=Response, responses={**responses(404, 422), 200: {"content": {"text/csv": {}},
@@ -228,6 +230,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     return app
 
 
+@cache
 def _version() -> str:
     try:
         return version("channelgraph")

@@ -310,6 +310,19 @@ class ApiService:
         items = b",".join(index.json[i] for i in rows[offset:offset + limit])
         return b'{"total":%d,"offset":%d,"limit":%d,"items":[%b]}' % (len(rows), offset, limit, items)
 
+    async def findings_page_json_async(self, filters: DiversionFilters, *, offset: int, limit: int, sort: str = "code",
+                                       k: int | None = None) -> bytes:
+        """`findings_page_json` for the event loop: at once when the selection is cached, else
+        in a worker thread (judging a store takes seconds)."""
+        def page() -> bytes:
+            return self.findings_page_json(filters, offset=offset, limit=limit, sort=sort, k=k)
+
+        index_key, ttl = self._key("findings", k or self.k)
+        select_key, _ = self._key("select", k or self.k, filters, sort)
+        if _MISSING not in (self.results.peek(index_key, ttl), self.results.peek(select_key, ttl)):
+            return page()
+        return await to_thread.run_sync(page)
+
     def findings_csv(self, filters: DiversionFilters, sort: str = "code", k: int | None = None) -> str:
         """The findings as CSV (CSV_COLUMNS; the path as `party > party*`, `*` where the goods crossed)."""
         out = io.StringIO()
@@ -407,7 +420,7 @@ class ApiService:
         return report
 
 
-def current_service(request: Request) -> ApiService:
+async def current_service(request: Request) -> ApiService:
     """The application's service (a FastAPI dependency; see `Svc`)."""
     return request.app.state.service
 
