@@ -42,6 +42,7 @@ HOUR, DAY = 3_600, 86_400
 EPOCH_UNIX = 1_704_067_200  # 2024-01-01T00:00:00Z: generated times are seconds after it
 SCANS_PER_SCALE = 10_000
 CHUNK_UNITS = 250_000
+PLANT_EVENTS = 9_000_000_000  # event numbers of the planted stores (loaders/plant_analytics.py)
 
 ACTIONS = ("ship", "receive", "open", "scan")
 SHIP, RECEIVE, OPEN, SCAN = range(4)
@@ -1180,15 +1181,19 @@ def generate_dataset(out_dir: Path, *, scale: float = 1.0, seed: int = 0, fmt: s
         w.close()
         rows[name] = w.rows
 
+    from loaders.plant_analytics import plant  # its own seeded stream: the rest is unchanged
+
+    plants = plant(np.random.default_rng([seed, 6]), world, plan, PLANT_EVENTS)
     for name, builder in (("regions", _regions_table), ("parties", _parties_table),
                           ("products", _products_table)):
         table, reasons = builder(world, n_bad)
-        write_whole(name, table)
+        extra = {"regions": plants.regions, "parties": plants.parties}.get(name)
+        write_whole(name, table if extra is None else pa.concat_tables([table, extra]))
         bad[name] = reasons
 
     ref_table, super_users, ref_noise, bad["referrals"] = _referrals(rng, world, plan, scale,
                                                                      noise, n_bad)
-    write_whole("referrals", ref_table)
+    write_whole("referrals", pa.concat_tables([ref_table, plants.referrals]))
 
     # codes and scans, chunk by chunk
     batches, produced = [], []
@@ -1236,6 +1241,10 @@ def generate_dataset(out_dir: Path, *, scale: float = 1.0, seed: int = 0, fmt: s
             progress(scans_w.rows)
     if carry is not None:
         scans_w.write(carry)
+    codes_w.write(plants.codes)
+    scans_w.write(plants.scans)
+    for units, crossing in plants.diverted:
+        answers.diverted(units, "a", 0, plants.diverter, plants.diverter, crossing)
     codes_w.close()
     scans_w.close()
     rows["codes"], rows["scans"] = codes_w.rows, scans_w.rows
@@ -1252,7 +1261,8 @@ def generate_dataset(out_dir: Path, *, scale: float = 1.0, seed: int = 0, fmt: s
         "bad_reasons": bad_detail,
         "duplicates": dups,
         "expected_accepted": {t: rows[t] - bad_rows[t] - dups[t] for t in TABLES},
-        "implicit_consumers": int(world.used_implicit.sum()),
+        "implicit_consumers": int(world.used_implicit.sum()) + plants.consumers,
+        **plants.answers,
     }
     counts = _write_answers(out_dir / "answers.json", summary, world, answers, super_users,
                             ref_noise)

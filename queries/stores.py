@@ -9,8 +9,9 @@ registered in the same region at `peer_level`. Abnormal, in both directions:
   and of the window's sell-in among the peers (at least `min_peers` stores with sales);
   flagged when |z| >= `z_threshold`.
 - *history*: the window's weekly sell-out against the store's weekly sell-out in the
-  `history_weeks` weeks before the window: z = (x - median) / max(1.4826 MAD, sqrt(median), 1);
-  judged only for stores that took in goods before that history began.
+  `history_weeks` weeks before the window: z = (x - median) / (max(1.4826 MAD, sqrt(median), 1)
+  / sqrt(window weeks)), the window's rate being a mean over its weeks;
+  judged only for stores with sell-out in every one of those weeks (established stores).
 - *diversion*: at least `sink_share` of the store's sell-in (and at least 3 units) is
   diverted goods: a diversion sink.
 """
@@ -111,7 +112,6 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
     frame["diverted_in"] = count(sin[sin["diverted"]], "store")
     frame["sell_out"] = count(sout, "store")
     frame["sell_out_window"] = count(sout[sout["ts"] > window_start], "store")
-    first_in = sin.groupby("store")["ts"].min().reindex(frame.index)
 
     by_region = frame.groupby("peer_region", dropna=False)[["sell_in", "sell_out"]].transform("sum")
     rate = (by_region["sell_out"] / by_region["sell_in"].where(by_region["sell_in"] > 0)).clip(upper=1.0)
@@ -140,11 +140,11 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
     week_of = ((history["ts"] - history_start) // (7 * DAY)).astype(int)
     weekly = pd.crosstab(history["store"], week_of).reindex(columns=range(history_weeks), fill_value=0)
     for store_id, row in weekly.iterrows():
-        if store_id not in frame.index or not first_in.get(store_id) <= history_start:
-            continue
         counts = row.to_numpy(float)
+        if store_id not in frame.index or not counts.all():
+            continue
         median = float(np.median(counts))
-        scale = max(1.4826 * float(np.median(np.abs(counts - median))), math.sqrt(median), 1.0)
+        scale = max(1.4826 * float(np.median(np.abs(counts - median))), math.sqrt(median), 1.0) / math.sqrt(weeks)
         current = frame.at[store_id, "sell_out_window"] / weeks
         z = (current - median) / scale
         if abs(z) >= z_threshold:
