@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / ".." / "shared" / "epcis-examples"
 PAIRS = ("ObjectEvent", "AggregationEvent", "TransactionEvent", "TransformationEvent", "Combination_of_different_event")
 CONTEXT = "https://ref.gs1.org/standards/epcis/epcis-context.jsonld"
+CLI = str(Path(sys.executable).with_name("channelgraph"))  # the console script, as users run it
 
 pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="../shared/epcis-examples is not checked out beside the repo")
 
@@ -99,6 +100,16 @@ def test_identifier_spellings_have_one_form(spelling, canonical):
 ])
 def test_vocabulary_spellings_have_one_form(spelling, word):
     assert vocabulary(spelling) == word
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import loaders.epcis
+    import loaders.epcis_export
+
+    for module in (loaders.epcis, loaders.epcis_export):
+        assert doctest.testmod(module).failed == 0
 
 
 def test_json_ld_curies_expand_with_the_document_context(tmp_path):
@@ -512,15 +523,18 @@ def test_exported_evidence_chain_loads_back_to_the_same_finding(channel, make_st
     assert reloaded.diversion.severity == "confirmed" and reloaded.diversion.responsible == "D"
 
 
-def test_export_command_writes_the_document(channel, tmp_path):
-    store, _ = channel
-    if not hasattr(store, "path"):
-        pytest.skip("the CLI round trip runs once, on the embedded store")
+def test_export_command_writes_the_document(tmp_path):
+    from graph.embedded import EmbeddedStore
+
+    store = EmbeddedStore(tmp_path / "store")
+    folder = _dataset(tmp_path / "d", documents={"channel.jsonld": channel_document()}, regions=REGIONS, parties=PARTIES)
+    load_dataset(store, folder, rejects_dir=tmp_path / "rejects")
+    store.close()
     out = tmp_path / "finding.jsonld"
-    done = subprocess.run([sys.executable, "-m", "api.cli", "export", "epcis", canonical_id(U1), "--store", str(store.path),
+    done = subprocess.run([CLI, "export", "epcis", canonical_id(U1), "--store", str(store.path),
                            "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["cg:finding"]["code"] == canonical_id(U1)
-    missing = subprocess.run([sys.executable, "-m", "api.cli", "export", "epcis", canonical_id(U1) + "x", "--store",
+    missing = subprocess.run([CLI, "export", "epcis", canonical_id(U1) + "x", "--store",
                               str(store.path)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert missing.returncode != 0 and missing.stderr.count("\n") == 1 and "unknown code" in missing.stderr
