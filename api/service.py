@@ -319,7 +319,7 @@ class ApiService:
 
         index_key, ttl = self._key("findings", k or self.k)
         select_key, _ = self._key("select", k or self.k, filters, sort)
-        if _MISSING not in (self.results.peek(index_key, ttl), self.results.peek(select_key, ttl)):
+        if self.results.peek(index_key, ttl) is not _MISSING and self.results.peek(select_key, ttl) is not _MISSING:
             return page()
         return await to_thread.run_sync(page)
 

@@ -126,6 +126,8 @@ def test_diversions_list_filters_and_pages(client):
     assert codes(since="2024-03-01T00:30:00Z") == ["J2", "K2", "K3", "K4"]
     assert codes(since="2024-03-01T00:30:00", until="2024-03-02T00:00:00Z") == ["J2", "K2"]
     assert codes(k=2, severity="suspected") == ["K4"]
+    again = client.get("/api/diversions", params={"limit": 1000})  # answered from the cache this time
+    assert again.status_code == 200 and again.json() == every
     page = client.get("/api/diversions", params={"offset": 2, "limit": 3, "sort": "-code"}).json()
     assert (page["total"], page["offset"], page["limit"]) == (len(DIVERTED), 2, 3)
     assert [f["code"] for f in page["items"]] == sorted(DIVERTED, reverse=True)[2:5]
