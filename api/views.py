@@ -9,6 +9,9 @@ Graphs are built here in Python (nodes shaped and coloured by kind, positions co
 by a layered or tree layout, physics off), so big graphs draw at once. At most
 `MAX_NODES` nodes are drawn: consumers are grouped per seller first, then the busiest
 nodes are kept, and the page says what was aggregated or left out.
+
+Another module's pages reuse this machinery: `render("its.html", ...)` with a template that
+extends base.html (its graphs go in `data["graphs"]`, drawn by views.js), and a link in `NAV`.
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ GROUP_CONSUMERS_ABOVE = 150  # flow graphs with more nodes draw consumers as one
 MAX_FINDINGS = 1000  # listed (with their path graphs) on the diversions page
 MAX_CASCADES = 10  # cascades embedded in an exported super-user page
 LABEL_LIMIT = 300  # above this many edges, edges carry no text label (hover still shows it)
-VIEWS = ("trace", "diversions", "influencers", "network")
+# The page header's links; another module with pages appends its own (href, label).
+NAV: list[tuple[str, str]] = [("/views/trace", "Trace"), ("/views/diversions", "Diversions"),
+                              ("/views/influencers", "Super users"), ("/views/network", "Network")]
 
 # Shape and colour per kind; `column` orders the layered F -> B -> b -> C layout.
 STYLES: dict[str, dict[str, Any]] = {
@@ -119,7 +124,7 @@ def render(template: str, *, title: str, data: dict, inline: bool, source: str, 
     text = _environment().get_template(template).render(
         title=title, inline=inline, assets=_inline_assets() if inline else None, static="/static",
         data_json=_json_for_script(payload), notes=list(notes), error=error, source=source,
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), views=VIEWS, styles=STYLES,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), nav=NAV, styles=STYLES,
         max_nodes=MAX_NODES, **context)
     return Page(text, status, error)
 
