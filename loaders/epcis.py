@@ -2,8 +2,8 @@
 
 `read_epcis(path)` reads one EPCIS 2.0 JSON/JSON-LD or XML, or EPCIS 1.2 XML document
 (EPCISDocument or EPCISQueryDocument) and returns `RawTable`s for `codes`, `scans`,
-`epcis_events` and `retractions`; `combine_epcis` then merges what several documents of one
-load say about the same code and maps locations to parties. Mapping:
+`epcis_events` and `retractions`; `combine_epcis` then merges what the documents of one
+load say about the same code and maps locations to parties and regions. Mapping:
 
 - every valid event is kept whole in `epcis_events` (its JSON form in `document`);
 - every EPC an event names becomes a `codes` row: level from the packaging the documents
@@ -14,7 +14,8 @@ load say about the same code and maps locations to parties. Mapping:
 - ObjectEvent (and the parent of an AggregationEvent) with bizStep shipping -> `ship`,
   receiving -> `receive`, unpacking -> `open`, retail_selling/consuming -> `scan`; the
   performing party is the bizLocation (else the readPoint), the counterparty the first
-  destination (ship) or source (receive) of type location, possessing_party, owning_party;
+  destination (ship) or source (receive) of type location, possessing_party, owning_party,
+  the region the one the readPoint (else the bizLocation) names, if any;
 - an errorDeclaration -> `retractions` rows for the event and every scan derived from it.
 
 Identifiers (EPC URNs, GS1 Digital Link URIs on any host, JSON-LD CURIEs) are written as
@@ -64,8 +65,8 @@ PARTY_TYPES = ("location", "possessing_party", "owning_party")  # counterparty p
 EPC_LISTS = ("epcList", "childEPCs", "inputEPCList", "outputEPCList")
 OUTPUT_TABLES = {
     "codes": ("code", "level", "parent_code", "sku", "batch", "produced_at"),
-    "scans": ("event_id", "code", "action", "party_id", "counterparty_id", "ts", "epcis_event_id",
-              "biz_step", "disposition", "biz_transactions"),
+    "scans": ("event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id", "epcis_event_id",
+              "biz_step", "disposition", "read_point", "biz_location", "biz_transactions"),
     "epcis_events": ("event_id", "event_type", "biz_step", "action", "event_time", "disposition",
                      "read_point", "biz_location", "document"),
     "retractions": ("event_id", "declared_at", "reason", "corrective_event_ids"),
@@ -77,8 +78,8 @@ _GTIN = re.compile(r"^https://id\.gs1\.org/01/(\d{14})")
 _SSCC = re.compile(r"^https://id\.gs1\.org/00/")
 _GLN_EXT = re.compile(r"^(https://id\.gs1\.org/414/\d{13})/254/.+$")
 GS1_PREFIX = "https://id.gs1.org/"
-OWN_URN = "urn:channelgraph:"  # codes and parties that are not GS1 identifiers, as `export epcis` writes them
-_OWN = re.compile(r"^urn:channelgraph:(?:code|party):(.+)$")
+OWN_URN = "urn:channelgraph:"  # codes, parties, regions, events that are not GS1 identifiers, as exports write them
+_OWN = re.compile(r"^urn:channelgraph:(?:code|party|region):(.+)$")
 _HASH_CURIES = {"gs1:": "https://gs1.org/voc/", "cbv:": "https://ref.gs1.org/cbv/"}
 _EPCIS_CONTEXT = "e532647e8eb371379b8b0e8602d8981c8566bc60f7351f22c76a5bc865962008.jsonld"
 # XML list containers and the element each item is written as.
@@ -510,7 +511,8 @@ def _tables(path: Path, events: list[_Event]) -> list[RawTable]:
                   "party_id": event.location("bizLocation") or event.location("readPoint"),
                   "counterparty_id": _counterparty(event, action), "ts": _utc(event.get("eventTime")),
                   "epcis_event_id": event_id, "biz_step": biz_step,
-                  "disposition": event.term(event.get("disposition")),
+                  "disposition": event.term(event.get("disposition")), "read_point": event.location("readPoint"),
+                  "biz_location": event.location("bizLocation"),
                   "biz_transactions": _joined(f"{t}:{v}" if t else v
                                               for t, v in event.typed("bizTransactionList", "bizTransaction")),
                   **where}
@@ -639,10 +641,12 @@ def combine_epcis(documents: list[list[RawTable]], raw: dict[str, list[RawTable]
       level for a stored code: a document that only observes a code cannot tell a case from
       a unit), other values from the first document that gives them; none for a code a
       `codes` table of this load defines;
-    - each location replaced by the party that names it in its `gln` or `sgln` column
-      (`|`-separated; any spelling of the GLN/SGLN), in this load's or the stored parties
-      (the first one naming a location wins). A location with a /254/ extension falls back
-      to its site's GLN.
+    - each party location (bizLocation, else readPoint; source, destination) replaced by
+      the party whose id it is or whose `gln`/`sgln` column names it (`|`-separated, any
+      spelling of the GLN/SGLN), in this load's or the stored parties;
+    - `region_id` = the region the readPoint, else the bizLocation, names the same way in
+      the regions tables (else none: the party's region applies).
+    A location with a /254/ extension that nothing names falls back to its site.
     """
     by_table: dict[str, list[RawTable]] = {}
     for tables in documents:
@@ -654,12 +658,19 @@ def combine_epcis(documents: list[list[RawTable]], raw: dict[str, list[RawTable]
     if "codes" in by_table:
         out.append(_merged_codes(by_table["codes"], raw.get("codes", []), known))
     parties = [t.data for t in raw.get("parties", [])] + ([known.parties()] if known is not None else [])
-    aliases = _location_aliases(parties)
+    regions = [t.data for t in raw.get("regions", [])] + ([known.regions()] if known is not None else [])
+    party_of, region_of = _aliases(parties, "party_id"), _aliases(regions, "region_id")
     for table in by_table.get("scans", []):
         data = table.data
-        for column in ("party_id", "counterparty_id"):
-            values = [_party_of(v, aliases) for v in data.column(column).to_pylist()]
-            data = data.set_column(data.column_names.index(column), column, pa.array(values, pa.string()))
+        columns = {name: data.column(name).to_pylist() for name in ("party_id", "counterparty_id", "read_point", "biz_location")}
+        resolved = {
+            "party_id": [_named(v, party_of) or v for v in columns["party_id"]],
+            "counterparty_id": [_named(v, party_of) or v for v in columns["counterparty_id"]],
+            "region_id": [_named(r, region_of) or _named(b, region_of)
+                          for r, b in zip(columns["read_point"], columns["biz_location"])],
+        }
+        for name, values in resolved.items():
+            data = data.set_column(data.column_names.index(name), name, pa.array(values, pa.string()))
         out.append(RawTable("scans", data, table.rejects))
     return out
 
@@ -706,23 +717,31 @@ def _merged_codes(tables: list[RawTable], loaded: list[RawTable], known: Store |
     return RawTable("codes", pa.table(columns), rejects)
 
 
-def _location_aliases(parties: list[pa.Table]) -> dict[str, str]:
+def _aliases(tables: list[pa.Table], key: str) -> dict[str, str]:
+    """Location -> the `key` of the row that names it: by its own id, or in its `gln`/`sgln`
+    column (`|`-separated, any spelling). The first row naming a location wins."""
     aliases: dict[str, str] = {}
-    for data in parties:
+    for data in tables:
+        if key not in data.column_names:
+            continue
+        ids = data.column(key).to_pylist()
+        for name in ids:
+            if name:
+                aliases.setdefault(name, name)
         for column in ("gln", "sgln"):
-            if column not in data.column_names or "party_id" not in data.column_names:
-                continue
-            for party, names in zip(data.column("party_id").to_pylist(), data.column(column).to_pylist()):
-                for name in (names or "").split("|"):
-                    if party and name.strip():
-                        aliases.setdefault(canonical_id(name), party)
+            if column in data.column_names:
+                for row_id, names in zip(ids, data.column(column).to_pylist()):
+                    for name in (names or "").split("|"):
+                        if row_id and name.strip():
+                            aliases.setdefault(canonical_id(name), row_id)
     return aliases
 
 
-def _party_of(location: str | None, aliases: dict[str, str]) -> str | None:
-    if location is None or not aliases:
-        return location
+def _named(location: str | None, aliases: dict[str, str]) -> str | None:
+    """What `aliases` calls `location` (a /254/ sub-location: what it calls the site), or None."""
+    if location is None:
+        return None
     if location in aliases:
         return aliases[location]
     site = _GLN_EXT.match(location)
-    return aliases.get(site.group(1), location) if site else location
+    return aliases.get(site.group(1)) if site else None

@@ -1,16 +1,18 @@
-"""Write a diversion finding's evidence chain as an EPCIS 2.0 JSON-LD document.
+"""Write channelgraph events as EPCIS 2.0 JSON-LD documents (the inverse of `loaders.epcis`).
 
-The document holds one AggregationEvent (ADD, packing) per packaging link from the unit up
-to its outermost code, then one ObjectEvent per hop of the custody path: ship -> shipping,
-receive -> receiving, open -> unpacking, scan -> retail_selling; the performing party is the
-bizLocation, the counterparty the destination (ship) or source (receive) of type location.
-channelgraph's own facts ride along as `cg:` extensions (`cg:finding` on the document;
-`cg:eventId`, `cg:region`, `cg:toRegion`, `cg:crossed` on each hop). Codes and parties that
-are not GS1 identifiers are written as `urn:channelgraph:code:...` / `urn:channelgraph:party:...`,
-which `loaders.epcis` reads back as the plain id, so an exported chain loads again.
+`scans_document` writes canonical scans: one AggregationEvent (ADD, packing) per packaging
+link given, then one ObjectEvent per scan: ship -> shipping, receive -> receiving, open ->
+unpacking, scan -> retail_selling; the party is the bizLocation, the event's region (if
+any) the readPoint, the counterparty the destination (ship) or source (receive) of type
+location, the scan's event_id the eventID. `finding_document` writes a diversion finding's
+evidence chain that way. channelgraph's own facts ride along as `cg:` extensions. Codes,
+parties, regions and events that are not GS1 identifiers are written as
+`urn:channelgraph:{code,party,region,event}:...`; `loaders.epcis` reads the first three
+back as the plain id, so an exported document loads again into the same graph.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -37,36 +39,48 @@ def identifier(kind: str, value: str) -> str:
     return f"{OWN_URN}{kind}:{quote(value, safe='')}"
 
 
-def finding_document(finding: DiversionFinding, ancestors: list[str], *, created: datetime | None = None) -> dict[str, Any]:
-    """The EPCIS 2.0 document of `finding`; `ancestors` is the unit's packaging chain,
-    parent first (as `queries.trace.TraceResult.ancestors`)."""
-    first = min((hop.ts for hop in finding.path), default=finding.crossing_ts)
-    chain = [finding.code, *ancestors]
+def scans_document(scans: Iterable[dict[str, Any]], *, packaging: Iterable[tuple[str, str, Any]] = (),
+                   header: dict[str, Any] | None = None, created: datetime | None = None) -> dict[str, Any]:
+    """An EPCIS 2.0 document of canonical `scans` (dicts with code, action, party_id, ts and
+    optionally event_id, counterparty_id, region_id, and `cg:`-prefixed extension values),
+    after the `packaging` links (child, parent, time); `header` adds document-level fields."""
     packing = [{
-        "type": "AggregationEvent", "eventTime": first, "eventTimeZoneOffset": "+00:00",
+        "type": "AggregationEvent", "eventTime": iso(ts), "eventTimeZoneOffset": "+00:00",
         "parentID": identifier("code", parent), "childEPCs": [identifier("code", child)],
         "action": "ADD", "bizStep": "packing",
-    } for child, parent in zip(chain, chain[1:])]
-    hops = []
-    for hop in finding.path:
+    } for child, parent, ts in packaging]
+    events = []
+    for scan in scans:
         event: dict[str, Any] = {
-            "type": "ObjectEvent", "eventTime": hop.ts, "eventTimeZoneOffset": "+00:00",
-            "epcList": [identifier("code", hop.code)], "action": "OBSERVE", "bizStep": BIZ_STEPS[hop.action],
+            "type": "ObjectEvent", "eventTime": iso(scan["ts"]), "eventTimeZoneOffset": "+00:00",
+            "eventID": f"{OWN_URN}event:{quote(scan['event_id'], safe='')}" if scan.get("event_id") else None,
+            "epcList": [identifier("code", scan["code"])], "action": "OBSERVE", "bizStep": BIZ_STEPS[scan["action"]],
+            "readPoint": {"id": identifier("region", scan["region_id"])} if scan.get("region_id") else None,
+            "bizLocation": {"id": identifier("party", scan["party_id"])},
         }
-        if hop.party_id:
-            event["bizLocation"] = {"id": identifier("party", hop.party_id)}
-        if hop.counterparty_id and hop.action in ("ship", "receive"):
-            name = "destination" if hop.action == "ship" else "source"
-            event[f"{name}List"] = [{"type": "location", name: identifier("party", hop.counterparty_id)}]
-        event.update({"cg:eventId": hop.event_id, "cg:region": hop.region_id, "cg:toRegion": hop.to_region_id,
-                      "cg:crossed": hop.crossed})
-        hops.append({k: v for k, v in event.items() if v is not None})
-    summary = finding.model_dump(exclude={"path"})
+        counterparty = scan.get("counterparty_id")
+        if counterparty and scan["action"] in ("ship", "receive"):
+            name = "destination" if scan["action"] == "ship" else "source"
+            event[f"{name}List"] = [{"type": "location", name: identifier("party", counterparty)}]
+        event.update({k: v for k, v in scan.items() if k.startswith("cg:")})
+        events.append({k: v for k, v in event.items() if v is not None})
     return {
         "@context": [EPCIS_CONTEXT, {"cg": OWN_URN}],
         "type": "EPCISDocument",
         "schemaVersion": "2.0",
         "creationDate": iso(created or datetime.now(timezone.utc)),
-        "cg:finding": summary,
-        "epcisBody": {"eventList": packing + hops},
+        **(header or {}),
+        "epcisBody": {"eventList": packing + events},
     }
+
+
+def finding_document(finding: DiversionFinding, ancestors: list[str], *, created: datetime | None = None) -> dict[str, Any]:
+    """The evidence chain of `finding` as an EPCIS 2.0 document: the unit's packaging
+    (`ancestors`, parent first, as `queries.trace.TraceResult.ancestors`) and its custody
+    path, with the finding as `cg:finding` and each hop's `cg:toRegion` and `cg:crossed`."""
+    first = min((hop.ts for hop in finding.path), default=finding.crossing_ts)
+    chain = [finding.code, *ancestors]
+    hops = [{**hop.model_dump(include={"event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id"}),
+             "cg:toRegion": hop.to_region_id, "cg:crossed": hop.crossed} for hop in finding.path]
+    return scans_document(hops, packaging=[(child, parent, first) for child, parent in zip(chain, chain[1:])],
+                          header={"cg:finding": finding.model_dump(exclude={"path"})}, created=created)

@@ -480,6 +480,37 @@ def test_epcis_1_2_base_extension_carries_event_id_and_error_declaration():
     assert {r["event_id"] for r in tables["retractions"]} - set(ids) <= scan_ids  # and the scans derived from it
 
 
+@pytest.mark.slow
+def test_a_generated_scenario_as_epcis_gives_the_same_diversions(tmp_path):
+    """Ground truth from a generated scenario: its accepted scans, written as one EPCIS
+    document and loaded with the other tables, give exactly the findings of the tables."""
+    from graph.embedded import EmbeddedStore
+    from loaders.epcis_export import scans_document
+    from loaders.generate import generate_dataset
+
+    generated = tmp_path / "generated"
+    generate_dataset(generated, scale=1, seed=11)
+    tables = EmbeddedStore(tmp_path / "tables")
+    load_dataset(tables, generated, rejects_dir=tmp_path / "r1")
+    scans = tables.table("scans").select(["event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id"])
+    folder = tmp_path / "epcis"
+    folder.mkdir()
+    for path in generated.glob("*.csv"):
+        if not path.name.startswith("scans"):
+            (folder / path.name).symlink_to(path)
+    (folder / "scans.jsonld").write_text(json.dumps(scans_document(scans.to_pylist())))
+    documents = EmbeddedStore(tmp_path / "documents")
+    report = load_dataset(documents, folder, rejects_dir=tmp_path / "r2")
+    assert (report.accepted["scans"], report.rejected["scans"]) == (scans.num_rows, 0)
+
+    def findings(store) -> set[tuple]:  # noqa: ANN001
+        return {(f.code, f.responsible, f.severity, f.crossing_ts, f.crossing_party, f.crossing_region, f.exit_via)
+                for f in find_diversions(store)}
+
+    expected = findings(tables)
+    assert len(expected) > 10 and findings(documents) == expected
+
+
 # ---------------------------------------------------------------- bad documents
 
 
