@@ -432,6 +432,21 @@ def test_a_later_document_that_only_observes_a_case_keeps_its_level(store, tmp_p
     assert [h.action for h in trace(store, canonical_id(U1)).path] == ["ship"]
 
 
+def test_read_point_names_the_region_of_a_scan(store, tmp_path):
+    """A readPoint (else bizLocation) that the regions master data names gives the scan's
+    region; one it does not name leaves the region to the party's."""
+    regions = [{**r, "sgln": "urn:epc:id:sgln:0614141.00009.0" if r["region_id"] == "ZJ" else ""} for r in REGIONS]
+    sold = [_event("ObjectEvent", "2024-03-05T12:00:00Z", epcs=[code], biz_step="retail_selling", biz_location=S_SITE,
+                   read_point=point) for code, point in ((U1, "https://id.gs1.org/414/0614141000098"), (U2, S_SITE))]
+    commissioned = _event("ObjectEvent", "2024-03-01T08:00:00Z", epcs=[U1, U2], action="ADD", biz_step="commissioning",
+                          read_point=F_SITE)
+    folder = _dataset(tmp_path / "d", documents={"sold.json": _document([commissioned, *sold])}, regions=regions,
+                      parties=PARTIES)
+    assert load_dataset(store, folder, rejects_dir=tmp_path / "r").rejects_path is None
+    assert [(e["party_id"], e["region_id"]) for e in trace(store, canonical_id(U1)).events] == [("S", "ZJ")]
+    assert [(e["party_id"], e["region_id"]) for e in trace(store, canonical_id(U2)).events] == [("S", None)]
+
+
 @pytest.mark.parametrize("kind, biz_step, action, scanned", [
     ("ObjectEvent", "shipping", "OBSERVE", [(U1, "ship")]),
     ("ObjectEvent", "receiving", "OBSERVE", [(U1, "receive")]),
