@@ -67,7 +67,7 @@ def plant(rng: np.random.Generator, w: gen._World, plan: gen._Plan, first_event:
         {"party_id": s, "kind": "store", "name": f"{gen._pinyin(rng)} 便利店 ({kind.replace('_', ' ')})",
          "region_id": region_id, "upstream_id": dist_id} for s, kind in zip(store_ids, KINDS)])
 
-    window_start = (WEEKS - WINDOW_WEEKS) * 7 * gen.DAY
+    as_of, window_start = WEEKS * 7 * gen.DAY, (WEEKS - WINDOW_WEEKS) * 7 * gen.DAY
     codes, scans, diverted_cases = [], [], []
     pallet, case, unit, event = len(plan.pal_sku), len(plan.case_pal), plan.n_units, first_event
     consumers: list[str] = []
@@ -129,6 +129,8 @@ def plant(rng: np.random.Generator, w: gen._World, plan: gen._Plan, first_event:
                         if kind == "sudden_stop" and ts > window_start:
                             continue
                         scanned.setdefault(store_id, []).append((u, ts, w.skus[sku], diverted))
+                        if ts > as_of:  # scanned, but after the analysis time
+                            continue
                         stat["sell_out"] += 1
                         stat["sell_out_window"] += int(ts > window_start)
                         key = "diverted_scans_by_sku" if diverted else "scans_by_sku"
@@ -156,14 +158,14 @@ def plant(rng: np.random.Generator, w: gen._World, plan: gen._Plan, first_event:
     retained, bulk, related, referrer, referee = (consumer() for _ in range(5))
     buy(retained, a_units[0])
     buy(retained, a_units[-1])  # weeks apart: two days
-    first_bulk = a_units[1][1]
+    first_bulk = max(x[1] for x in a_units[2: 2 + BULK_UNITS])  # all six delivered by then
     for item in a_units[2: 2 + BULK_UNITS]:
-        buy(bulk, item, first_bulk)  # six units on one day
+        buy(bulk, item, first_bulk)  # six units at once
     buy(related, a_units[8])
     buy(related, b_units[0])
     t_ref = buy(referrer, a_units[9])
     referrals.append({"referrer_id": referrer, "referee_id": referee, "ts": gen._iso_z(t_ref + gen.HOUR), "channel": "share"})
-    buy(referee, next(x for x in b_units if x[1] > t_ref + gen.HOUR))
+    buy(referee, next(x for x in b_units if x[1] > t_ref + gen.HOUR and x[0] not in used))
     prospect, lone = consumer(), consumer()
     referrals.append({"referrer_id": lone, "referee_id": prospect, "ts": gen._iso_z(t_ref + 2 * gen.HOUR), "channel": "share"})
     stages.update({retained: "retained", bulk: "revenue", related: "related", referrer: "referral",
@@ -179,9 +181,8 @@ def plant(rng: np.random.Generator, w: gen._World, plan: gen._Plan, first_event:
     stages.update({who: "activated" for who in activated[:50]})
     stages[lone] = "activated"
 
-    as_of = gen._iso_z(WEEKS * 7 * gen.DAY)
     answers = {
-        "store_health": {"as_of": as_of, "window_days": 7 * WINDOW_WEEKS, "history_weeks": HISTORY_WEEKS,
+        "store_health": {"as_of": gen._iso_z(as_of), "window_days": 7 * WINDOW_WEEKS, "history_weeks": HISTORY_WEEKS,
                          "peer_level": "district", "stores": [{"store": s, "kind": k, **stats[s]}
                                                              for s, k in zip(store_ids, KINDS)]},
         "lifecycle": {"bulk_units": BULK_UNITS, "stages": stages},

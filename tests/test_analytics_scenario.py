@@ -1,0 +1,105 @@
+"""A generated scenario scores the analyses: the planted stores, consumer stages and rebate
+counts of answers.json (loaders/plant_analytics.py) are recovered, on every store."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from graph.settings import Settings
+from graph.store import open_store
+from loaders.generate import generate_dataset
+from loaders.ingest import load_dataset
+from queries.consumers import lifecycle
+from queries.rebates import load_policy, rebates
+from queries.regions import region_sell_through
+from queries.sales import sales_facts
+from queries.stores import store_health
+from tests.conftest import _wipe_neo4j
+
+EXPECTED_FLAGS = {"steady": set(), "stuffing": {("peers", "sell_in_window", "high")},
+                  "sudden_stop": {("history", "weekly_sell_out", "low")},
+                  "diversion_sink": {("diversion", "diverted_share", "high")}}
+POLICY = load_policy(Path(__file__).parents[1] / "docs" / "policy.example.toml")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("analytics-scenario")
+    generate_dataset(folder, scale=0.2, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("neo4j", marks=pytest.mark.neo4j)])
+def scenario(request, dataset: Path, tmp_path_factory):
+    if request.param == "neo4j":
+        uri = request.getfixturevalue("neo4j_uri")
+        _wipe_neo4j(uri)
+        store = open_store(Settings(neo4j=uri, neo4j_password=None))
+    else:
+        store = open_store(Settings(store=tmp_path_factory.mktemp("store") / "store"))
+    load_dataset(store, dataset, rejects_dir=tmp_path_factory.mktemp("rejects"))
+    yield store, json.loads((dataset / "answers.json").read_text())
+    store.close()
+
+
+def test_planted_stores_are_measured_and_flagged(scenario):
+    store, answers = scenario
+    plan = answers["store_health"]
+    health = {h.store_id: h for h in store_health(store, as_of=plan["as_of"], window_days=plan["window_days"],
+                                                  history_weeks=plan["history_weeks"], peer_level=plan["peer_level"])}
+    for planted in plan["stores"]:
+        got = health[planted["store"]]
+        for key in ("sell_in", "sell_in_window", "sell_out", "sell_out_window", "diverted_in"):
+            assert getattr(got, key) == planted[key], (planted["kind"], key)
+        flags = {(f.basis, f.metric, f.direction) for f in got.flags}
+        expected = EXPECTED_FLAGS[planted["kind"]]
+        assert expected <= flags and (flags or not expected), (planted["kind"], flags)
+        if planted["kind"] == "steady":
+            assert not flags
+    # every store flagged as a diversion sink took in goods that answers.json lists as diverted
+    planted_diversions = {d["code"] for d in answers["diversions"]}
+    facts = sales_facts(store, as_of=plan["as_of"])
+    for h in health.values():
+        if any(f.basis == "diversion" for f in h.flags):
+            mine = facts.sell_in[(facts.sell_in["store"] == h.store_id) & facts.sell_in["diverted"]]
+            assert set(mine["code"]) <= planted_diversions
+
+
+def test_planted_consumer_stages(scenario):
+    store, answers = scenario
+    planted = answers["lifecycle"]["stages"]
+    got = {c.party_id: c.stage for c in lifecycle(store, bulk_units=answers["lifecycle"]["bulk_units"])}
+    assert {p: got[p] for p in planted} == planted
+
+
+def test_rebates_of_the_planted_stores(scenario):
+    store, answers = scenario
+    plan = answers["store_health"]
+    report = rebates(store, policy=POLICY, as_of=plan["as_of"])
+    owed = {(t.role, t.party_id): 0.0 for t in report.totals}
+    withheld = dict(owed)
+    for t in report.totals:
+        owed[(t.role, t.party_id)] += t.owed
+        withheld[(t.role, t.party_id)] += t.withheld
+    for planted in plan["stores"]:
+        want_owed = sum(n * POLICY.amount(sku, "store") for sku, n in planted["scans_by_sku"].items())
+        want_withheld = sum(n * POLICY.amount(sku, "store") for sku, n in planted["diverted_scans_by_sku"].items())
+        key = ("store", planted["store"])
+        assert (round(owed[key], 2), round(withheld[key], 2)) == (round(want_owed, 2), round(want_withheld, 2))
+    sink = next(p for p in plan["stores"] if p["kind"] == "diversion_sink")
+    lines = [line for line in report.withheld_lines if line.role == "store" and line.party_id == sink["store"]]
+    assert len(lines) == sink["diverted_scans"] and all(line.severity == "confirmed" for line in lines)
+
+
+def test_regions_account_for_every_diversion_and_sale(scenario):
+    store, answers = scenario
+    report = region_sell_through(store, level="province", period="month")
+    diverted = len(answers["diversions"])
+    assert sum(r.diversions_in for r in report.rows) == sum(r.diversions_out for r in report.rows) == diverted
+    assert sum(cell.units for cell in report.matrix) == diverted
+    facts = sales_facts(store)
+    assert sum(r.units_in for r in report.rows) == len(facts.sell_in)
+    assert sum(r.scanned for r in report.rows) == facts.sell_out["region_id"].notna().sum()
+    assert all(r.active_stores <= r.stores for r in report.rows)
