@@ -76,18 +76,21 @@ class Memo:
             return value
         with self._lock:
             gate = self._gates.setdefault(key, threading.Lock())
-        with gate:
-            value = self.peek(key, ttl)
-            if value is not _MISSING:
-                return value
-            value = compute()
+        try:
+            with gate:
+                value = self.peek(key, ttl)
+                if value is not _MISSING:
+                    return value
+                value = compute()
+                with self._lock:
+                    self._data[key] = (time.monotonic(), value)
+                    self._data.move_to_end(key)
+                    while len(self._data) > self.maxsize:
+                        self._data.popitem(last=False)
+            return value
+        finally:  # also when compute raised (an unknown code must not leave a gate behind)
             with self._lock:
-                self._data[key] = (time.monotonic(), value)
-                self._data.move_to_end(key)
-                while len(self._data) > self.maxsize:
-                    self._data.popitem(last=False)
                 self._gates.pop(key, None)
-        return value
 
     async def aget(self, key: Hashable, compute: Callable[[], T], ttl: float | None = None) -> T:
         """`get` for the event loop: a hit answers at once, a miss computes in a worker thread."""
@@ -196,6 +199,7 @@ class ApiService:
         self.generation = 0
         self.traces = Memo(trace_cache)
         self.results = Memo(512)
+        self.pages = Memo(16)
         self._write_lock = threading.Lock()
         self._checked_at = time.monotonic()
 
@@ -240,10 +244,17 @@ class ApiService:
             return (str(store.version), self.generation, *parts), None  # type: ignore[attr-defined]
         return ("ttl", self.generation, *parts), self.cache_ttl
 
+    def cached(self, compute: Callable[[], T], *key: Hashable, large: bool = False) -> T:
+        """`compute()`, remembered under `key` for the current store version (or the TTL).
+        `large` answers (whole pages, megabytes) go to a small memo of their own."""
+        versioned, ttl = self._key(*key)
+        return (self.pages if large else self.results).get(versioned, compute, ttl)
+
     def invalidate(self) -> None:
         self.generation += 1
         self.traces.clear()
         self.results.clear()
+        self.pages.clear()
 
     def close(self) -> None:
         if self.owns_store:

@@ -471,7 +471,14 @@ def trace_page(svc: ApiService, code: str | None, *, k: int | None = None, inlin
 def diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str = "-crossing_ts", k: int | None = None,
                     inline: bool = False, query: str = "") -> Page:
     """The findings (sortable, filterable; click one for its path graph) and the
-    territory-to-region flow of diverted units."""
+    territory-to-region flow of diverted units. Cached per store version: it embeds up to
+    MAX_FINDINGS path graphs."""
+    return svc.cached(lambda: _diversions_page(svc, filters, sort=sort, k=k, inline=inline, query=query),
+                      "page:diversions", filters, sort, k, inline, query, large=True)
+
+
+def _diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str, k: int | None, inline: bool,
+                     query: str) -> Page:
     try:
         findings = svc.findings(filters, sort, k)
         groups = svc.diversion_groups(filters, "region-pair", k)
