@@ -8,9 +8,10 @@ Layout of a store folder::
     .lock              held while a load writes
 
 A load writes a complete new version folder next to the live one and then swaps
-`CURRENT`; a load interrupted at any point leaves the previous version live, and its
-half-written folder is removed by the next load. Tables are memory-mapped when read, so
-re-opening a store costs milliseconds whatever its size.
+`CURRENT`; a load interrupted at any point leaves the previous version live, and the
+folders it leaves behind (half-written or superseded) are removed by the next load.
+Tables are memory-mapped when read, so re-opening a store costs milliseconds whatever
+its size.
 
 Derived columns written with each version (never loaded from input):
 `codes.parent_idx` (row of the parent code, -1 for none), `codes.unit_count` (units
@@ -20,14 +21,16 @@ sorted by `code`; `scans` by code row, then event order.
 """
 from __future__ import annotations
 
+import bisect
 import fcntl
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 MASTER_TABLES = ("regions", "products", "parties", "codes", "epcis_events", "retractions")
 DERIVED_COLUMNS = ("parent_idx", "unit_count", "code_idx", "event_order", "retracted")
 _TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": TS_TYPE}
+_FEW = 256  # up to this many keys are looked up one by one instead of by a hash join
 
 
 def empty_table(name: str) -> pa.Table:
@@ -66,7 +70,7 @@ class EmbeddedStore:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.uri = str(self.path)
-        self._cache: dict[str, pa.Table] = {}
+        self._cache: dict[str, Any] = {}  # tables, and arrays and indexes derived from them
         self.version = self._live_version()
 
     # ------------------------------------------------------------ reading
@@ -89,7 +93,9 @@ class EmbeddedStore:
             else:
                 try:
                     with pa.memory_map(str(path)) as source:
-                        self._cache[name] = pa.ipc.open_file(source).read_all()
+                        table = pa.ipc.open_file(source).read_all()
+                    # Versions are written as one batch (zero-copy here); older ones are combined once.
+                    self._cache[name] = table if table.num_rows == 0 or table.column(0).num_chunks == 1 else table.combine_chunks()
                 except (OSError, pa.ArrowInvalid) as exc:
                     raise StoreError(f"{path}: unreadable store table: {exc}") from exc
         return self._cache[name]
@@ -98,6 +104,9 @@ class EmbeddedStore:
         data = self.table(table)
         if data.num_rows == 0 or len(keys) == 0:
             return data.slice(0, 0)
+        if table == "codes" and len(keys) <= _FEW:
+            rows = self.code_rows(keys.to_pylist())
+            return data.take(pa.array(np.unique(rows[rows >= 0])))
         key = TABLES[table].key[0] if TABLES[table].key else "task_id"
         return data.filter(pc.is_in(data.column(key), value_set=keys))
 
@@ -110,41 +119,40 @@ class EmbeddedStore:
 
     def timelines(self, units: Sequence[str] | None = None) -> Timeline:
         """Timelines of the given codes (any level; unknown ones are left out), or of every
-        unit when `units` is None."""
+        unit when `units` is None. Cost grows with the units asked for, not the store."""
         codes, scans = self.table("codes"), self.table("scans")
-        parent = codes.column("parent_idx").to_numpy()
-        level = encode(codes.column("level"), pa.array(LEVELS))
+        parent = self._numpy("codes", "parent_idx")
+        code_idx = self._numpy("scans", "code_idx")
         if units is None:
-            unit_rows = np.flatnonzero(level == 0)
+            unit_rows = np.flatnonzero(self._levels(None) == 0)
         else:
-            unit_rows = encode(pa.array(list(units), pa.string()), codes.column("code").combine_chunks())
+            unit_rows = self.code_rows(units)
             unit_rows = np.unique(unit_rows[unit_rows >= 0])
-        starts = np.searchsorted(scans.column("code_idx").to_numpy(), np.arange(codes.num_rows + 1))
-        counts = np.diff(starts)
         unit_parts, event_parts = [], []
         positions, ancestor = np.arange(len(unit_rows)), unit_rows.copy()
         case = np.full(len(unit_rows), -1, np.int64)
         lineage = [unit_rows]
         for _ in range(len(LEVELS)):
-            n = counts[ancestor]
+            probe = ancestor.astype(code_idx.dtype)  # same dtype, or numpy copies code_idx per call
+            first = np.searchsorted(code_idx, probe, "left")
+            n = np.searchsorted(code_idx, probe, "right") - first
             unit_parts.append(np.repeat(positions, n))
-            first = np.repeat(starts[ancestor] - np.cumsum(n) + n, n)
-            event_parts.append(first + np.arange(int(n.sum())))
+            event_parts.append(np.repeat(first - np.cumsum(n) + n, n) + np.arange(int(n.sum())))
             up = parent[ancestor]
             keep = up >= 0
             positions, ancestor = positions[keep], up[keep]
             if not len(ancestor):
                 break
-            is_case = (level[ancestor] == LEVELS.index("case")) & (case[positions] < 0)
+            is_case = (self._levels(ancestor) == LEVELS.index("case")) & (case[positions] < 0)
             case[positions[is_case]] = ancestor[is_case]
             full = np.full(len(unit_rows), -1, np.int64)
             full[positions] = ancestor
             lineage.append(full)
         unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int64)
         event = np.concatenate(event_parts) if event_parts else np.zeros(0, np.int64)
-        live = ~scans.column("retracted").to_numpy(zero_copy_only=False)[event]
+        live = ~self._numpy("scans", "retracted")[event]
         unit, event = unit[live], event[live]
-        order = scans.column("event_order").to_numpy()
+        order = self._numpy("scans", "event_order")
         rows = np.argsort(unit.astype(np.int64) * max(scans.num_rows, 1) + order[event], kind="stable")
         unit_table = pa.table({
             "code": pc.take(codes.column("code"), pa.array(unit_rows)),
@@ -154,29 +162,51 @@ class EmbeddedStore:
         })
         return Timeline(unit[rows].astype(np.int32), event[rows], unit_table, scans)
 
+    def code_rows(self, codes: Sequence[str]) -> np.ndarray:
+        """Rows of `codes` in the codes table, -1 for unknown ones. A few codes are found
+        by binary search (the table is sorted by code), many by one hash join."""
+        column = self.table("codes").column("code")
+        if len(codes) <= _FEW:
+            index = self._cached("_code_search", lambda: _SortedStrings(column))
+            return np.array([index.find(code) for code in codes], np.int64)
+        wanted = pa.array(list(codes), pa.string())
+        hit = pc.fill_null(pc.index_in(column, value_set=wanted), -1).to_numpy(zero_copy_only=False)
+        found = hit >= 0
+        rows = np.full(len(wanted), -1, np.int64)
+        rows[hit[found]] = np.flatnonzero(found)
+        return rows
+
+    def _levels(self, rows: np.ndarray | None) -> np.ndarray:
+        """Packaging rank (index in LEVELS) of the given code rows, or of every code."""
+        level = self.table("codes").column("level")
+        if rows is None:
+            return self._cached("_levels", lambda: encode(level, pa.array(LEVELS)))
+        return encode(pc.take(level, pa.array(rows)), pa.array(LEVELS))
+
+    def _numpy(self, table: str, column: str) -> np.ndarray:
+        """A derived numeric column of the live version as one numpy array (cached)."""
+        return self._cached(f"_np:{table}.{column}",
+                            lambda: self.table(table).column(column).to_numpy())
+
+    def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     def descendants(self, code: str) -> pa.Table:
         """Every code packed (directly or not) inside `code`: code, level, parent_code."""
         codes = self.table("codes")
-        children = self._children_index()
-        frontier = encode(pa.array([code], pa.string()), codes.column("code").combine_chunks())
+        starts, order = self._cached("_children", lambda: _children_index(self._numpy("codes", "parent_idx")))
+        frontier = self.code_rows([code])
         frontier = frontier[frontier >= 0]
         found = []
         for _ in range(len(LEVELS)):
-            frontier = np.concatenate([children[1][children[0][r]:children[0][r + 1]] for r in frontier]) if len(frontier) else frontier
+            frontier = np.concatenate([order[starts[r]:starts[r + 1]] for r in frontier]) if len(frontier) else frontier
             if not len(frontier):
                 break
             found.append(frontier)
         rows = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
         return codes.take(pa.array(rows)).select(["code", "level", "parent_code"])
-
-    def _children_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """CSR of children: rows of the children of code row r are order[starts[r]:starts[r+1]]."""
-        if "_children" not in self._cache:
-            parent = self.table("codes").column("parent_idx").to_numpy()
-            order = np.argsort(parent, kind="stable")
-            starts = np.searchsorted(parent[order], np.arange(len(parent) + 1))
-            self._cache["_children"] = (starts, order)  # type: ignore[assignment]
-        return self._cache["_children"]  # type: ignore[return-value]
 
     def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
         """Unit codes of a batch and/or SKU (inherited from packed-in codes); all if neither."""
@@ -230,13 +260,16 @@ class EmbeddedStore:
 
     def apply(self, validated: Validated) -> None:
         """Merge validated rows into a new version and make it live atomically."""
-        if not validated.changes_anything():
+        if not validated.changes_anything() and not self.path.is_dir():
             return
         with self._locked():
             self.version = self._live_version()
             self._cache.clear()
-            for stale in self.path.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in [*self.path.glob(".tmp-*"), *self.path.glob("v[0-9]*")]:  # left by a killed load
+                if stale != self.version:
+                    shutil.rmtree(stale, ignore_errors=True)
+            if not validated.changes_anything():
+                return
             tables = {name: self._merged(name, validated) for name in TABLES}
             tables["codes"] = _with_code_links(tables["codes"])
             tables["scans"] = _sorted_scans(tables["scans"], tables["codes"], tables["retractions"])
@@ -270,7 +303,7 @@ class EmbeddedStore:
             for name, table in tables.items():
                 path = tmp / f"{name}.arrow"
                 with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(table, max_chunksize=1 << 20)
+                    writer.write_table(table.combine_chunks())  # one batch: takes by row stay O(rows)
                 _fsync(path)
             _fsync(tmp)
             os.rename(tmp, final)
@@ -286,6 +319,36 @@ class EmbeddedStore:
         self._cache.clear()
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+
+
+class _SortedStrings:
+    """Binary search over a sorted string column of one or more chunks."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.chunks = column.chunks
+        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> str:
+        if len(self.chunks) == 1:
+            return self.chunks[0][i].as_py()
+        chunk = int(np.searchsorted(self.offsets, i, "right")) - 1
+        return self.chunks[chunk][i - int(self.offsets[chunk])].as_py()
+
+    def find(self, key: str) -> int:
+        """Row of `key`, or -1 (also for None)."""
+        if key is None:
+            return -1
+        i = bisect.bisect_left(self, key)
+        return i if i < len(self) and self[i] == key else -1
+
+
+def _children_index(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of children: rows of the children of code row r are order[starts[r]:starts[r+1]]."""
+    order = np.argsort(parent, kind="stable")
+    return np.searchsorted(parent[order], np.arange(len(parent) + 1)), order
 
 
 def _inherited(column: pa.ChunkedArray, lineage: list[np.ndarray]) -> pa.Array:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import networkx as nx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -17,7 +16,7 @@ from pydantic import BaseModel
 
 from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
-from queries.common import iso, judging_context
+from queries.common import iso_column, judging_context, trusted_models
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
@@ -61,31 +60,25 @@ class Territories:
     descendants (fallback: its registered region and descendants)."""
 
     def __init__(self, parties: pa.Table, regions: pa.Table):
-        region_ids = regions.column("region_id").to_pylist()
-        index = {r: i for i, r in enumerate(region_ids)}
-        tree = nx.DiGraph()
-        tree.add_nodes_from(range(len(region_ids)))
-        tree.add_edges_from((index[p], index[c]) for c, p in zip(region_ids, regions.column("parent_id").to_pylist())
-                            if p in index)
-        kinds = parties.column("kind").to_pylist()
+        region_ids = regions.column("region_id").combine_chunks()
+        # ancestors[r] = r, its parent, grandparent, ... (-1 past the root); a cycle-free tree
+        parent = encode(regions.column("parent_id"), region_ids)
+        chain = [np.arange(len(region_ids))]
+        while len(chain) <= len(region_ids) and (chain[-1] >= 0).any():
+            chain.append(np.where(chain[-1] >= 0, parent[np.maximum(chain[-1], 0)], -1))
+        ancestors = np.stack(chain, axis=1)
+        is_distributor = pc.equal(parties.column("kind"), "distributor").to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(is_distributor)
         self.slot = np.full(parties.num_rows, -1, np.int64)
-        rows = []
-        for i, (kind, territory, home) in enumerate(zip(kinds, parties.column("territory").to_pylist(),
-                                                        parties.column("region_id").to_pylist())):
-            if kind != "distributor":
-                continue
-            roots = [t.strip() for t in territory.split("|") if t.strip()] if territory else []
-            roots = roots or ([home] if home else [])
-            allowed = np.zeros(len(region_ids), bool)
-            for root in roots:
-                if root in index:
-                    allowed[index[root]] = True
-                    allowed[list(nx.descendants(tree, index[root]))] = True
-            self.slot[i] = len(rows)
-            rows.append(allowed)
-        self.matrix = np.array(rows, bool).reshape(len(rows), len(region_ids))
-        self.declared = {parties.column("party_id")[i].as_py(): _territory_list(parties.column("territory")[i].as_py(), parties.column("region_id")[i].as_py())
-                         for i in np.flatnonzero(self.slot >= 0)}
+        self.slot[rows] = np.arange(len(rows))
+        self.declared: dict[str, list[str]] = {}
+        self.matrix = np.zeros((len(rows), len(region_ids)), bool)
+        for slot, row in enumerate(rows):
+            party = parties.slice(int(row), 1).to_pylist()[0]
+            roots = _territory_list(party["territory"], party["region_id"])
+            self.declared[party["party_id"]] = roots
+            root_rows = encode(pa.array(roots, pa.string()), region_ids)
+            self.matrix[slot] = np.isin(ancestors, root_rows[root_rows >= 0]).any(axis=1)
 
     def contains(self, distributor: np.ndarray, region: np.ndarray) -> np.ndarray:
         """Per pair: region inside the distributor's territory (False when either is unknown)."""
@@ -137,12 +130,10 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     region_ids = regions.column("region_id").combine_chunks()
     kind = encode(parties.column("kind"), pa.array(KINDS))
     home = encode(parties.column("region_id"), region_ids)
-    events = timeline.events
-    ev_rows = pa.array(timeline.event)
-    action = encode(pc.take(events.column("action"), ev_rows), pa.array(ACTIONS))
-    party = encode(pc.take(events.column("party_id"), ev_rows), party_ids)
-    counterparty = encode(pc.take(events.column("counterparty_id"), ev_rows), party_ids)
-    own_region = encode(pc.take(events.column("region_id"), ev_rows), region_ids)
+    action = timeline.encoded("action", pa.array(ACTIONS))
+    party = timeline.encoded("party_id", party_ids)
+    counterparty = timeline.encoded("counterparty_id", party_ids)
+    own_region = timeline.encoded("region_id", region_ids)
 
     def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
         return np.where(who >= 0, values[np.maximum(who, 0)], -1)
@@ -186,7 +177,9 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     units = timeline.unit
     confirmed = _first_per_unit(units, confirmed_evidence)
     consumer = _first_per_unit(units, consumer_evidence)
-    consumer = consumer[~np.isin(consumer.unit, confirmed.unit)]
+    is_confirmed = np.zeros(timeline.units.num_rows, bool)
+    is_confirmed[confirmed.unit.to_numpy()] = True
+    consumer = consumer[~is_confirmed[consumer.unit.to_numpy()]]
     confirmed["severity"] = "confirmed"
     consumer["severity"] = _k_rule(timeline, consumer, distributor, location, k)
     findings = pd.concat([confirmed, consumer], ignore_index=True)
@@ -194,16 +187,18 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
     same_lineage = (crossing > 0) & (before >= governing[crossing]) & (before >= 0)
     findings["exit_via"] = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
-    tracked = np.unique(units[assigns])
-    untracked = np.setdiff1d(np.arange(timeline.units.num_rows), tracked)
+    tracked = np.zeros(timeline.units.num_rows, bool)
+    tracked[units[assigns]] = True
+    untracked = np.flatnonzero(~tracked)
     return Judgement(timeline, parties, regions, action, party, holder, location, after, governing,
                      distributor, findings.sort_values("unit", ignore_index=True), untracked)
 
 
 def _first_per_unit(units: np.ndarray, mask: np.ndarray) -> pd.DataFrame:
     rows = np.flatnonzero(mask)
-    hit_units, first = np.unique(units[rows], return_index=True)
-    return pd.DataFrame({"unit": hit_units, "row": rows[first]})
+    hit = units[rows]  # timeline rows are grouped by unit, in unit order
+    first = np.r_[True, hit[1:] != hit[:-1]] if len(hit) else np.zeros(0, bool)
+    return pd.DataFrame({"unit": hit[first], "row": rows[first]})
 
 
 def _k_rule(timeline: Timeline, suspects: pd.DataFrame, distributor: np.ndarray, location: np.ndarray,
@@ -227,53 +222,61 @@ def findings_of(judgement: Judgement, *, units: np.ndarray | None = None) -> lis
         frame = frame[frame["unit"].isin(units)]
     if frame.empty:
         return []
-    party_ids = judgement.parties.column("party_id").to_pylist()
+    unit, row = frame["unit"].to_numpy(), frame["row"].to_numpy()
+    party_ids = judgement.parties.column("party_id")
+    region_ids = judgement.regions.column("region_id")
     territories = Territories(judgement.parties, judgement.regions)
-    codes = tl.units.column("code").to_pylist()
-    sku, batch, case = (tl.units.column(c).to_pylist() for c in ("sku", "batch", "case"))
-    paths = unit_paths(judgement, frame["unit"].to_numpy(), crossing=frame["row"].to_numpy())
-    region_ids = judgement.regions.column("region_id").to_pylist()
-    ts = tl.event_column("ts")
-    event_ids = tl.event_column("event_id")
-    out = []
-    for unit, row, severity, exit_via in zip(frame["unit"], frame["row"], frame["severity"], frame["exit_via"]):
-        responsible = party_ids[judgement.distributor[row]]
-        out.append(DiversionFinding(
-            code=codes[unit], sku=sku[unit], batch=batch[unit], responsible=responsible,
-            territory=territories.declared.get(responsible, []), severity=severity,
-            crossing_event_id=event_ids[row], crossing_ts=iso(ts[row]),
-            crossing_party=_name(party_ids, judgement.party[row]),
-            crossing_region=_name(region_ids, judgement.after[row]),
-            exit_via=_name(party_ids, exit_via), case=case[unit], path=paths[unit]))
-    return sorted(out, key=lambda f: f.code)
+    unit_rows = pa.array(unit)
+    event_rows = pa.array(tl.event[row])
+    columns = {
+        "code": pc.take(tl.units.column("code"), unit_rows).to_pylist(),
+        "sku": pc.take(tl.units.column("sku"), unit_rows).to_pylist(),
+        "batch": pc.take(tl.units.column("batch"), unit_rows).to_pylist(),
+        "case": pc.take(tl.units.column("case"), unit_rows).to_pylist(),
+        "responsible": _names(party_ids, judgement.distributor[row]),
+        "severity": frame["severity"].tolist(),
+        "crossing_event_id": pc.take(tl.events.column("event_id"), event_rows).to_pylist(),
+        "crossing_ts": iso_column(pc.take(tl.events.column("ts"), event_rows)),
+        "crossing_party": _names(party_ids, judgement.party[row]),
+        "crossing_region": _names(region_ids, judgement.after[row]),
+        "exit_via": _names(party_ids, frame["exit_via"].to_numpy()),
+    }
+    paths = unit_paths(judgement, unit, crossing=row)
+    columns["territory"] = [territories.declared.get(r, []) for r in columns["responsible"]]
+    columns["path"] = [paths[u] for u in unit.tolist()]
+    return sorted(trusted_models(DiversionFinding, columns), key=lambda f: f.code)
 
 
-def _name(names: list, row: int) -> str | None:
-    return names[row] if row >= 0 else None
+def _names(names: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> list[str | None]:
+    """names[row] per row, None where the row is -1."""
+    return pc.take(names, pa.array(rows, pa.int64(), mask=rows < 0)).to_pylist()
 
 
 def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> dict[int, list[Hop]]:
     """Custody paths (all effective events as hops) of the given unit positions."""
     tl = judgement.timeline
-    wanted = np.isin(tl.unit, units)
-    rows = np.flatnonzero(wanted)
-    crossed_rows = set(crossing.tolist()) if crossing is not None else set()
-    party_ids = judgement.parties.column("party_id").to_pylist()
-    kinds = judgement.parties.column("kind").to_pylist()
-    region_ids = judgement.regions.column("region_id").to_pylist()
-    taken = tl.events.take(pa.array(tl.event[rows]))
-    columns = {name: taken.column(name).to_pylist() for name in ("event_id", "action", "code", "counterparty_id")}
-    ts = taken.column("ts").to_pylist()
-    paths: dict[int, list[Hop]] = {int(u): [] for u in units}
-    for i, row in enumerate(rows):
-        p = judgement.party[row]
-        paths[int(tl.unit[row])].append(Hop(
-            party_id=party_ids[p] if p >= 0 else None, kind=kinds[p] if p >= 0 else None,
-            region_id=_name(region_ids, judgement.location[row]), ts=iso(ts[i]),
-            event_id=columns["event_id"][i], action=columns["action"][i], crossed=int(row) in crossed_rows,
-            code=columns["code"][i], counterparty_id=columns["counterparty_id"][i],
-            to_region_id=_name(region_ids, judgement.after[row])))
-    return paths
+    units = np.unique(np.asarray(units, np.int64))
+    first = np.searchsorted(tl.unit, units, "left")  # timeline rows are grouped by unit, in unit order
+    counts = np.searchsorted(tl.unit, units, "right") - first
+    rows = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    crossed = np.zeros(len(tl), bool)
+    if crossing is not None:
+        crossed[crossing] = True
+    party_ids, kinds = judgement.parties.column("party_id"), judgement.parties.column("kind")
+    region_ids = judgement.regions.column("region_id")
+    events = tl.events.take(pa.array(tl.event[rows]))
+    party = judgement.party[rows]
+    columns = {
+        "party_id": _names(party_ids, party), "kind": _names(kinds, party),
+        "region_id": _names(region_ids, judgement.location[rows]), "ts": iso_column(events.column("ts")),
+        "event_id": events.column("event_id").to_pylist(), "action": events.column("action").to_pylist(),
+        "crossed": crossed[rows].tolist(), "code": events.column("code").to_pylist(),
+        "counterparty_id": events.column("counterparty_id").to_pylist(),
+        "to_region_id": _names(region_ids, judgement.after[rows]),
+    }
+    hops = trusted_models(Hop, columns)
+    bounds = np.r_[0, np.cumsum(counts)].tolist()
+    return {u: hops[bounds[i]:bounds[i + 1]] for i, u in enumerate(units.tolist())}
 
 
 def judge_store(store, *, k: int = 3) -> Judgement:  # noqa: ANN001 - any Store
