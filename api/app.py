@@ -12,31 +12,45 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import cache
 from datetime import datetime, time
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from api import views
+from api import analytics_routes, views
 from api.errors import install_error_handlers, responses
-from api.schemas import (Cascade, DatasetUpload, DiversionBy, DiversionGroup, DiversionGroups, FindingsPage,
-                         FlowResponse, Health, InfluencerRanking, LoadSummary, Metric, Readiness, SortKey)
+from api.schemas import (
+    Cascade,
+    DatasetUpload,
+    DiversionBy,
+    DiversionGroup,
+    DiversionGroups,
+    FindingsPage,
+    FlowResponse,
+    Health,
+    InfluencerRanking,
+    LoadSummary,
+    Metric,
+    Readiness,
+    SortKey,
+)
 from api.service import ApiService, DiversionFilters, Svc
 from graph.settings import Settings
 from graph.store import Store
 from queries.trace import TraceResult
 
 JSON = "application/json"
-K = Annotated[int | None, Query(ge=1, le=1000, description="Consumer scans per case that confirm a suspected diversion [default from settings, 3].")]
+K = Annotated[int | None, Query(ge=1, le=1000,
+                                description="Consumer scans per case that confirm a suspected diversion [default 3].")]
 
 
 async def diversion_filters(
     severity: Literal["confirmed", "suspected"] | None = None,
     responsible: Annotated[str | None, Query(max_length=500, description="Responsible (assigned) distributor id.")] = None,
-    region: Annotated[str | None, Query(max_length=500, description="Crossings into this region or any region inside it.")] = None,
+    region: Annotated[str | None, Query(max_length=500, description="Crossings into this region or one inside it.")] = None,
     sku: Annotated[str | None, Query(max_length=500)] = None,
     batch: Annotated[str | None, Query(max_length=500)] = None,
     since: Annotated[datetime | None, Query(description="Crossings at or after this time (ISO 8601; no offset = UTC).")] = None,
@@ -204,7 +218,7 @@ def static(name: str) -> Response:
 
 # ---------------------------------------------------------------- the application
 
-ROUTERS: list[APIRouter] = [api, pages]  # another feature adds its router here
+ROUTERS: list[APIRouter] = [api, pages, analytics_routes.router]  # another feature adds its router here
 
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None,

@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=30, help="duration per endpoint and store")
     parser.add_argument("--endpoints", default="trace,trace-cold,diversions",
-                        help="comma-separated: trace (a working set of codes), trace-cold (never the same code twice), diversions")
+                        help="comma-separated: trace (a working set of codes), trace-cold (a new code each time), diversions")
     parser.add_argument("--codes", type=int, default=200, help="working set of unit codes the trace clients ask for")
     parser.add_argument("--pages", type=int, default=20, help="finding pages (of 50) the diversion clients ask for")
     parser.add_argument("--neo4j", help="also load into and serve from this Neo4j (not wiped)")

@@ -242,4 +242,5 @@ def test_openapi_documents_every_endpoint_and_error(client):
         for status, answer in op["responses"].items():
             if status.startswith(("4", "5")):
                 assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), (path, status)
-    assert {"ErrorResponse", "TraceResult", "FindingsPage", "DiversionGroups", "Cascade"} <= set(document["components"]["schemas"])
+    models = set(document["components"]["schemas"])
+    assert {"ErrorResponse", "TraceResult", "FindingsPage", "DiversionGroups", "Cascade"} <= models

@@ -152,7 +152,8 @@ def test_trace_view(browser, server):
 def test_diversions_view(browser, server):
     view = View(browser, f"{server}/views/diversions")
     assert_graph(view.drawn("regions"), {"ZJ", "NJ", "SZ"}, {("ZJ", "NJ"), ("ZJ", "SZ")}, red={("ZJ", "NJ"), ("ZJ", "SZ")})
-    assert_graph(view.drawn("detail"), {"F1", "D1", "wx-k4"}, {("F1", "D1"), ("D1", "wx-k4")}, red={("D1", "wx-k4")})  # latest first
+    latest = view.drawn("detail")  # the latest crossing is selected first
+    assert_graph(latest, {"F1", "D1", "wx-k4"}, {("F1", "D1"), ("D1", "wx-k4")}, red={("D1", "wx-k4")})
     view.page.click("#findings tr[data-key=SS1]")
     assert_graph(view.drawn("detail"), {"F1", "D1", "SD1", "S3"},
                  {("F1", "D1"), ("D1", "SD1"), ("SD1", "S3")}, red={("SD1", "S3")})
