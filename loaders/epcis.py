@@ -37,6 +37,7 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,9 +105,11 @@ def canonical_id(value: Any) -> str | None:
     >>> canonical_id("https://example.com/01/00300010123455/21/11")
     'https://id.gs1.org/01/00300010123455/21/11'
     """
-    if value is None:
-        return None
-    text = str(value).strip()
+    return None if value is None else _canonical(str(value).strip())
+
+
+@lru_cache(maxsize=1 << 16)  # locations and codes repeat across events
+def _canonical(text: str) -> str | None:
     if not text:
         return None
     if re.fullmatch(r"\d{13}", text):
@@ -141,9 +144,9 @@ class _Event:
 
     body: dict[str, Any]  # the event as JSON-LD-shaped data (XML converted)
     line: int | None
-    hash_input: Any  # what the hash generator reads: a JSON event, or an XML event as text
     prefixes: dict[str, str] = field(default_factory=dict)  # JSON-LD context / XML namespace prefixes
-    context: Any = None  # the JSON-LD @context of the document
+    context: Any = None  # the JSON-LD @context of a JSON document
+    xml: str | None = None  # an XML event as text (the hash generator reads that, not `body`)
 
     def get(self, name: str) -> Any:
         return self.body.get(name)
@@ -243,7 +246,7 @@ def _json_events(path: Path, text: str) -> list[_Event] | None:
     for event, line in zip(events, lines):
         if not isinstance(event, dict):
             event = {"type": None, "value": event}
-        out.append(_Event(event, line, _curies_expanded(event), prefixes, context))
+        out.append(_Event(event, line, prefixes, context))
     return out
 
 
@@ -303,8 +306,8 @@ def _xml_events(path: Path, data: bytes) -> list[_Event] | None:
     for element in _xml_event_elements(event_list):
         body = {"type": etree.QName(element).localname, **_xml_dict(element)}
         prefixes = {p: ns for p, ns in element.nsmap.items() if p}
-        out.append(_Event(body, element.sourceline, etree.tostring(element, encoding="unicode", with_tail=False),
-                          prefixes))
+        out.append(_Event(body, element.sourceline, prefixes,
+                          xml=etree.tostring(element, encoding="unicode", with_tail=False)))
     return out
 
 
@@ -410,12 +413,12 @@ def _cbv_hashes(events: list[_Event]) -> list[str | None]:
 
 def _hash_model(events: list[_Event]) -> list[Any]:
     """The hash generator's own model of the events (all from one document)."""
-    if isinstance(events[0].hash_input, str):
-        xml = "".join(e.hash_input for e in events)
+    if events[0].xml is not None:
+        xml = "".join(e.xml or "" for e in events)
         return xml_to_py.event_list_from_epcis_document_str(
             f"<EPCISDocument><EPCISBody><EventList>{xml}</EventList></EPCISBody></EPCISDocument>")[2]
     doc = {"@context": events[0].context, "type": "EPCISDocument",
-           "epcisBody": {"eventList": [e.hash_input for e in events]}}
+           "epcisBody": {"eventList": [_curies_expanded(e.body) for e in events]}}
     return json_to_py.event_list_from_epcis_document_json(json.loads(json.dumps(doc)))[2]
 
 

@@ -544,6 +544,18 @@ def test_malformed_documents_are_one_clear_error(tmp_path, name, text, message):
         read_epcis(path)
 
 
+def test_odd_shapes_are_kept_not_crashed_on(tmp_path):
+    """Fields of unexpected shapes neither crash the reader nor vanish: the event is kept."""
+    odd = _event("ObjectEvent", "2024-03-01T08:00:00Z", epcs=None, biz_step=["shipping"], read_point=None,
+                 epcList={"epc": U1}, readPoint={"id": [F_SITE]}, bizTransactionList="po", errorDeclaration="oops",
+                 sourceList=[None, 3, {"type": {"a": 1}, "source": F_SITE}])
+    tables = _read(tmp_path, [odd, "not an event"])
+    assert len(tables["epcis_events"]) == 1
+    rejects = [t for t in read_epcis(tmp_path / "doc.json") if t.table == "epcis_events"][0].rejects
+    assert [r.reason for r in rejects] == ["unknown event type None: expected one of " + ", ".join(
+        ("ObjectEvent", "AggregationEvent", "TransactionEvent", "TransformationEvent", "AssociationEvent"))]
+
+
 # ---------------------------------------------------------------- export
 
 
