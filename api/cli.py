@@ -309,9 +309,11 @@ def _redirect_stdout(path: Path) -> Iterator[None]:
 
 
 def _register_subcommands() -> None:
+    from api.analytics_cli import register
     from api.export_cli import export_app
     from api.viz_cli import viz_app
 
+    register(app)  # stores, consumers, rebates, regions
     app.add_typer(viz_app, name="viz", help="Write a browser view (trace, diversions, influencers, network) as one HTML file.")
     app.add_typer(export_app, name="export", help="Export evidence in industry formats (epcis: a finding as an EPCIS 2.0 document).")
     try:

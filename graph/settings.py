@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     neo4j_batch_size: int = 10_000
     api_key: SecretStr | None = None
     k: int = 3  # consumer scans per case that confirm a suspected diversion
+    rebate_policy: Path | None = None  # rebate policy file (TOML) for the API's rebates view
 
     @field_validator("neo4j")
     @classmethod
