@@ -35,7 +35,6 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from datetime import datetime, timezone
@@ -376,15 +375,15 @@ def _loader(url: str, options: dict | None = None) -> dict:
 jsonld.set_document_loader(_loader)
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """The hash generator logs every event it cannot hash at ERROR on the root logger."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
+class _HashGeneratorNoise(logging.Filter):
+    """The hash generator logs every event it cannot hash at ERROR on the root logger (and
+    we fall back to our own hash): those records are dropped, whatever thread logs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "epcis_event_hash_generator" not in record.pathname
+
+
+logging.getLogger().addFilter(_HashGeneratorNoise())
 
 
 def _event_ids(events: list[_Event]) -> list[str]:
@@ -401,14 +400,13 @@ def _cbv_hashes(events: list[_Event]) -> list[str | None]:
     are converted in one batch (the JSON-LD expansion is the slow part), else one by one."""
     if not events:
         return []
-    with _quiet():
-        try:
-            parsed = _hash_model(events)
-        except Exception:  # noqa: BLE001 - the reference implementation fails on some valid events
-            parsed = []
-        if len(parsed) != len(events):
-            parsed = [_hash_model_or_none(e) for e in events]
-        return [_hash_or_none(p) for p in parsed]
+    try:
+        parsed = _hash_model(events)
+    except Exception:  # noqa: BLE001 - the reference implementation fails on some valid events
+        parsed = []
+    if len(parsed) != len(events):
+        parsed = [_hash_model_or_none(e) for e in events]
+    return [_hash_or_none(p) for p in parsed]
 
 
 def _hash_model(events: list[_Event]) -> list[Any]:

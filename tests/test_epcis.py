@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,17 @@ def test_event_hash_ignores_list_order_and_syntax(tmp_path):
 
     assert ids(shuffled) == ids(stripped)
     assert all(i.startswith("ni:///sha-256;") and i.endswith("?ver=CBV2.0") for i in ids(shuffled))
+
+
+def test_events_the_reference_hash_cannot_take_get_our_own_id_quietly(caplog):
+    """epcis-event-hash-generator 1.9.3 fails on a bizTransaction without a type (both
+    syntaxes) and logs at ERROR; such events get `cg:sha-256;` ids and nothing is logged."""
+    caplog.set_level(logging.DEBUG)
+    ids = {form: [t for t in read_epcis(EXAMPLES / f"TransactionEvent.{form}") if t.table == "epcis_events"][0]
+           .data.column("event_id").to_pylist() for form in ("json", "xml")}
+    assert ids["json"] == ids["xml"] and ids["json"][0].startswith("cg:sha-256;")
+    assert ids["json"][1].startswith("ni:///sha-256;")
+    assert not [r for r in caplog.records if "epcis_event_hash_generator" in r.pathname]
 
 
 def test_sensor_data_and_extensions_are_kept_whole():
