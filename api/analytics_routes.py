@@ -14,7 +14,14 @@ from api import analytics_views
 from api.errors import responses
 from api.service import ApiService, Svc
 from graph.errors import NotFound
-from queries.consumers import STAGES, ConsumerLifecycle, ConsumerProfile, lifecycle, profile, stage_funnel
+from queries.consumers import (
+    STAGES,
+    ConsumerLifecycle,
+    ConsumerProfile,
+    lifecycle,
+    profile,
+    stage_funnel,
+)
 from queries.rebates import Policy, RebateReport, load_policy, policy_from, rebates
 from queries.regions import RegionReport, region_sell_through
 from queries.stores import StoreHealth, store_health
@@ -129,7 +136,7 @@ def _blank(value: str | None) -> str | None:
     return value.strip() or None if value is not None else None
 
 
-def _html(page) -> HTMLResponse:  # noqa: ANN001 - a views.Page
+def _html(page) -> HTMLResponse:
     return HTMLResponse(page.html, status_code=page.status)
 
 

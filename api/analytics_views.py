@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING
 from api import views
 from graph.errors import ChannelgraphError
 from queries.consumers import STAGES, lifecycle, profile, stage_funnel
-from queries.rebates import Policy, rebates
+from queries.rebates import Policy, load_policy, rebates
 from queries.regions import RegionReport, region_sell_through
 from queries.stores import store_health
 
 if TYPE_CHECKING:
     from api.service import ApiService
+    from graph.settings import Settings
     from graph.store import Store
 
+EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "docs" / "policy.example.toml"
 MAX_BARS = 40  # bars per chart (the largest, plus every highlighted one)
 MAX_ROWS = 500  # table rows per page
 HEAT = ((253, 237, 236), (146, 43, 33))  # heat map colours, from few to most units
@@ -195,6 +197,12 @@ def regions_page(svc: ApiService, *, level: str = "province", period: str = "mon
                         active=bar_chart([(f"{r.region_id} {names.get(r.region_id, '')}".strip(), 100 * (r.active_ratio or 0))
                                           for r in latest], title=f"Active-store ratio (动销率) in {latest_period}", unit="%",
                                          label_width=220))
+
+
+def demo_policy(settings: Settings) -> Policy | None:
+    """The configured rebate policy, else the example policy of a source checkout, else None."""
+    path = settings.rebate_policy or EXAMPLE_POLICY
+    return load_policy(path) if Path(path).exists() else None
 
 
 def write_analytics_views(store: Store, out_dir: Path, *, k: int = 3, policy: Policy | None = None) -> list[Path]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from api.analytics_views import demo_policy, write_analytics_views
 from api.views import write_views
 from graph.settings import Settings
 from graph.store import open_store
@@ -37,6 +38,7 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         example = trace(store, findings[0].code, k=settings.k) if findings else None
         answers = json.loads((dataset / "answers.json").read_text())
         pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
+        pages += write_analytics_views(store, out_dir / "views", k=settings.k, policy=demo_policy(settings))
     finally:
         store.close()
     planted = {(d["code"], d["severity"]) for d in answers.get("diversions", [])}

@@ -79,7 +79,7 @@ class ConsumerProfile(BaseModel):
     tags: list[str]
 
 
-def lifecycle(store, *, stage: str | None = None, segment: str | None = None,  # noqa: ANN001 - any Store
+def lifecycle(store, *, stage: str | None = None, segment: str | None = None,
               as_of: datetime | str | None = None, bulk_units: int = 6, top_value: float = 0.1) -> list[ConsumerLifecycle]:
     """Stage, next action and RFM of every consumer (filtered by stage and segment), by id."""
     if stage is not None and stage not in STAGES:
@@ -95,7 +95,7 @@ def lifecycle(store, *, stage: str | None = None, segment: str | None = None,  #
     return [_model(row) for row in table.reset_index().to_dict("records")]
 
 
-def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value: float = 0.1) -> list[dict]:  # noqa: ANN001
+def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value: float = 0.1) -> list[dict]:
     """Consumers per stage at the end of each period (`month` or `week`), oldest first:
     [{"period": "2024-03", "as_of": ..., "acquired": n, ...}]. A consumer counts from its
     first purchase or referral (registered consumers without either: always); each count
@@ -121,7 +121,7 @@ def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value
     return rows
 
 
-def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1) -> ConsumerProfile:  # noqa: ANN001
+def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1) -> ConsumerProfile:
     """Purchases (with the store each unit came from), stores, referrals and tags of one consumer."""
     consumers, purchases, referrals = _inputs(store)
     if party_id not in consumers.index:
@@ -161,7 +161,7 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
 # ---------------------------------------------------------------- the computation
 
 
-def _inputs(store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:  # noqa: ANN001
+def _inputs(store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     parties = store.parties().to_pandas()
     consumers = parties[parties["kind"] == "consumer"].set_index("party_id")
     purchases = store.purchases().to_pandas()

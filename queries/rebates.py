@@ -128,7 +128,7 @@ class RebateReport(BaseModel):
     lines: list[RebateLine] | None = None  # every line, when asked for
 
 
-def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None = None,  # noqa: ANN001 - any Store
+def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None = None,
             month: str | None = None, lines: bool = False) -> RebateReport:
     """Totals and withheld lines of the rebates of every consumer scan (of one `YYYY-MM`
     month if given); every line too with `lines=True`."""
@@ -174,7 +174,7 @@ def _lines(frame: pd.DataFrame) -> list[RebateLine]:
             for r in frame.itertuples()]
 
 
-def _salespeople(parties: pd.DataFrame, stores: pd.DataFrame, distributor) -> list:  # noqa: ANN001
+def _salespeople(parties: pd.DataFrame, stores: pd.DataFrame, distributor) -> list:
     """Per credited scan: the store's salesperson_id, else its distributor's only salesperson."""
     sales = parties[parties["kind"] == "salesperson"]
     counts = sales.groupby("upstream_id").size()

@@ -53,7 +53,7 @@ class RegionReport(BaseModel):
     matrix: list[DiversionCell]  # most units first
 
 
-def region_sell_through(store, *, level: str = "province", period: str = "month", k: int = 3,  # noqa: ANN001 - any Store
+def region_sell_through(store, *, level: str = "province", period: str = "month", k: int = 3,
                         as_of: datetime | str | None = None) -> RegionReport:
     """Sell-through per region and period, and the diversion matrix between regions."""
     if level not in LEVELS:

@@ -80,7 +80,7 @@ def utc(moment: datetime | str | None) -> pd.Timestamp | None:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:  # noqa: ANN001 - any Store
+def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:
     """The facts of every unit as known at `as_of` (events after it are ignored; default:
     the latest event)."""
     timeline = store.timelines()

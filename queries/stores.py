@@ -77,7 +77,7 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return deviation / (1.2533 * mean_ad) if mean_ad > 0 else np.zeros(len(values))
 
 
-def store_health(store, *, region: str | None = None, abnormal_only: bool = False,  # noqa: ANN001 - any Store
+def store_health(store, *, region: str | None = None, abnormal_only: bool = False,
                  as_of: datetime | str | None = None, window_days: int = 28, history_weeks: int = 8,
                  peer_level: str = "province", z_threshold: float = 3.5, min_peers: int = 4,
                  sink_share: float = 0.5, k: int = 3) -> list[StoreHealth]:
@@ -106,12 +106,14 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
     window_start = facts.as_of - window_days * DAY
     history_start = window_start - history_weeks * 7 * DAY
     sin, sout = facts.sell_in, facts.sell_out
-    count = lambda rows, key: rows.groupby(key).size().reindex(frame.index, fill_value=0)  # noqa: E731
-    frame["sell_in"] = count(sin, "store")
-    frame["sell_in_window"] = count(sin[sin["ts"] > window_start], "store")
-    frame["diverted_in"] = count(sin[sin["diverted"]], "store")
-    frame["sell_out"] = count(sout, "store")
-    frame["sell_out_window"] = count(sout[sout["ts"] > window_start], "store")
+    def per_store(rows: pd.DataFrame) -> pd.Series:
+        return rows.groupby("store").size().reindex(frame.index, fill_value=0)
+
+    frame["sell_in"] = per_store(sin)
+    frame["sell_in_window"] = per_store(sin[sin["ts"] > window_start])
+    frame["diverted_in"] = per_store(sin[sin["diverted"]])
+    frame["sell_out"] = per_store(sout)
+    frame["sell_out_window"] = per_store(sout[sout["ts"] > window_start])
 
     by_region = frame.groupby("peer_region", dropna=False)[["sell_in", "sell_out"]].transform("sum")
     rate = (by_region["sell_out"] / by_region["sell_in"].where(by_region["sell_in"] > 0)).clip(upper=1.0)

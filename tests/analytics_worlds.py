@@ -17,11 +17,11 @@ as of 2024-03-25 (day 84) with a 28-day window (weeks 8-11) and 8 history weeks 
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from tests.worlds import Rows
 
-START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START = datetime(2024, 1, 1, tzinfo=UTC)
 AS_OF = "2024-03-25T00:00:00Z"
 STORES = ("SS1", "SS2", "SS3", "SS4", "SS5")
 
