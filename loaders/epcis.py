@@ -501,22 +501,17 @@ def _tables(path: Path, events: list[_Event]) -> list[RawTable]:
         where = {"_line": event.line}
         codes.add(event, where)
         biz_step = event.term(event.get("bizStep"))
+        place = {"disposition": event.term(event.get("disposition")), "read_point": event.location("readPoint"),
+                 "biz_location": event.location("bizLocation"), **where}
         rows["epcis_events"].append({
             "event_id": event_id, "event_type": event.get("type"), "biz_step": biz_step,
             "action": event.get("action"), "event_time": _utc(event.get("eventTime")),
-            "disposition": event.term(event.get("disposition")), "read_point": event.location("readPoint"),
-            "biz_location": event.location("bizLocation"),
-            "document": json.dumps({**event.body, "eventID": event_id}, ensure_ascii=False, sort_keys=True),
-            **where})
+            "document": json.dumps({**event.body, "eventID": event_id}, ensure_ascii=False, sort_keys=True), **place})
+        transactions = _joined(f"{t}:{v}" if t else v for t, v in event.typed("bizTransactionList", "bizTransaction"))
         scans = [{"event_id": f"{event_id}#{code}", "code": code, "action": action,
-                  "party_id": event.location("bizLocation") or event.location("readPoint"),
+                  "party_id": place["biz_location"] or place["read_point"],
                   "counterparty_id": _counterparty(event, action), "ts": _utc(event.get("eventTime")),
-                  "epcis_event_id": event_id, "biz_step": biz_step,
-                  "disposition": event.term(event.get("disposition")), "read_point": event.location("readPoint"),
-                  "biz_location": event.location("bizLocation"),
-                  "biz_transactions": _joined(f"{t}:{v}" if t else v
-                                              for t, v in event.typed("bizTransactionList", "bizTransaction")),
-                  **where}
+                  "epcis_event_id": event_id, "biz_step": biz_step, "biz_transactions": transactions, **place}
                  for code, action in _handovers(event, biz_step)]
         rows["scans"] += scans
         error = event.get("errorDeclaration")
