@@ -15,6 +15,7 @@ Every error answer is ``{"error": {"status": 404, "code": "not_found", "message"
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -119,11 +120,39 @@ def install_error_handlers(app: FastAPI) -> None:
             log.warning("store unavailable on %s: %s", request.url.path, exc)
         return _answer(status, code, str(exc))
 
+    app.openapi = _one_error_shape(app)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
     app.add_exception_handler(ChannelgraphError, on_error)
     app.add_exception_handler(ValueError, on_error)
     app.add_exception_handler(Exception, on_error)
+
+
+def _one_error_shape(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The app's OpenAPI document with FastAPI's default 422 schema (HTTPValidationError, which
+    this app never sends) replaced by ErrorResponse, for every router."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            default = "#/components/schemas/HTTPValidationError"
+            for item in document.get("paths", {}).values():
+                for operation in item.values():
+                    for answer in operation.get("responses", {}).values():
+                        schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+                        if schema.get("$ref") == default:
+                            schema["$ref"] = "#/components/schemas/ErrorResponse"
+                            answer["description"] = "Invalid parameter: the message names the parameter"
+            models = document.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                models.pop(name, None)
+            shape = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(shape.pop("$defs", {}))
+            models["ErrorResponse"] = shape
+        return app.openapi_schema
+
+    return openapi
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
