@@ -60,7 +60,8 @@ class Readiness(BaseModel):
     ready: bool
     backend: Literal["embedded", "neo4j"]
     store: str = Field(description="Store folder or Neo4j URI")
-    store_version: str | None = Field(description="Live version of the embedded store (null for Neo4j)")
+    store_version: str | None = Field(description="Data version: the embedded store's live version, "
+                                                   "or the Neo4j store's latest load")
     counts: dict[str, int] = Field(description="Rows held per table")
 
 

@@ -1,10 +1,11 @@
 """What the HTTP API and the HTML views ask of a store, with caching.
 
 `ApiService` wraps one store and answers with the pure query functions of `queries/`.
-Expensive answers are memoised per *store version*: the embedded store names its live
-version (`store.version`), and a load by another process is noticed within a second
-(the service re-opens the store when the store folder's CURRENT changes). A store with no
-version (Neo4j) is cached for `cache_ttl` seconds, or until a load through this service.
+Expensive answers are memoised per *data version*, looked at most once a second: the
+embedded store's live version (the service re-opens the store when the folder's CURRENT
+changes) or the Neo4j store's latest load (`data_version()`), so a load by another process
+is noticed within a second. A store without either is cached for `cache_ttl` seconds. A load
+through this service invalidates at once.
 
 The whole-store diversion judgement runs once per store version and k; filters,
 pagination, sorting, CSV and grouped views are served from the cached findings. Each
@@ -202,6 +203,8 @@ class ApiService:
         self.pages = Memo(16)
         self._write_lock = threading.Lock()
         self._checked_at = time.monotonic()
+        self._version_at = -1.0
+        self._data_version: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, store: Store | None = None, cache_ttl: float = 30.0) -> ApiService:
@@ -232,16 +235,20 @@ class ApiService:
         return "embedded" if _is_embedded(self._store) else "neo4j"
 
     def version(self) -> str | None:
+        """The data version: the embedded store's live version, or the token of the Neo4j
+        store's latest load (asked at most once a second)."""
         store = self.store
         if _is_embedded(store):
             return store.version.name if store.version else None  # type: ignore[attr-defined]
-        return None
+        if hasattr(store, "data_version") and time.monotonic() - self._version_at > 1.0:
+            self._version_at = time.monotonic()
+            self._data_version = store.data_version()
+        return self._data_version
 
     def _key(self, *parts: Hashable) -> tuple[tuple, float | None]:
-        """Cache key under the current store version, and the TTL that applies to it."""
-        store = self.store
-        if _is_embedded(store):
-            return (str(store.version), self.generation, *parts), None  # type: ignore[attr-defined]
+        """Cache key under the current data version, and the TTL that applies to it."""
+        if _is_embedded(self.store) or hasattr(self._store, "data_version"):
+            return (self.version(), self.generation, *parts), None
         return ("ttl", self.generation, *parts), self.cache_ttl
 
     def cached(self, compute: Callable[[], T], *key: Hashable, large: bool = False) -> T:

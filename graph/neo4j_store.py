@@ -130,6 +130,7 @@ WITH l
 OPTIONAL MATCH (stale:Load {status: 'running'}) WHERE stale.number < l.number
 SET stale.status = 'interrupted'
 """
+LATEST_LOAD = "MATCH (l:Load) RETURN toString(l.number) + ':' + l.status AS token ORDER BY l.number DESC LIMIT 1"
 READ_EXTRA_COLUMNS = "MATCH (m:ExtraColumns {table: $table}) RETURN m.names AS names"
 WRITE_EXTRA_COLUMNS = "MERGE (m:ExtraColumns {table: $table}) SET m.names = $names"
 
@@ -587,6 +588,12 @@ class Neo4jStore:
         """All referral rows (referral_id, referrer_id, referee_id, ts, channel, code)."""
         return self._all("referrals").select([c.name for c in TABLES["referrals"].columns])
 
+    def data_version(self) -> str | None:
+        """A token that changes whenever a load starts or finishes (None before the first
+        load); the HTTP API keys its caches by it."""
+        rows = self._read(LATEST_LOAD)
+        return rows[0][0] if rows else None
+
     def counts(self) -> dict[str, int]:
         def work(tx: ManagedTransaction) -> dict[str, int]:
             return {name: int(tx.run(COUNT[name]).single(strict=True)[0]) for name in TABLES}
@@ -647,6 +654,11 @@ class Neo4jStore:
     def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
         """Unit codes of a batch and/or SKU (inherited from packed-in codes); all if neither."""
         return sorted((row[0] for row in self._read(UNITS_WHERE, batch=batch, sku=sku)), key=str.encode)
+
+    def timeline_batches(self) -> Iterator[Timeline]:
+        """The timelines the diversion judge needs: those of the candidate units only, in
+        one batch (the candidate query already narrows the store in the database)."""
+        yield self.timelines(self.diversion_candidates())
 
     def diversion_candidates(self) -> list[str]:
         """Sorted unit codes that could be diverted (a superset of the judge's findings;
