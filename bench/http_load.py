@@ -194,6 +194,7 @@ def main() -> None:
     from graph.store import open_store
     from loaders.ingest import load_dataset
 
+    load_before = os.getloadavg()[0]
     folder = dataset(args.scale)
     store_path = DATA / f"http-store-scale{args.scale}"
     subprocess.run(["rm", "-rf", str(store_path)], check=True)
@@ -213,7 +214,9 @@ def main() -> None:
     context = (f"Scenario scale {args.scale} ({len(units):,} units); uvicorn (1 process) and the httpx async clients "
                f"(1 process) share the machine. Each endpoint runs {args.seconds:g} s at {args.clients} clients; "
                "latency is measured by the client. `cold` = the first request of a trace code (computed, then cached). "
-               "`server_cpu_ms_per_request` (the server process's CPU time / requests) does not depend on other load.")
+               "`server_cpu_ms_per_request` (the server process's CPU time / requests) depends little on other load. "
+               f"Machine load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+               "(other engineers' jobs share the 2 cores).")
     if args.no_write:
         print(rows)
     else:
