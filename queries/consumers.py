@@ -178,9 +178,10 @@ def _lifecycle(consumers: pd.DataFrame, purchases: pd.DataFrame, referrals: pd.D
                bulk_units: int, top_value: float) -> pd.DataFrame:
     """One row per consumer (indexed by party_id): the ConsumerLifecycle fields."""
     bought = purchases[purchases["ts"] <= as_of]
-    per = bought.groupby("party_id").agg(
-        purchases=("ts", "size"), purchase_days=("ts", lambda t: t.dt.floor("D").nunique()),
-        skus=("sku", "nunique"), monetary=("unit_price", "sum"), first=("ts", "min"), last=("ts", "max"))
+    per = bought.groupby("party_id").agg(purchases=("ts", "size"), skus=("sku", "nunique"),
+                                         monetary=("unit_price", "sum"), first=("ts", "min"), last=("ts", "max"))
+    days = bought.assign(day=bought["ts"].dt.floor("D")).drop_duplicates(["party_id", "day"])
+    per["purchase_days"] = days.groupby("party_id").size()
     table = per.reindex(consumers.index)
     for column in ("purchases", "purchase_days", "skus"):
         table[column] = table[column].fillna(0).astype(int)
