@@ -272,6 +272,10 @@ def main() -> None:
             rows.append({"benchmark": f"trace scale {scale}", **bench_trace(scale)})
     if "influence" in only:
         rows.append({"benchmark": "influencers 1M referral edges", **bench_influence()})
+    if "analytics" in only:  # stores, consumers, rebates, regions: bench/analytics.py
+        from bench.analytics import bench_analytics
+
+        rows += [row for scale in scales for row in bench_analytics(scale)]
     neo4j_rows = []
     for scale in scales:
         if "neo4j-load" in only:
