@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 
+from graph.errors import StoreError
 from graph.model import LOAD_ORDER
 from graph.store import Store
 from loaders.readers import RawTable, Reject, discover, read_source
@@ -80,11 +81,16 @@ def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Pr
 
 
 def write_rejects(rejects: list[Reject], directory: Path) -> Path:
-    """Write reject records as JSON lines; returns the file's path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write reject records as JSON lines; returns the file's path. StoreError if they
+    cannot be written (then nothing is loaded: no row goes unaccounted for)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     path = directory / f"load-{stamp}.jsonl"
-    with path.open("wb") as f:
-        for reject in rejects:
-            f.write(orjson.dumps(reject.as_dict(), default=str) + b"\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            for reject in rejects:
+                f.write(orjson.dumps(reject.as_dict(), default=str) + b"\n")
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise StoreError(f"{directory}: cannot write the reject records ({exc.strerror or exc}); nothing was loaded") from exc
     return path

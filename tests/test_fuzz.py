@@ -33,7 +33,7 @@ from queries.influence import influencers
 from tests.conftest import IN_CI
 from tests.worlds import channel_world, write_world
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=IN_CI, print_blob=True,
+FUZZ = settings(max_examples=20, deadline=None, derandomize=IN_CI, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
 
@@ -289,7 +289,7 @@ def test_hostile_rows_load_the_same_into_both_stores(name, make_store, tmp_path)
 
 
 @pytest.mark.neo4j
-@settings(max_examples=12, deadline=None, derandomize=IN_CI,
+@settings(max_examples=8, deadline=None, derandomize=IN_CI,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
 @given(files=dataset_files())
 def test_fuzzed_files_load_identically_into_neo4j(files, neo4j_uri):
