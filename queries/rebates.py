@@ -138,15 +138,16 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
     if month is not None:
         sales = sales[sales["month"] == month]
     credited = sales[sales["store"].notna()].reset_index(drop=True)
-    stores = facts.parties.reindex(credited["store"])
-    distributor = stores["upstream_id"].to_numpy(object)
+    stores = facts.parties.reindex(credited["store"]).reset_index(drop=True)
+    distributor = stores["upstream_id"]
+    skus = credited["sku"].dropna().unique()
     parts = []
-    for role, who in (("store", credited["store"].to_numpy(object)), ("distributor", distributor),
+    for role, who in (("store", credited["store"]), ("distributor", distributor),
                       ("salesperson", _salespeople(facts.parties, stores, distributor))):
         part = credited[["event_id", "ts", "month", "code", "sku", "consumer", "finding", "severity"]].copy()
         part["role"] = role
-        part["party_id"] = pd.Series(who, dtype=object).where(pd.notna(who), None).to_numpy(object)
-        part["amount"] = [policy.amount(text(sku), role) for sku in part["sku"]]
+        part["party_id"] = who.astype(object).where(who.notna(), None).to_numpy(object)
+        part["amount"] = part["sku"].map({sku: policy.amount(sku, role) for sku in skus}).fillna(policy.amount(None, role))
         part["status"] = "owed"
         part.loc[part["party_id"].isna(), "status"] = "unassigned"
         part.loc[part["finding"].notna(), "status"] = "withheld"
@@ -174,10 +175,10 @@ def _lines(frame: pd.DataFrame) -> list[RebateLine]:
             for r in frame.itertuples()]
 
 
-def _salespeople(parties: pd.DataFrame, stores: pd.DataFrame, distributor) -> list:
+def _salespeople(parties: pd.DataFrame, stores: pd.DataFrame, distributor: pd.Series) -> pd.Series:
     """Per credited scan: the store's salesperson_id, else its distributor's only salesperson."""
     sales = parties[parties["kind"] == "salesperson"]
     counts = sales.groupby("upstream_id").size()
     only = {d: p for p, d in sales["upstream_id"].items() if counts.get(d) == 1}
-    named = stores["salesperson_id"].to_numpy(object) if "salesperson_id" in stores else [None] * len(stores)
-    return [text(n) or only.get(d) for n, d in zip(named, distributor)]
+    fallback = distributor.map(only)
+    return stores["salesperson_id"].fillna(fallback) if "salesperson_id" in stores else fallback

@@ -19,6 +19,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
@@ -94,14 +95,18 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
         cutoff = ts.max() if len(ts) else pd.Timestamp("1970-01-01", tz="UTC")
     parties_t, regions_t = store.parties(), store.regions()
     j = judge(timeline, parties_t, regions_t, k=k)
-    party_ids = np.array(parties_t.column("party_id").to_pylist() + [None], dtype=object)
-    region_ids = np.array(regions_t.column("region_id").to_pylist() + [None], dtype=object)
+    party_ids, region_ids = parties_t.column("party_id"), regions_t.column("region_id")
+    codes, skus = timeline.units.column("code"), timeline.units.column("sku")
+    event_ids, times = timeline.events.column("event_id"), timeline.events.column("ts")
     kind = encode(parties_t.column("kind"), pa.array(KINDS))
-    units = timeline.units.to_pandas()
     n = len(timeline)
     pos = np.arange(n)
     start = timeline.unit_starts()
     unit = timeline.unit.astype(np.int64)
+
+    def at(rows: np.ndarray, values: pa.ChunkedArray) -> pa.Array:
+        """values of the events of timeline rows (null where row < 0)."""
+        return _take(values, np.where(rows >= 0, timeline.event[np.maximum(rows, 0)], -1))
 
     holder_kind = np.where(j.holder >= 0, kind[np.maximum(j.holder, 0)], -1)
     store_row = (holder_kind == STORE) & (j.action != SCAN)
@@ -109,52 +114,62 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
     last_store = np.where(last_store >= start, last_store, -1)
     crossing = np.full(timeline.units.num_rows, n, np.int64)
     crossing[j.findings["unit"].to_numpy(np.int64)] = j.findings["row"].to_numpy(np.int64)
-    severity = np.full(timeline.units.num_rows, None, dtype=object)
-    severity[j.findings["unit"].to_numpy(np.int64)] = j.findings["severity"].to_numpy(object)
+    severity = np.full(timeline.units.num_rows, -1, np.int64)
+    severity[j.findings["unit"].to_numpy(np.int64)] = (j.findings["severity"].to_numpy(object) == "suspected")
     diverted = pos >= crossing[unit]
-    event_ids = timeline.event_column("event_id")
+    severities = pa.array(["confirmed", "suspected"])
 
     rows = np.flatnonzero(store_row)
-    sell_in = pd.DataFrame({"unit": unit[rows], "store": party_ids[j.holder[rows]], "row": rows})
-    sell_in = sell_in.drop_duplicates(["unit", "store"])
-    rows = sell_in["row"].to_numpy()
-    sell_in = pd.DataFrame({"code": units["code"].to_numpy()[unit[rows]], "sku": units["sku"].to_numpy()[unit[rows]],
-                            "store": sell_in["store"].to_numpy(), "ts": ts[rows], "diverted": diverted[rows]})
+    first = pd.DataFrame({"unit": unit[rows], "store": j.holder[rows]}).duplicated().to_numpy()
+    rows = rows[~first]
+    sell_in = _frame(code=_take(codes, unit[rows]), sku=_take(skus, unit[rows]), store=_take(party_ids, j.holder[rows]),
+                     ts=at(rows, times), diverted=diverted[rows])
 
     scans = np.flatnonzero(j.action == SCAN)
     rows = scans[np.unique(unit[scans], return_index=True)[1]] if len(scans) else scans
     seller = last_store[rows]
-    sold_by = np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)
-    sku = units["sku"].to_numpy()[unit[rows]]
-    products = store.stored("products", pa.array(pd.unique(sku[pd.notna(sku)]).tolist(), pa.string())).to_pandas()
-    price = pd.Series(sku).map(products.set_index("sku")["unit_price"]).fillna(0.0).to_numpy(float)
-    finding = np.where(diverted[rows], event_ids[np.minimum(crossing[unit[rows]], max(n - 1, 0))], None)
-    sell_out = pd.DataFrame({
-        "event_id": event_ids[rows], "code": units["code"].to_numpy()[unit[rows]], "sku": sku, "unit_price": price,
-        "consumer": party_ids[j.party[rows]], "ts": ts[rows], "region_id": region_ids[j.location[rows]],
-        "store": party_ids[sold_by], "finding": finding,
-        "severity": np.where(diverted[rows], severity[unit[rows]], None)})
+    sku = _take(skus, unit[rows])
+    products = store.stored("products", pc.unique(pc.drop_null(sku)))
+    price = pc.fill_null(_take(products.column("unit_price"), encode(sku, products.column("sku").combine_chunks())), 0.0)
+    sell_out = _frame(
+        event_id=at(rows, event_ids), code=_take(codes, unit[rows]), sku=sku, unit_price=price,
+        consumer=_take(party_ids, j.party[rows]), ts=at(rows, times), region_id=_take(region_ids, j.location[rows]),
+        store=_take(party_ids, np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
+        finding=at(np.where(diverted[rows], crossing[unit[rows]], -1), event_ids),
+        severity=_take(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
 
     opens = np.flatnonzero(j.action == OPEN)
     rows = opens[np.unique(unit[opens], return_index=True)[1]] if len(opens) else opens
-    opened = pd.DataFrame({"code": units["code"].to_numpy()[unit[rows]], "party": party_ids[j.party[rows]],
-                           "ts": ts[rows], "region_id": region_ids[j.location[rows]]})
+    opened = _frame(code=_take(codes, unit[rows]), party=_take(party_ids, j.party[rows]), ts=at(rows, times),
+                    region_id=_take(region_ids, j.location[rows]))
 
     f = j.findings
     rows = f["row"].to_numpy(np.int64)
     exit_via = f["exit_via"].to_numpy(np.int64)
-    home = encode(parties_t.column("region_id"), regions_t.column("region_id").combine_chunks())
-    findings = pd.DataFrame({
-        "code": units["code"].to_numpy()[f["unit"].to_numpy(np.int64)], "responsible": party_ids[j.distributor[rows]],
-        "exit_via": party_ids[exit_via], "from_region": region_ids[np.where(exit_via >= 0, home[exit_via], -1)],
-        "to_region": region_ids[j.after[rows]], "severity": f["severity"].to_numpy(object),
-        "crossing_event_id": event_ids[rows] if len(rows) else np.zeros(0, object), "ts": ts[rows]})
+    home = encode(parties_t.column("region_id"), region_ids.combine_chunks())
+    findings = _frame(
+        code=_take(codes, f["unit"].to_numpy(np.int64)), responsible=_take(party_ids, j.distributor[rows]),
+        exit_via=_take(party_ids, exit_via), from_region=_take(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
+        to_region=_take(region_ids, j.after[rows]), severity=_take(severities, severity[f["unit"].to_numpy(np.int64)]),
+        crossing_event_id=at(rows, event_ids), ts=at(rows, times))
 
     parties = parties_t.to_pandas().set_index("party_id")
     parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
     regions = regions_t.to_pandas().set_index("region_id")
     regions["depth"] = _depths(regions["parent_id"])
     return SalesFacts(parties, regions, sell_in, sell_out, opened, findings, cutoff)
+
+
+def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
+    """values[rows], null where a row is negative."""
+    rows = np.asarray(rows, np.int64)
+    return pc.take(values, pa.array(rows, mask=rows < 0))
+
+
+def _frame(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pd.DataFrame:
+    """A DataFrame of arrow columns (strings stay arrow-backed) and numpy ones."""
+    return pa.table({name: value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
+                     for name, value in columns.items()}).to_pandas()
 
 
 def _depths(parent: pd.Series) -> pd.Series:

@@ -155,3 +155,13 @@ def test_region_sell_through_and_matrix(world_store):
     assert sum(r.diversions_in for r in cities.rows) == sum(r.diversions_out for r in cities.rows) == 15
     with pytest.raises(ValueError):
         region_sell_through(world_store, period="fortnight")
+
+
+def test_a_stores_own_salesperson_is_credited(store, tmp_path: Path):
+    world = channel_world()
+    next(p for p in world["parties"] if p["party_id"] == "S3")["salesperson_id"] = "SP7"  # an unknown column, kept
+    load_dataset(store, write_world(world, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    report = rebates(store, policy=POLICY)
+    totals = {(t.month, t.role, t.party_id): (t.owed, t.withheld) for t in report.totals}
+    assert totals[("2024-03", "salesperson", "SP7")] == (2.0, 1.0)  # r5 and u2 owed, a5 withheld
+    assert report.unassigned == 0.0
