@@ -141,7 +141,6 @@ class Graph:
     notes: list[str] = field(default_factory=list)
     total_nodes: int | None = None
     total_edges: int | None = None
-    direction: str = "horizontal"  # how edges mostly run: horizontal (flows) or vertical (trees)
 
     def node(self, node_id: str, kind: str | None, *, label: str | None = None, title: str = "", **extra: Any) -> dict:
         if node_id not in self.nodes:
@@ -160,7 +159,7 @@ class Graph:
                 "stats": {"nodes": len(self.nodes), "edges": len(edges),
                           "nodes_total": self.total_nodes if self.total_nodes is not None else len(self.nodes),
                           "edges_total": self.total_edges if self.total_edges is not None else len(edges)},
-                "big": len(self.nodes) > 300, "direction": self.direction}
+                "big": len(self.nodes) > 300}
 
 
 def short_label(node_id: str, limit: int = 12) -> str:
@@ -285,7 +284,8 @@ def layered(graph: Graph, weight: dict[str, float] | None = None) -> None:
 
 
 def tree_layout(graph: Graph, root: str, parent: dict[str, str | None]) -> None:
-    """Top-down tree: leaves side by side in depth-first order, parents centred above."""
+    """Left-to-right tree: depth across, leaves one under another in depth-first order,
+    parents centred on their children (fits a tall panel and keeps labels apart)."""
     children: dict[str, list[str]] = defaultdict(list)
     for node_id in graph.nodes:
         p = parent.get(node_id)
@@ -309,8 +309,8 @@ def tree_layout(graph: Graph, root: str, parent: dict[str, str | None]) -> None:
             depth[child] = depth[node_id] + 1
             stack.append((child, False))
     for node_id, node in graph.nodes.items():
-        node["x"] = round(xs.get(node_id, next_leaf) * 95)
-        node["y"] = depth.get(node_id, 0) * 120
+        node["x"] = depth.get(node_id, 0) * 240
+        node["y"] = round(xs.get(node_id, next_leaf) * 48)
 
 
 def _width(units: float, most: float) -> float:
@@ -364,7 +364,7 @@ def flow_graph(edges: Sequence[FlowEdge], parties: dict[str, dict], *, max_nodes
     for node_id, kind in kinds.items():
         if node_id in groups:
             members = groups[node_id]
-            graph.node(node_id, "consumers", label=f"{len(members):,} consumers",
+            graph.node(node_id, "consumers", label=f"{len(members):,} consumer{'s' if len(members) != 1 else ''}",
                        title=f"{len(members):,} consumers supplied by {node_id[len('consumers of '):]}\n"
                              + ", ".join(sorted(members)[:12]) + (" …" if len(members) > 12 else ""),
                        value=len(members))
@@ -419,9 +419,9 @@ def region_flow_graph(groups: Sequence[dict], names: dict[str, str], *, max_node
 
 
 def cascade_graph(nodes: Sequence[CascadeNode], *, max_nodes: int = MAX_NODES) -> Graph:
-    """A referral cascade as a top-down tree (root first); edges labelled with the time of
-    the referral."""
-    graph = Graph(total_nodes=len(nodes), total_edges=max(len(nodes) - 1, 0), direction="vertical")
+    """A referral cascade as a tree (root first, on the left); edges labelled with the time
+    of the referral in small trees."""
+    graph = Graph(total_nodes=len(nodes), total_edges=max(len(nodes) - 1, 0))
     shown = list(nodes[:max_nodes])
     if len(shown) < len(nodes):
         graph.notes.append(f"Capped: drawing the first {len(shown):,} of {len(nodes):,} cascade members "

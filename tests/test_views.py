@@ -101,7 +101,7 @@ def test_cascade_graph_is_a_capped_tree():
     assert "first 12 of 31" in graph["notes"][0]
     by_id = {n["id"]: n for n in graph["nodes"]}
     assert by_id["R"]["root"] is True
-    assert all(by_id[e["to"]]["y"] > by_id[e["from"]]["y"] for e in graph["edges"])  # parents above children
+    assert all(by_id[e["to"]]["x"] > by_id[e["from"]]["x"] for e in graph["edges"])  # referrers left of referees
 
 
 def test_served_pages_use_only_local_assets(world):

@@ -13,7 +13,7 @@
       color: { background: style.color, border: node.crossed ? data.crossed : shade(style.color),
                highlight: { background: style.color, border: "#111" }, hover: { background: style.color, border: "#111" } },
       font: { color: style.font || "#1b2631", size: 14, face: "system-ui, sans-serif" },
-      borderWidth: node.crossed || node.root ? 3 : 1,
+      borderWidth: node.crossed || node.root ? 3 : 1, size: 14,
     };
     if (node.root) { out.size = 22; out.font.size = 16; out.font.bold = true; }
     if (node.value) { out.size = Math.min(40, 10 + 3 * Math.sqrt(node.value)); }
@@ -53,7 +53,7 @@
     var network = new vis.Network(element, { nodes: nodes, edges: edges }, {
       physics: false,
       layout: { improvedLayout: false },
-      edges: { smooth: graph.big ? false : { type: "cubicBezier", forceDirection: graph.direction, roundness: 0.35 } },
+      edges: { smooth: graph.big ? false : { type: "cubicBezier", forceDirection: "horizontal", roundness: 0.35 } },
       interaction: { hover: true, tooltipDelay: 120, hideEdgesOnDrag: graph.big, navigationButtons: false, keyboard: false },
     });
     network.once("afterDrawing", function () {
