@@ -1,5 +1,6 @@
 """HTTP load test: N concurrent clients for S seconds against `channelgraph serve` on loopback.
 
+    .venv/bin/pip install -e '.[bench]'                                   # the aiohttp client
     .venv/bin/python -m bench.http_load                                   # 50 clients x 30 s, scale 1, embedded
     .venv/bin/python -m bench.http_load --clients 100 --seconds 60 --neo4j bolt://127.0.0.1:7687
 
@@ -199,6 +200,10 @@ def main() -> None:
     parser.add_argument("--neo4j", help="also load into and serve from this Neo4j (not wiped)")
     parser.add_argument("--no-write", action="store_true", help="print the results only")
     args = parser.parse_args()
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.http_load needs aiohttp: .venv/bin/pip install -e '.[bench]'") from None
 
     from graph.embedded import EmbeddedStore
     from graph.settings import Settings
