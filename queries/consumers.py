@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from graph.errors import NotFound
 from queries.common import iso
 from queries.influence import attribute
-from queries.sales import sales_facts, text, utc
+from queries.sales import iso_times, sales_facts, text, utc
 
 STAGES = ("acquired", "activated", "retained", "revenue", "related", "referral")
 NEXT_ACTION = {"acquired": "first purchase", "activated": "repurchase", "retained": "bulk purchase",
@@ -87,7 +87,9 @@ def lifecycle(store, *, stage: str | None = None, segment: str | None = None,
     if segment is not None and segment not in SEGMENT_NAMES:
         raise ValueError(f"segment {segment!r}: expected one of {', '.join(SEGMENT_NAMES)}")
     inputs = _inputs(store)
-    table = _lifecycle(*inputs, as_of=utc(as_of) or _latest(*inputs[1:]), bulk_units=bulk_units, top_value=top_value)
+    consumers, purchases, referrals = inputs
+    table = _lifecycle(consumers, purchases, _edges(referrals), as_of=utc(as_of) or _latest(purchases, referrals),
+                       bulk_units=bulk_units, top_value=top_value)
     if stage is not None:
         table = table[table["stage"] == stage]
     if segment is not None:
@@ -110,11 +112,12 @@ def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value
     if seen.empty:
         return []
     first_seen = seen.groupby("party_id")["ts"].min().reindex(consumers.index)
+    edges = _edges(referrals)
     rows = []
     for label in pd.period_range(seen["ts"].min().tz_convert(None), latest.tz_convert(None), freq=freq):
         end = min(label.end_time.tz_localize("UTC"), latest)
         known = consumers[first_seen.isna() | (first_seen <= end)]
-        table = _lifecycle(known, purchases, referrals, as_of=end, bulk_units=bulk_units, top_value=top_value)
+        table = _lifecycle(known, purchases, edges, as_of=end, bulk_units=bulk_units, top_value=top_value)
         reached = table["stage"].map(STAGES.index)
         rows.append({"period": str(label), "as_of": iso(end),
                      **{s: int((reached >= i).sum()) for i, s in enumerate(STAGES)}})
@@ -127,7 +130,7 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
     if party_id not in consumers.index:
         raise NotFound(f"consumer {party_id!r} is not stored")
     as_of = _latest(purchases, referrals)
-    row = _lifecycle(consumers, purchases, referrals, as_of=as_of, bulk_units=bulk_units,
+    row = _lifecycle(consumers, purchases, _edges(referrals), as_of=as_of, bulk_units=bulk_units,
                      top_value=top_value).loc[[party_id]].reset_index().to_dict("records")[0]
     life = _model(row)
     sold = sales_facts(store).sell_out.set_index("code")["store"]
@@ -174,7 +177,14 @@ def _latest(purchases: pd.DataFrame, referrals: pd.DataFrame) -> pd.Timestamp:
     return times.max() if len(times) else pd.Timestamp("1970-01-01", tz="UTC")
 
 
-def _lifecycle(consumers: pd.DataFrame, purchases: pd.DataFrame, referrals: pd.DataFrame, *, as_of: pd.Timestamp,
+def _edges(referrals: pd.DataFrame) -> pd.DataFrame:
+    """The first-touch attribution edges (referrer, referee, ts). Attribution only looks
+    back, so the edges known at any time are these with ts up to it."""
+    forest = attribute(referrals).forest
+    return pd.DataFrame([(u, v, ts) for u, v, ts in forest.edges(data="ts")], columns=["referrer", "referee", "ts"])
+
+
+def _lifecycle(consumers: pd.DataFrame, purchases: pd.DataFrame, edges: pd.DataFrame, *, as_of: pd.Timestamp,
                bulk_units: int, top_value: float) -> pd.DataFrame:
     """One row per consumer (indexed by party_id): the ConsumerLifecycle fields."""
     bought = purchases[purchases["ts"] <= as_of]
@@ -187,8 +197,7 @@ def _lifecycle(consumers: pd.DataFrame, purchases: pd.DataFrame, referrals: pd.D
         table[column] = table[column].fillna(0).astype(int)
     table["monetary"] = table["monetary"].fillna(0.0).round(2)
 
-    forest = attribute(referrals[referrals["ts"] <= as_of]).forest
-    edges = pd.DataFrame([(u, v, ts) for u, v, ts in forest.edges(data="ts")], columns=["referrer", "referee", "ts"])
+    edges = edges[edges["ts"] <= as_of]
     first_after = edges.merge(bought[["party_id", "ts"]].rename(columns={"party_id": "referee", "ts": "bought"}), on="referee")
     converted = first_after[first_after["bought"] >= first_after["ts"]].drop_duplicates(["referrer", "referee"])
     table["converted_referrals"] = converted.groupby("referrer").size().reindex(table.index, fill_value=0).astype(int)
@@ -218,8 +227,7 @@ def _lifecycle(consumers: pd.DataFrame, purchases: pd.DataFrame, referrals: pd.D
         hit = rule(r, fm) & ~assigned
         table.loc[hit, "segment"] = name
         assigned |= hit
-    table["first_purchase"] = [None if pd.isna(t) else iso(t) for t in table["first"]]
-    table["last_purchase"] = [None if pd.isna(t) else iso(t) for t in table["last"]]
+    table["first_purchase"], table["last_purchase"] = iso_times(table["first"]), iso_times(table["last"])
     return table.drop(columns=["first", "last"]).sort_index()
 
 

@@ -73,6 +73,15 @@ def text(value: object) -> str | None:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
+def iso_times(times: pd.Series) -> list[str | None]:
+    """UTC times as ISO 8601 with `Z` (microseconds only when non-zero), None when missing;
+    vectorised `queries.common.iso`."""
+    whole = times.dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    fraction = times.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    text_ = whole.where(times.dt.microsecond == 0, fraction)
+    return [None if pd.isna(t) else t for t in text_]
+
+
 def utc(moment: datetime | str | None) -> pd.Timestamp | None:
     """A moment as a UTC pandas Timestamp (a time without offset is UTC)."""
     if moment is None:
