@@ -323,7 +323,8 @@ def _register_subcommands() -> None:
     app.add_typer(neo4j_app, name="neo4j", help="Run a local Neo4j 5.26 server (needs Java 17 and Maven).")
 
 
-_register_subcommands()
+if __name__ != "__main__":  # under `python -m api.cli`, the importable module does it (see the end)
+    _register_subcommands()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,5 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the importable api.cli: the subcommand modules import that one back
+    from api.cli import main as run
+
+    sys.exit(run())
