@@ -215,6 +215,10 @@ def test_upload_needs_the_key_and_changes_answers(world, tmp_path: Path):
     # H1 was only scanned inside the territory; a scan in Nanjing with no store inside is suspected
     assert client.get("/api/trace/H1").json()["diversion"]["severity"] == "suspected"
     assert client.get("/api/diversions").json()["total"] == len(DIVERTED) + 1
+    link = "https://id.gs1.org/01/09506000134352/21/7"  # a GS1 Digital Link: a code with slashes
+    rows = {"tables": {"codes": [{"code": link, "level": "unit", "parent_code": "CH"}]}}
+    assert client.post("/api/datasets", json=rows, headers={"X-API-Key": KEY}).json()["accepted"]["codes"] == 1
+    assert client.get(f"/api/trace/{link}").json()["ancestors"] == ["CH"]
 
 
 def test_a_load_by_another_process_is_noticed(world, tmp_path: Path):
