@@ -218,7 +218,8 @@ class ApiService:
     @property
     def store(self) -> Store:
         """The live store; an embedded store is re-opened when another process loaded a new
-        version (checked at most once a second)."""
+        version (checked at most once a second). If that version cannot be opened, the
+        checking request fails (StoreError, 503) and the last good version keeps answering."""
         store = self._store
         if _is_embedded(store) and time.monotonic() - self._checked_at > 1.0:
             self._checked_at = time.monotonic()

@@ -250,3 +250,14 @@ def test_openapi_documents_every_endpoint_and_error(client):
                 assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), (path, status)
     models = set(document["components"]["schemas"])
     assert {"ErrorResponse", "TraceResult", "FindingsPage", "DiversionGroups", "Cascade"} <= models
+
+
+def test_an_unreadable_store_answers_503(tmp_path: Path):
+    folder = tmp_path / "store"
+    load_dataset(EmbeddedStore(folder), write_world(channel_world(), tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    client = TestClient(create_app(Settings(store=folder)))
+    assert client.get("/api/ready").json()["ready"] is True
+    (folder / "CURRENT").write_text("v999999")  # the live version vanished
+    time.sleep(1.1)
+    assert "v999999" in error_of(client.get("/api/ready"), 503)
+    assert client.get("/api/trace/A1").status_code == 200  # the last good version answers until the next check
