@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,9 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / ".." / "shared" / "epcis-examples"
 PAIRS = ("ObjectEvent", "AggregationEvent", "TransactionEvent", "TransformationEvent", "Combination_of_different_event")
 CONTEXT = "https://ref.gs1.org/standards/epcis/epcis-context.jsonld"
-CLI = str(Path(sys.executable).with_name("channelgraph"))  # the console script, as users run it
-
-pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="../shared/epcis-examples is not checked out beside the repo")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -61,8 +56,8 @@ def _rejects(report) -> list[dict]:
     return [json.loads(line) for line in Path(report.rejects_path).read_text().splitlines()]
 
 
-def _stored(store, table: str, key: str, ids: list[str]) -> list[dict]:
-    return store.stored(table, pa.array(ids, pa.string())).to_pylist()
+def _stored(store, table: str, keys: list[str]) -> list[dict]:
+    return store.stored(table, pa.array(keys, pa.string())).to_pylist()
 
 
 # ---------------------------------------------------------------- identifiers and vocabulary
@@ -265,12 +260,12 @@ def test_pharma_commission_pack_ship_traces_end_to_end(store, tmp_path):
     result = trace(store, unit)
     # commission (lot, sku, time) -> pack (unit in case in pallet) -> ship (factory to distributor)
     assert (result.level, result.sku, result.batch) == ("unit", "00300010123455", "A123")
-    assert _stored(store, "codes", "code", [unit])[0]["produced_at"].isoformat() == "2023-03-27T06:45:16+00:00"
+    assert _stored(store, "codes", [unit])[0]["produced_at"].isoformat() == "2023-03-27T06:45:16+00:00"
     assert result.ancestors == [case, pallet]
     assert [(h.action, h.party_id, h.counterparty_id, h.code, h.ts, h.to_region_id) for h in result.path] == [
         ("ship", "MFG", "W", pallet, "2023-04-01T07:48:16Z", "KY")]
     assert result.assigned_distributor == "W" and result.diversion is None
-    levels = {c["code"]: c["level"] for c in _stored(store, "codes", "code", [case, pallet])}
+    levels = {c["code"]: c["level"] for c in _stored(store, "codes", [case, pallet])}
     assert levels == {case: "case", pallet: "pallet"}
 
 
@@ -349,7 +344,7 @@ def channel(store, tmp_path):
 
 def test_commissioning_and_aggregation_build_the_codes(channel):
     store, report = channel
-    codes = {c["code"]: c for c in _stored(store, "codes", "code", [canonical_id(c) for c in (U1, U2, CASE, PALLET)])}
+    codes = {c["code"]: c for c in _stored(store, "codes", [canonical_id(c) for c in (U1, U2, CASE, PALLET)])}
     u1, u2, case, pallet = (codes[canonical_id(c)] for c in (U1, U2, CASE, PALLET))
     assert (u1["level"], u1["parent_code"], u1["sku"], u1["batch"]) == ("unit", case["code"], "10614141073464", "L1")  # indicator digit 1 leads the GTIN
     assert (u2["level"], u2["parent_code"], u2["batch"]) == ("unit", case["code"], "L1")  # DELETE leaves the link
@@ -382,7 +377,7 @@ def test_the_diversion_is_judged_on_epcis_events(channel):
 
 def test_error_declaration_retracts_without_deleting(channel, tmp_path):
     store, report = channel
-    events = {e["event_type"]: e for e in _stored(store, "epcis_events", "event_id", _channel_event_ids(tmp_path))}
+    events = {e["event_type"]: e for e in _stored(store, "epcis_events", _channel_event_ids(tmp_path))}
     consumed = [e for e in trace(store, canonical_id(U2)).events if e["action"] == "scan"]
     assert consumed == []  # the consuming scan is retracted: it leaves the timeline
     assert report.accepted["retractions"] == 2  # the event and the one scan derived from it
@@ -398,7 +393,7 @@ def _channel_event_ids(tmp_path: Path) -> list[str]:
 
 def test_transactions_and_transformations_keep_their_lists(channel, tmp_path):
     store, _ = channel
-    events = _stored(store, "epcis_events", "event_id", _channel_event_ids(tmp_path))
+    events = _stored(store, "epcis_events", _channel_event_ids(tmp_path))
     transaction = json.loads(next(e for e in events if e["event_type"] == "TransactionEvent")["document"])
     transformation = json.loads(next(e for e in events if e["event_type"] == "TransformationEvent")["document"])
     assert transaction["bizTransactionList"][0]["bizTransaction"] == "urn:epcglobal:cbv:bt:0614141000036:INV1"
@@ -439,7 +434,7 @@ def test_a_later_document_that_only_observes_a_case_keeps_its_level(store, tmp_p
     _write_csv(day2 / "codes.csv", [{"code": canonical_id(own_case), "level": "case"}])
     report = load_dataset(store, day2, rejects_dir=tmp_path / "r2")
     assert report.rejects_path is None, _rejects(report)
-    levels = {c["code"]: c["level"] for c in _stored(store, "codes", "code", [canonical_id(CASE), canonical_id(own_case)])}
+    levels = {c["code"]: c["level"] for c in _stored(store, "codes", [canonical_id(CASE), canonical_id(own_case)])}
     assert levels == {canonical_id(CASE): "case", canonical_id(own_case): "case"}
     assert [h.action for h in trace(store, canonical_id(U1)).path] == ["ship"]
 
@@ -593,7 +588,8 @@ def test_exported_evidence_chain_loads_back_to_the_same_finding(channel, make_st
     assert reloaded.diversion.severity == "confirmed" and reloaded.diversion.responsible == "D"
 
 
-def test_export_command_writes_the_document(tmp_path):
+def test_export_command_writes_the_document(tmp_path, capsys):
+    from api.cli import main
     from graph.embedded import EmbeddedStore
 
     store = EmbeddedStore(tmp_path / "store")
@@ -601,10 +597,11 @@ def test_export_command_writes_the_document(tmp_path):
     load_dataset(store, folder, rejects_dir=tmp_path / "rejects")
     store.close()
     out = tmp_path / "finding.jsonld"
-    done = subprocess.run([CLI, "export", "epcis", canonical_id(U1), "--store", str(store.path),
-                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert main(["export", "epcis", canonical_id(U1), "--store", str(store.path), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["cg:finding"]["code"] == canonical_id(U1)
-    missing = subprocess.run([CLI, "export", "epcis", canonical_id(U1) + "x", "--store",
-                              str(store.path)], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert missing.returncode != 0 and missing.stderr.count("\n") == 1 and "unknown code" in missing.stderr
+    capsys.readouterr()
+    assert main(["export", "epcis", canonical_id(U1), "--store", str(store.path)]) == 0
+    assert json.loads(capsys.readouterr().out)["epcisBody"]["eventList"][-1]["bizStep"] == "retail_selling"
+    assert main(["export", "epcis", canonical_id(U1) + "x", "--store", str(store.path)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "unknown code" in error
