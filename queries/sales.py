@@ -48,12 +48,11 @@ class SalesFacts:
             raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
         depth = LEVELS[level]
         parent = self.regions["parent_id"]
-        current = region_ids.astype(object)
+        current = pd.Series(self.regions.index, index=self.regions.index, dtype=object)  # each stored region's
         for _ in range(int(self.regions["depth"].max()) if len(self.regions) else 0):
-            d = current.map(self.regions["depth"])
             up = current.map(parent)
-            current = current.where(~(d > depth) | up.isna(), up)
-        return current
+            current = current.where(~(current.map(self.regions["depth"]) > depth) | up.isna(), up)
+        return region_ids.map(current)
 
     def under(self, region_ids: pd.Series, root: str) -> pd.Series:
         """Per region id: it is `root` or lies below it."""
