@@ -65,7 +65,7 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     """Modified z-scores of `values` (Iglewicz-Hoaglin; mean-absolute-deviation fallback).
 
     >>> robust_z(np.array([10.0, 11, 9, 10, 40])).round(2).tolist()
-    [0.0, 0.67, -0.67, 0.0, 20.23]
+    [0.0, 0.67, -0.67, 0.0, 20.24]
     """
     if not len(values):
         return values.astype(float)
