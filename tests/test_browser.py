@@ -41,6 +41,7 @@ DRAWN = """(name) => {
   const red = window.cg.data.crossed;
   return {nodes: g.nodes.getIds().sort(), edges: g.edges.get().map(e => [e.from, e.to]),
           red: g.edges.get().filter(e => e.color.color === red).map(e => [e.from, e.to]),
+          tooltips: g.edges.get().filter(e => e.color.color === red).map(e => e.title),
           positioned: Object.keys(g.network.getPositions()).length, ink: ink};
 }"""
 
@@ -74,14 +75,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(world: Path) -> Iterator[str]:
+def server(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`channelgraph serve` on a free loopback port; its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-c", "import sys; from api.cli import main; sys.exit(main(sys.argv[1:]))",
                "serve", "--store", str(world), "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -92,7 +94,7 @@ def server(world: Path) -> Iterator[str]:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the server did not start: {process.stderr.read().decode()[-2000:]}")
+            pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
         time.sleep(0.2)
     yield base
     process.terminate()
@@ -141,6 +143,8 @@ def test_trace_view(browser, server):
     assert_graph(view.drawn("main"), {"F1", "D1", "S3", "wx-a1"},
                  {("F1", "D1"), ("D1", "S3"), ("S3", "wx-a1")}, red={("D1", "S3")})
     assert view.page.locator("#hops tr.crossed td").first.inner_text().startswith("2024-02-03")
+    hover = view.drawn("main")["tooltips"][0]  # what hovering the red edge shows
+    assert "ship a3 on CA: D1" in hover and "S3" in hover and "CROSSED" in hover
     view.page.fill("input[name=code]", "SS1")  # search another code
     view.page.click("form.controls button")
     view.wait()
