@@ -10,6 +10,7 @@ Another module adds its routes by appending its APIRouter to `ROUTERS`.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, time
@@ -224,12 +225,14 @@ ROUTERS: list[APIRouter] = [api, pages, analytics_routes.router]  # another feat
 def create_app(settings: Settings | None = None, *, store: Store | None = None,
                routers: Sequence[APIRouter] = ROUTERS, cache_ttl: float = 30.0) -> FastAPI:
     """The application over `store`, or over the store `settings` names (opened now, so a
-    bad store fails at start-up, and closed at shutdown)."""
+    bad store fails at start-up, and closed at shutdown). At start-up the store's findings
+    are judged in the background, so the first diversion pages need not wait."""
     settings = settings or Settings()
     service = ApiService.from_settings(settings, store=store, cache_ttl=cache_ttl)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=service.warm, name="warm-findings", daemon=True).start()
         yield
         service.close()
 

@@ -308,6 +308,20 @@ class ApiService:
 
         return self.results.get(key, judge, ttl)
 
+    def findings_if_judged(self) -> list[DiversionFinding]:
+        """The store's findings if they are already judged (and cached), else none: for
+        pages that merely show examples and must not wait for a judgement."""
+        key, ttl = self._key("findings", self.k)
+        index = self.results.peek(key, ttl)
+        return [] if index is _MISSING else index.findings
+
+    def warm(self) -> None:
+        """Judge the store now (the server calls this in the background at start-up)."""
+        try:
+            self.finding_index()
+        except Exception:  # noqa: BLE001 - a request will meet the same error and report it
+            log.warning("warming the findings of %s failed", self._store.uri, exc_info=True)
+
     def selected(self, filters: DiversionFilters, sort: str = "code", k: int | None = None) -> tuple[FindingIndex, np.ndarray]:
         """The finding index and the positions of the findings passing `filters`."""
         if sort not in SORTS:

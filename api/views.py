@@ -449,7 +449,7 @@ def cascade_graph(nodes: Sequence[CascadeNode], *, max_nodes: int = MAX_NODES) -
 def trace_page(svc: ApiService, code: str | None, *, k: int | None = None, inline: bool = False) -> Page:
     """Search a code -> its custody graph, hops and diversion verdict."""
     title = f"Trace {code}" if code else "Trace a code"
-    examples = [f.code for f in _safe_findings(svc)[:8]]
+    examples = [f.code for f in svc.findings_if_judged()[:8]]
     if not code:
         return render("trace.html", title=title, data={"view": "trace", "graphs": {}}, inline=inline,
                       source=svc.store.uri, code="", result=None, examples=examples)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,19 @@ def test_viz_command_writes_a_file_or_says_why_not(world, tmp_path: Path, capsys
     assert not (tmp_path / "x.html").exists()
     assert main(["viz", "diversions", "--severity", "maybe", "--store", str(world.path), "--out", str(tmp_path / "d.html")]) == 1
     assert "severity 'maybe'" in capsys.readouterr().err
+
+
+def test_trace_page_examples_never_wait_for_a_judgement(world):
+    svc = ApiService(world)
+    assert "diverted, for example" not in views.trace_page(svc, None).html  # nothing judged yet
+    svc.finding_index()
+    assert "diverted, for example" in views.trace_page(svc, None).html
+
+
+def test_the_server_judges_the_store_at_start_up(world):
+    app = create_app(Settings(store=world.path))
+    with TestClient(app):  # runs the lifespan, as uvicorn does
+        deadline = time.monotonic() + 30
+        while not app.state.service.findings_if_judged() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(app.state.service.findings_if_judged()) == 15  # the channel world's (O1 was diverted already)
