@@ -230,13 +230,14 @@ def _json_events(path: Path, text: str) -> list[_Event] | None:
         return None
     body = doc["epcisBody"]
     if "queryResults" in body:
-        events = ((body.get("queryResults") or {}).get("resultsBody") or {}).get("eventList") or []
+        events = _dig(body, "queryResults", "resultsBody", "eventList")
     elif "event" in body:
         events = [body["event"]]
     else:
-        events = body.get("eventList") or []
+        events = body.get("eventList")
+    events = [] if events is None else events
     if not isinstance(events, list):
-        raise DatasetError(f"{path}: epcisBody eventList is not a list")
+        raise DatasetError(f"{path}: the eventList of epcisBody is not a list")
     context = doc.get("@context")
     prefixes = {k: v for c in (context if isinstance(context, list) else [context])
                 if isinstance(c, dict) for k, v in c.items() if isinstance(v, str)}
@@ -247,6 +248,13 @@ def _json_events(path: Path, text: str) -> list[_Event] | None:
             event = {"type": None, "value": event}
         out.append(_Event(event, line, prefixes, context))
     return out
+
+
+def _dig(node: Any, *keys: str) -> Any:
+    """node[k1][k2]..., or None where a level is missing or not an object."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def _curies_expanded(value: Any) -> Any:

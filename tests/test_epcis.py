@@ -538,6 +538,7 @@ def test_a_generated_scenario_as_epcis_gives_the_same_diversions(tmp_path):
 
 @pytest.mark.parametrize("name, text, message", [
     ("broken.json", '{"epcisBody": {"eventList": [\n  {"type": "ObjectEvent",}\n]}}', "broken.json:2:"),
+    ("notalist.json", '{"epcisBody": {"eventList": "x"}}', "notalist.json: the eventList of epcisBody is not a list"),
     ("broken.xml", "<epcis:EPCISDocument xmlns:epcis='urn:epcglobal:epcis:xsd:2'>\n<EPCISBody>\n</epcis:EPCISDocument>",
      "broken.xml:3: invalid XML"),
     ("bomb.xml", '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>\n'
@@ -558,6 +559,8 @@ def test_odd_shapes_are_kept_not_crashed_on(tmp_path):
                  sourceList=[None, 3, {"type": {"a": 1}, "source": F_SITE}])
     tables = _read(tmp_path, [odd, "not an event"])
     assert len(tables["epcis_events"]) == 1
+    (tmp_path / "query.json").write_text(json.dumps({"epcisBody": {"queryResults": [{"resultsBody": {}}]}}))
+    assert sum(t.data.num_rows for t in read_epcis(tmp_path / "query.json")) == 0
     rejects = [t for t in read_epcis(tmp_path / "doc.json") if t.table == "epcis_events"][0].rejects
     assert [r.reason for r in rejects] == ["unknown event type None: expected one of " + ", ".join(
         ("ObjectEvent", "AggregationEvent", "TransactionEvent", "TransformationEvent", "AssociationEvent"))]
