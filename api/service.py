@@ -271,19 +271,14 @@ class ApiService:
     # ------------------------------------------------------------ trace and flow
 
     def trace(self, code: str, k: int | None = None) -> TraceResult:
-        return self._trace_entry(code, k)[0]
-
-    def trace_json(self, code: str, k: int | None = None) -> bytes:
-        return self._trace_entry(code, k)[1]
+        key, ttl = self._key("trace", code, k or self.k)
+        return self.traces.get(key, lambda: self._traced(code, k or self.k), ttl)[0]
 
     async def trace_json_async(self, code: str, k: int | None = None) -> bytes:
+        """The trace as JSON, for the event loop: at once when cached, else computed in a worker thread."""
         key, ttl = self._key("trace", code, k or self.k)
         entry = await self.traces.aget(key, lambda: self._traced(code, k or self.k), ttl)
         return entry[1]
-
-    def _trace_entry(self, code: str, k: int | None) -> tuple[TraceResult, bytes]:
-        key, ttl = self._key("trace", code, k or self.k)
-        return self.traces.get(key, lambda: self._traced(code, k or self.k), ttl)
 
     def _traced(self, code: str, k: int) -> tuple[TraceResult, bytes]:
         result = trace(self.store, code, k=k)
