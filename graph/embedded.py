@@ -120,14 +120,36 @@ class EmbeddedStore:
     def timelines(self, units: Sequence[str] | None = None) -> Timeline:
         """Timelines of the given codes (any level; unknown ones are left out), or of every
         unit when `units` is None. Cost grows with the units asked for, not the store."""
+        if units is None:
+            return self._timeline(np.flatnonzero(self._levels(None) == 0))
+        rows = self.code_rows(units)
+        return self._timeline(np.unique(rows[rows >= 0]))
+
+    def timeline_batches(self, max_units: int = 1_000_000) -> Iterator[Timeline]:
+        """Timelines of every unit in batches of about `max_units`, each holding whole
+        top-level packages (pallets, or cases not on a pallet), so a rule that looks across
+        a case sees all of it. Bounds memory on big stores."""
+        units = np.flatnonzero(self._levels(None) == 0)
+        parent = self._numpy("codes", "parent_idx")
+        top = units.copy()
+        for _ in range(len(LEVELS)):
+            up = parent[top]
+            top = np.where(up >= 0, up, top)
+        order = np.argsort(top, kind="stable")
+        units, top = units[order], top[order]
+        start = 0
+        while start < len(units):
+            end = min(start + max_units, len(units))
+            while end < len(units) and top[end] == top[end - 1]:
+                end += 1
+            yield self._timeline(np.sort(units[start:end]))
+            start = end
+
+    def _timeline(self, unit_rows: np.ndarray) -> Timeline:
+        """Timelines of the units at these code rows (ascending)."""
         codes, scans = self.table("codes"), self.table("scans")
         parent = self._numpy("codes", "parent_idx")
         code_idx = self._numpy("scans", "code_idx")
-        if units is None:
-            unit_rows = np.flatnonzero(self._levels(None) == 0)
-        else:
-            unit_rows = self.code_rows(units)
-            unit_rows = np.unique(unit_rows[unit_rows >= 0])
         unit_parts, event_parts = [], []
         positions, ancestor = np.arange(len(unit_rows)), unit_rows.copy()
         case = np.full(len(unit_rows), -1, np.int64)

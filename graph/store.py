@@ -1,12 +1,14 @@
 """The store interface and its factory. Only `graph.neo4j_store` imports `neo4j`."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
 if TYPE_CHECKING:
     from graph.settings import Settings
+    from graph.timeline import Timeline
     from loaders.validate import Validated
 
 
@@ -26,6 +28,13 @@ class Store(Protocol):
 
     def apply(self, validated: Validated) -> None:
         """Merge validated rows atomically: all of them become visible, or none do."""
+
+    def timelines(self, units: Sequence[str] | None = None) -> Timeline:
+        """Timelines (graph/timeline.py) of the given codes, or of every unit."""
+
+    def timeline_batches(self) -> Iterator[Timeline]:
+        """Timelines covering every unit the diversion judge must see, in batches that each
+        hold whole cases."""
 
     def counts(self) -> dict[str, int]:
         """Rows held per table."""

@@ -53,9 +53,10 @@ def trusted_models(model: type[M], columns: dict[str, list]) -> list[M]:
     return out
 
 
-def judging_context(store, timeline: Timeline) -> tuple[pa.Table, pa.Table]:  # noqa: ANN001 - any Store
-    """The parties named by the timeline's events, and the whole region tree."""
-    seen = np.zeros(timeline.events.num_rows, bool)
+def judging_context(store, timeline: Timeline, *, all_events: bool = False) -> tuple[pa.Table, pa.Table]:  # noqa: ANN001
+    """The parties named by the timeline's events (or by every row of `timeline.events`),
+    and the whole region tree."""
+    seen = np.ones(timeline.events.num_rows, bool) if all_events else np.zeros(timeline.events.num_rows, bool)
     seen[timeline.event] = True
     rows = pa.array(np.flatnonzero(seen))
     events = timeline.events

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -119,10 +120,31 @@ class Judgement:
         return out
 
 
-def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3) -> Judgement:
+@dataclass
+class EventCodes:
+    """Per row of an events table: action rank and the rows of its party and counterparty
+    (in `parties`) and region (in `regions`), -1 where absent or unknown."""
+
+    events: pa.Table
+    action: np.ndarray
+    party: np.ndarray
+    counterparty: np.ndarray
+    region: np.ndarray
+
+    @classmethod
+    def of(cls, events: pa.Table, parties: pa.Table, regions: pa.Table) -> EventCodes:
+        party_ids = parties.column("party_id").combine_chunks()
+        return cls(events, encode(events.column("action"), pa.array(ACTIONS)),
+                   encode(events.column("party_id"), party_ids), encode(events.column("counterparty_id"), party_ids),
+                   encode(events.column("region_id"), regions.column("region_id").combine_chunks()))
+
+
+def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3,
+          codes: EventCodes | None = None) -> Judgement:
     """Apply the diversion rules to every unit of `timeline`.
 
-    `parties` must hold every party the events name; `regions` the whole region tree.
+    `parties` must hold every party the events name; `regions` the whole region tree;
+    `codes`, when given, encodes `timeline.events` against exactly these two tables.
     Units sharing a case must be judged together for the k rule to see them all.
     """
     n = len(timeline)
@@ -130,10 +152,14 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     region_ids = regions.column("region_id").combine_chunks()
     kind = encode(parties.column("kind"), pa.array(KINDS))
     home = encode(parties.column("region_id"), region_ids)
-    action = timeline.encoded("action", pa.array(ACTIONS))
-    party = timeline.encoded("party_id", party_ids)
-    counterparty = timeline.encoded("counterparty_id", party_ids)
-    own_region = timeline.encoded("region_id", region_ids)
+    if codes is not None:
+        action, party, counterparty, own_region = (
+            column[timeline.event] for column in (codes.action, codes.party, codes.counterparty, codes.region))
+    else:
+        action = timeline.encoded("action", pa.array(ACTIONS))
+        party = timeline.encoded("party_id", party_ids)
+        counterparty = timeline.encoded("counterparty_id", party_ids)
+        own_region = timeline.encoded("region_id", region_ids)
 
     def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
         return np.where(who >= 0, values[np.maximum(who, 0)], -1)
@@ -279,29 +305,37 @@ def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray 
     return {u: hops[bounds[i]:bounds[i + 1]] for i, u in enumerate(units.tolist())}
 
 
-def judge_store(store, *, k: int = 3) -> Judgement:  # noqa: ANN001 - any Store
-    """Judge every unit the store could find diverted (all units on the embedded store)."""
-    candidates = store.diversion_candidates() if hasattr(store, "diversion_candidates") else None
-    timeline = store.timelines(candidates)
-    parties, regions = judging_context(store, timeline)
-    return judge(timeline, parties, regions, k=k)
+def judge_store(store, *, k: int = 3) -> Iterator[Judgement]:  # noqa: ANN001 - any Store
+    """Judgements covering every unit the store could find diverted, one per timeline batch
+    (each batch holds whole cases). Batches over one events table share one encoding."""
+    codes: EventCodes | None = None
+    for timeline in store.timeline_batches():
+        if codes is None or codes.events is not timeline.events:
+            parties, regions = judging_context(store, timeline, all_events=True)
+            codes = EventCodes.of(timeline.events, parties, regions)
+        yield judge(timeline, parties, regions, k=k, codes=codes)
 
 
 def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
                     since: datetime | None = None) -> list[DiversionFinding]:
-    """One finding per diverted unit, filtered by severity and crossing time (>= since)."""
+    """One finding per diverted unit (sorted by code), filtered by severity and crossing
+    time (>= since; a time without offset is UTC)."""
     if severity is not None and severity not in SEVERITIES:
         raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
-    judgement = judge_store(store, k=k)
-    frame = judgement.findings
-    keep = np.ones(len(frame), bool)
-    if severity:
-        keep &= (frame["severity"] == severity).to_numpy()
-    if since is not None:
-        ts = pd.to_datetime(judgement.timeline.event_column("ts")[frame["row"].to_numpy()], utc=True)
-        keep &= np.asarray(ts >= pd.Timestamp(since).tz_localize("UTC") if pd.Timestamp(since).tzinfo is None
-                           else ts >= pd.Timestamp(since))
-    return findings_of(judgement, units=frame["unit"].to_numpy()[keep])
+    cutoff = None if since is None else pd.Timestamp(since)
+    if cutoff is not None:
+        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    found: list[DiversionFinding] = []
+    for judgement in judge_store(store, k=k):
+        frame = judgement.findings
+        keep = np.ones(len(frame), bool)
+        if severity:
+            keep &= (frame["severity"] == severity).to_numpy()
+        if cutoff is not None and len(frame):
+            ts = pc.take(judgement.timeline.events.column("ts"), pa.array(judgement.timeline.event[frame["row"].to_numpy()]))
+            keep &= pc.greater_equal(ts, pa.scalar(cutoff.to_pydatetime(), ts.type)).to_numpy(zero_copy_only=False)
+        found += findings_of(judgement, units=frame["unit"].to_numpy()[keep])
+    return sorted(found, key=lambda f: f.code)
 
 
 def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:

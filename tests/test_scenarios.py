@@ -57,3 +57,19 @@ def test_top_super_users_by_cascade_size(loaded):
     assert [(i.party_id, i.cascade_size, i.direct, i.cascade_depth) for i in top] == [
         (u["party_id"], u["cascade_size"], u["direct"], u["cascade_depth"]) for u in answers["super_users"]]
     assert dict(attribute(store.referrals().to_pandas()).ignored) == answers["referral_noise"]
+
+
+def test_batched_judgement_equals_one_batch(scenario, tmp_path, monkeypatch):
+    """Judging in small batches of whole packages (as on big stores) changes no finding."""
+    from functools import partialmethod
+
+    from graph.embedded import EmbeddedStore
+
+    folder, answers = scenario
+    store = EmbeddedStore(tmp_path / "store")
+    load_dataset(store, folder, rejects_dir=tmp_path / "rejects")
+    whole = [f.model_dump() for f in find_diversions(store, k=answers["k"])]
+    monkeypatch.setattr(EmbeddedStore, "timeline_batches", partialmethod(EmbeddedStore.timeline_batches, max_units=37))
+    batches = list(store.timeline_batches())
+    assert len(batches) > 5
+    assert [f.model_dump() for f in find_diversions(store, k=answers["k"])] == whole
