@@ -92,16 +92,25 @@ def utc(moment: datetime | str | None) -> pd.Timestamp | None:
 def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:
     """The facts of every unit as known at `as_of` (events after it are ignored; default:
     the latest event)."""
-    timeline = store.timelines()
+    parties_t, regions_t = store.parties(), store.regions()
+    sell_in, sell_out, opened, findings, latest = _facts_of(store, store.timelines(), parties_t, regions_t, k=k,
+                                                            cutoff=utc(as_of))
+    cutoff = utc(as_of) or latest or pd.Timestamp("1970-01-01", tz="UTC")
+    parties = parties_t.to_pandas().set_index("party_id")
+    parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
+    regions = regions_t.to_pandas().set_index("region_id")
+    regions["depth"] = _depths(regions["parent_id"])
+    return SalesFacts(parties, regions, sell_in, sell_out, opened, findings, cutoff)
+
+
+def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
+              cutoff: pd.Timestamp | None) -> tuple:
+    """sell_in, sell_out, opened and findings of the units of one timeline, and its latest event time."""
     ts = pd.to_datetime(timeline.event_column("ts"), utc=True) if len(timeline) else pd.DatetimeIndex([], tz="UTC")
-    cutoff = utc(as_of)
     if cutoff is not None:
         keep = np.asarray(ts <= cutoff)
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
-        ts = ts[keep]
-    else:
-        cutoff = ts.max() if len(ts) else pd.Timestamp("1970-01-01", tz="UTC")
-    parties_t, regions_t = store.parties(), store.regions()
+    latest = ts.max() if len(ts) else None
     j = judge(timeline, parties_t, regions_t, k=k)
     party_ids, region_ids = parties_t.column("party_id"), regions_t.column("region_id")
     codes, skus = timeline.units.column("code"), timeline.units.column("sku")
@@ -160,12 +169,7 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
         exit_via=_take(party_ids, exit_via), from_region=_take(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
         to_region=_take(region_ids, j.after[rows]), severity=_take(severities, severity[f["unit"].to_numpy(np.int64)]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times))
-
-    parties = parties_t.to_pandas().set_index("party_id")
-    parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
-    regions = regions_t.to_pandas().set_index("region_id")
-    regions["depth"] = _depths(regions["parent_id"])
-    return SalesFacts(parties, regions, sell_in, sell_out, opened, findings, cutoff)
+    return sell_in, sell_out, opened, findings, latest
 
 
 def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
