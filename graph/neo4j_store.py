@@ -51,6 +51,7 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -367,6 +368,47 @@ RETURN c.code AS on_code, e.event_id AS event_id, e.code AS code, e.action AS ac
        e.party_id AS party_id, e.counterparty_id AS counterparty_id, {_US.format('e.ts')} AS ts,
        e.region_id AS region_id
 """
+# Sales rows (queries/sales.py): a unit's events are those on it and on its ancestors;
+# holder after an event = the ship's receiver when known, else the performer (as the judge).
+_RANK = "CASE e.action WHEN 'ship' THEN 0 WHEN 'receive' THEN 1 WHEN 'open' THEN 2 ELSE 3 END"
+_HOLDER = "CASE WHEN e.action = 'ship' AND EXISTS { (e)-[:TO]->() } THEN [(e)-[:TO]->(q) | q][0] ELSE [(e)-[:BY]->(p) | p][0] END"
+_UNIT_EVENTS = f"""
+MATCH (u:Code) WHERE u.level = 'unit'
+MATCH (u)-[:PACKED_IN*0..{MAX_HOPS}]->(:Code)<-[:ON]-(e:Event)
+WHERE ($until IS NULL OR e.ts <= $until) AND {_LIVE}
+"""
+_SKU = f"""
+CALL (u) {{ {_LINEAGE} RETURN [n IN nodes(path) WHERE n.sku IS NOT NULL | n.sku][0] AS sku }}
+"""
+SELL_IN = f"""{_UNIT_EVENTS} AND e.action IN ['ship', 'receive', 'open']
+WITH u, e, {_HOLDER} AS holder
+WHERE holder:Store
+WITH u, holder, e ORDER BY e.ts, {_RANK}, e.event_id
+WITH u, holder, head(collect(e)) AS e
+{_SKU}
+RETURN u.code AS code, sku, holder.party_id AS store, e.event_id AS event_id, {_US.format('e.ts')} AS ts, {_RANK} AS rank
+"""
+SELL_OUT = f"""{_UNIT_EVENTS} AND e.action = 'scan'
+WITH u, e ORDER BY e.ts, e.event_id
+WITH u, head(collect(e)) AS scan
+WITH u, scan, COLLECT {{
+  MATCH (u)-[:PACKED_IN*0..{MAX_HOPS}]->(:Code)<-[:ON]-(e:Event)
+  WHERE e.action IN ['ship', 'receive', 'open'] AND e.ts <= scan.ts AND {_LIVE}
+  WITH e, {_HOLDER} AS holder
+  WHERE holder:Store
+  RETURN holder.party_id ORDER BY e.ts DESC, {_RANK} DESC, e.event_id DESC LIMIT 1
+}} AS sellers
+{_SKU}
+RETURN scan.event_id AS event_id, u.code AS code, sku, scan.party_id AS consumer, {_US.format('scan.ts')} AS ts,
+       coalesce(scan.region_id, [(scan)-[:BY]->(p) | p.region_id][0]) AS region_id, sellers[0] AS store
+"""
+OPENED = f"""{_UNIT_EVENTS} AND e.action = 'open'
+WITH u, e ORDER BY e.ts, e.event_id
+WITH u, head(collect(e)) AS e
+RETURN u.code AS code, e.party_id AS party, {_US.format('e.ts')} AS ts,
+       coalesce(e.region_id, [(e)-[:BY]->(p) | p.region_id][0]) AS region_id
+"""
+LATEST_UNIT_EVENT = f"{_UNIT_EVENTS} RETURN {_US.format('max(e.ts)')} AS ts"
 DESCENDANTS = f"""
 MATCH (:Code {{code: $code}})<-[:PACKED_IN*1..{MAX_HOPS}]-(d:Code)
 RETURN DISTINCT d.code AS code, d.level AS level, d.parent_code AS parent_code
@@ -659,6 +701,27 @@ class Neo4jStore:
         """The timelines the diversion judge needs: those of the candidate units only, in
         one batch (the candidate query already narrows the store in the database)."""
         yield self.timelines(self.diversion_candidates())
+
+    def sales_rows(self, until: datetime | None = None) -> dict[str, pa.Table]:
+        """Per unit, aggregated in Cypher (queries/sales.py, docs/design.md): `sell_in`, one
+        row per (unit, store) at the store's first holding event (code, sku, store, event_id,
+        ts, rank); `sell_out`, the unit's first consumer scan and the store that held it last
+        before (event_id, code, sku, consumer, ts, region_id, store); `opened`, the unit's
+        first open (code, party, ts, region_id); `latest`, the latest event on any unit.
+        Events after `until` are left out."""
+        columns = {
+            "sell_in": (SELL_IN, ("code", "sku", "store", "event_id", "ts", "rank")),
+            "sell_out": (SELL_OUT, ("event_id", "code", "sku", "consumer", "ts", "region_id", "store")),
+            "opened": (OPENED, ("code", "party", "ts", "region_id")),
+            "latest": (LATEST_UNIT_EVENT, ("ts",)),
+        }
+        out = {}
+        for name, (query, names) in columns.items():
+            rows = self._read(query, until=until)
+            values = list(zip(*rows)) if rows else [()] * len(names)
+            out[name] = pa.table({c: _ts_array(v) if c == "ts" else pa.array(v, pa.int64() if c == "rank" else pa.string())
+                                  for c, v in zip(names, values)})
+        return out
 
     def diversion_candidates(self) -> list[str]:
         """Sorted unit codes that could be diverted (a superset of the judge's findings;

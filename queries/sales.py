@@ -93,14 +93,51 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
     """The facts of every unit as known at `as_of` (events after it are ignored; default:
     the latest event)."""
     parties_t, regions_t = store.parties(), store.regions()
-    sell_in, sell_out, opened, findings, latest = _facts_of(store, store.timelines(), parties_t, regions_t, k=k,
-                                                            cutoff=utc(as_of))
+    build = _facts_in_database if hasattr(store, "sales_rows") else _facts_of_every_unit
+    sell_in, sell_out, opened, findings, latest = build(store, parties_t, regions_t, k=k, cutoff=utc(as_of))
     cutoff = utc(as_of) or latest or pd.Timestamp("1970-01-01", tz="UTC")
     parties = parties_t.to_pandas().set_index("party_id")
     parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
     regions = regions_t.to_pandas().set_index("region_id")
     regions["depth"] = _depths(regions["parent_id"])
     return SalesFacts(parties, regions, sell_in, sell_out, opened, findings, cutoff)
+
+
+def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
+                         cutoff: pd.Timestamp | None) -> tuple:
+    """The facts from every unit's timeline (the embedded store)."""
+    return _facts_of(store, store.timelines(), parties_t, regions_t, k=k, cutoff=cutoff)
+
+
+def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
+                       cutoff: pd.Timestamp | None) -> tuple:
+    """The facts from rows the store aggregates itself (`sales_rows`, Neo4j: Cypher), with the
+    diversion findings judged on the store's candidate units only."""
+    rows = store.sales_rows(until=cutoff.to_pydatetime() if cutoff is not None else None)
+    candidates = store.timelines(store.diversion_candidates())
+    findings = _facts_of(store, candidates, parties_t, regions_t, k=k, cutoff=cutoff)[3]
+    crossing = findings.set_index("code")
+    sell_in = rows["sell_in"].to_pandas().sort_values(["code", "ts", "rank", "event_id"], ignore_index=True)
+    diverted = _at_or_after(sell_in["ts"], sell_in["rank"], sell_in["event_id"], crossing.reindex(sell_in["code"]))
+    sell_in = sell_in[["code", "sku", "store", "ts"]].assign(diverted=diverted)
+    sell_out = rows["sell_out"].to_pandas().sort_values("code", ignore_index=True)
+    cross = crossing.reindex(sell_out["code"])
+    after = _at_or_after(sell_out["ts"], pd.Series(SCAN, index=sell_out.index), sell_out["event_id"], cross)
+    products = store.stored("products", pc.unique(pc.drop_null(rows["sell_out"].column("sku"))))
+    prices = products.to_pandas().set_index("sku")["unit_price"]
+    sell_out.insert(3, "unit_price", sell_out["sku"].map(prices).fillna(0.0).astype(float))
+    sell_out["finding"] = cross["crossing_event_id"].where(after, None).to_numpy()
+    sell_out["severity"] = cross["severity"].where(after, None).to_numpy()
+    opened = rows["opened"].to_pandas().sort_values("code", ignore_index=True)
+    latest = rows["latest"].column("ts")[0].as_py() if rows["latest"].num_rows else None
+    return sell_in, sell_out, opened, findings, pd.Timestamp(latest) if latest is not None else None
+
+
+def _at_or_after(ts: pd.Series, rank: pd.Series, event_id: pd.Series, crossing: pd.DataFrame) -> np.ndarray:
+    """Per row: its event is at or after the crossing in event order (False without one)."""
+    same = (ts == crossing["ts"].to_numpy()) & (rank.to_numpy() == crossing["crossing_rank"].to_numpy())
+    later = (ts > crossing["ts"].to_numpy()) | ((ts == crossing["ts"].to_numpy()) & (rank.to_numpy() > crossing["crossing_rank"].to_numpy()))
+    return np.asarray((later | (same & (event_id >= crossing["crossing_event_id"].to_numpy()))).fillna(False), bool)
 
 
 def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
@@ -168,7 +205,7 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
         code=_take(codes, f["unit"].to_numpy(np.int64)), responsible=_take(party_ids, j.distributor[rows]),
         exit_via=_take(party_ids, exit_via), from_region=_take(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
         to_region=_take(region_ids, j.after[rows]), severity=_take(severities, severity[f["unit"].to_numpy(np.int64)]),
-        crossing_event_id=at(rows, event_ids), ts=at(rows, times))
+        crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
 
 
