@@ -1,6 +1,7 @@
 """Load a dataset into a store: read, validate, write rejects, apply atomically."""
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,8 +90,15 @@ def write_rejects(rejects: list[Reject], directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as f:
             for reject in rejects:
-                f.write(orjson.dumps(reject.as_dict(), default=str) + b"\n")
+                f.write(_json_line(reject.as_dict()))
     except OSError as exc:
         path.unlink(missing_ok=True)
         raise StoreError(f"{directory}: cannot write the reject records ({exc.strerror or exc}); nothing was loaded") from exc
     return path
+
+
+def _json_line(record: dict) -> bytes:
+    try:
+        return orjson.dumps(record, default=str) + b"\n"
+    except TypeError:  # what orjson refuses, e.g. an integer beyond 64 bits from a JSON document
+        return json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "replace") + b"\n"

@@ -15,6 +15,7 @@ import io
 import json
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -312,3 +313,84 @@ def test_fuzzed_files_load_identically_into_neo4j(files, neo4j_uri):
                 assert_same_tables(EmbeddedStore(tmp / "store"), neo)
         finally:
             neo.close()
+
+
+# ------------------------------------------------------------------ EPCIS documents
+
+EPCIS_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "epcis-examples"
+JSON_EXAMPLES = sorted(p.name for p in EPCIS_EXAMPLES.glob("*.json")) if EPCIS_EXAMPLES.is_dir() else []
+XML_EXAMPLES = sorted(p.name for p in EPCIS_EXAMPLES.glob("*.xml")) if EPCIS_EXAMPLES.is_dir() else []
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False), st.text(max_size=8),
+                 st.just([]), st.just({}), st.just({"@id": 1}), st.just([None, {"epc": []}]),
+                 st.sampled_from(["urn:epc:id:sgtin:x", "2024-13-45T99:00:00Z", "ADD", "DELETE", "OBSERVE",
+                                  "https://id.gs1.org/00/", "bizstep:shipping"]))
+
+
+@st.composite
+def broken_json(draw: st.DrawFn, document: Any) -> Any:
+    """`document` with a few random nodes deleted, replaced by junk, or wrapped in lists."""
+    paths: list[tuple] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        paths.append(path)
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in children:
+            walk(child, (*path, key))
+
+    walk(document, ())
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(paths[1:] or [()]))
+        if not path:
+            return draw(JUNK)
+        parent = document
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            how = draw(st.sampled_from(["delete", "junk", "wrap"]))
+            if how == "delete" and isinstance(parent, dict):
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = draw(JUNK) if how != "wrap" else [parent[path[-1]]]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed this path
+    return document
+
+
+@pytest.mark.skipif(not JSON_EXAMPLES, reason="needs ../shared/epcis-examples")
+@settings(max_examples=25, deadline=None, derandomize=IN_CI, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_broken_epcis_documents_never_crash(data):
+    """Real example documents with keys deleted, values of the wrong type, lists where
+    objects belong (JSON), or truncated and spliced bytes (XML): rejects with reasons or a
+    one-line error naming the file, and the store stays usable."""
+    name = data.draw(st.sampled_from(JSON_EXAMPLES + XML_EXAMPLES))
+    raw = (EPCIS_EXAMPLES / name).read_bytes()
+    if name.endswith(".json"):
+        document = data.draw(broken_json(json.loads(raw)))
+        raw = json.dumps(document, ensure_ascii=False).encode()
+    else:
+        cut = data.draw(st.integers(0, len(raw)))
+        raw = raw[:cut] + data.draw(st.sampled_from([b"", b"<", b"</epcisBody>", b"\xff", b"<x>&bogus;</x>"])) + \
+            raw[cut + data.draw(st.integers(0, 200)):]
+    with scratch() as tmp:
+        (tmp / "data").mkdir()
+        (tmp / "data" / name).write_bytes(raw)
+        store = EmbeddedStore(tmp / "store")
+        try:
+            report = load_dataset(store, tmp / "data", rejects_dir=tmp / "rejects")
+        except DatasetError as exc:
+            assert "\n" not in str(exc).strip() and (name in str(exc) or "no tables" in str(exc)), str(exc)
+        else:
+            assert all(r["reason"] and r["file"].endswith(name) for r in rejects_of(report))
+        assert_usable(tmp / "store", tmp)
+
+
+@pytest.mark.skipif(not JSON_EXAMPLES, reason="needs ../shared/epcis-examples")
+def test_epcis_event_with_a_huge_integer_is_a_reject_record(tmp_path):
+    """A value orjson cannot write (an integer beyond 64 bits) once crashed writing rejects."""
+    document = json.loads((EPCIS_EXAMPLES / "ObjectEvent.json").read_bytes())
+    document["epcisBody"]["eventList"][0]["action"] = 2**70
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ObjectEvent.json").write_text(json.dumps(document))
+    report = load_dataset(EmbeddedStore(tmp_path / "s"), tmp_path / "d", rejects_dir=tmp_path / "r")
+    assert str(2**70) in json.dumps([r["row"] for r in rejects_of(report)])
