@@ -531,7 +531,8 @@ class Neo4jStore:
         password = settings.neo4j_password.get_secret_value() if settings.neo4j_password is not None else None
         auth = (settings.neo4j_user, password) if password is not None else None
         try:
-            driver = GraphDatabase.driver(uri, auth=auth, connection_timeout=15.0, notifications_min_severity="OFF")
+            driver = GraphDatabase.driver(uri, auth=auth, connection_timeout=15.0, notifications_min_severity="OFF",
+                                          max_transaction_retry_time=settings.neo4j_retry_seconds)
         except (neo4j_errors.DriverError, neo4j_errors.Neo4jError, ValueError) as exc:
             raise StoreError(f"cannot open Neo4j at {uri}: {_cause(exc)}") from exc
         try:

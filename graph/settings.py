@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     neo4j_password: SecretStr | None = Field(default=None, validation_alias=AliasChoices("neo4j_password", "CHANNELGRAPH_NEO4J_PASSWORD", "NEO4J_PASSWORD"))
     neo4j_database: str | None = None
     neo4j_batch_size: int = 10_000
+    neo4j_retry_seconds: float = 30.0  # how long a transaction is retried while Neo4j is unavailable
     api_key: SecretStr | None = None
     k: int = 3  # consumer scans per case that confirm a suspected diversion
     rebate_policy: Path | None = None  # rebate policy file (TOML) for the API's rebates view

@@ -243,7 +243,7 @@ def own_neo4j(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
 @pytest.mark.neo4j
 def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
     """The server stops in the middle of a load, and later in the middle of a query: each
-    time (after the driver's retries, about 30 s) one clear line and a non-zero exit; once
+    time (after the driver's retries, cut to 2 s here) one clear line and a non-zero exit; once
     the server is back the load resumes to one clean load and the query answers as the
     embedded store does."""
     from graph.neo4j_server import start
@@ -252,7 +252,7 @@ def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
     world, _ = datasets
     clean = EmbeddedStore(tmp_path / "clean")
     load_dataset(clean, world, rejects_dir=tmp_path / "rejects")
-    env = {"CHANNELGRAPH_NEO4J_BATCH_SIZE": "4", "FAULT_HOME": str(home)}
+    env = {"CHANNELGRAPH_NEO4J_BATCH_SIZE": "4", "CHANNELGRAPH_NEO4J_RETRY_SECONDS": "2", "FAULT_HOME": str(home)}
 
     stopped = run_cli("load", str(world), "--neo4j", uri, "--rejects", str(tmp_path / "rejects"),
                       env={**env, "FAULT_TARGET": "_write", "FAULT_AT": "6"})
