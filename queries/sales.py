@@ -105,8 +105,17 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
 
 def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
                          cutoff: pd.Timestamp | None) -> tuple:
-    """The facts from every unit's timeline (the embedded store)."""
-    return _facts_of(store, store.timelines(), parties_t, regions_t, k=k, cutoff=cutoff)
+    """The facts from every unit's timeline (the embedded store), batch by batch when the
+    store offers batches of whole packages (memory stays bounded; the k rule sees whole cases)."""
+    batches = store.timeline_batches() if hasattr(store, "timeline_batches") else [store.timelines()]
+    parts = [_facts_of(store, timeline, parties_t, regions_t, k=k, cutoff=cutoff) for timeline in batches]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return _facts_of(store, store.timelines([]), parties_t, regions_t, k=k, cutoff=cutoff)
+    latest = [part[4] for part in parts if part[4] is not None]
+    return (*(pd.concat([part[i] for part in parts], ignore_index=True) for i in range(4)),
+            max(latest) if latest else None)
 
 
 def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,

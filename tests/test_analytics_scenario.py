@@ -120,3 +120,20 @@ def test_every_store_builds_the_same_sales_facts(scenario, dataset: Path, tmp_pa
             assert list(got.columns) == columns, name
             ordered = [frame.astype(str).sort_values(columns, ignore_index=True) for frame in (got, want)]
             assert ordered[0].equals(ordered[1]), name
+
+
+def test_small_batches_give_the_same_facts(dataset: Path, tmp_path: Path, monkeypatch):
+    """The embedded store's facts are built batch by batch (whole packages each)."""
+    from graph.embedded import EmbeddedStore
+
+    store = open_store(Settings(store=tmp_path / "store"))
+    load_dataset(store, dataset, rejects_dir=tmp_path / "rejects")
+    whole = sales_facts(store)
+    batches = EmbeddedStore.timeline_batches
+    monkeypatch.setattr(EmbeddedStore, "timeline_batches", lambda self: batches(self, max_units=500))
+    assert len(list(store.timeline_batches())) > 5
+    small = sales_facts(store)
+    for name in ("sell_in", "sell_out", "opened", "findings"):
+        got, want = getattr(small, name), getattr(whole, name)
+        assert got.astype(str).sort_values(list(got.columns), ignore_index=True).equals(
+            want.astype(str).sort_values(list(want.columns), ignore_index=True)), name
