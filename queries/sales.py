@@ -1,8 +1,10 @@
 """Sales facts: what each store took in, which consumer scans it sold, what was diverted.
 
-Stores, consumers, rebates and regions (DOMAIN.md §5) all read one `SalesFacts`, built
-from the timelines of every unit and the diversion judgement (`queries.diversion.judge`),
-so every store backend gives the same answers. Definitions (docs/design.md):
+Stores, consumers, rebates and regions (DOMAIN.md §5) all read one `SalesFacts`. The
+embedded store's are built from every unit's timeline and the diversion judgement
+(`queries.diversion.judge`); a store with `sales_rows` (Neo4j) aggregates the sales in the
+database and has only its diversion candidates judged here. Both give the same rows (the
+tests compare them). Definitions (docs/design.md):
 
 - *sell-in*: one row per (unit, store) the first time the store holds the unit (the
   holder after a `ship` to it, or its own `receive`/`open`); `diverted` when that event
