@@ -94,7 +94,7 @@ def lifecycle(store, *, stage: str | None = None, segment: str | None = None,
         table = table[table["stage"] == stage]
     if segment is not None:
         table = table[table["segment"] == segment]
-    return [_model(row) for row in table.reset_index().to_dict("records")]
+    return _models(table)
 
 
 def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value: float = 0.1) -> list[dict]:
@@ -130,9 +130,8 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
     if party_id not in consumers.index:
         raise NotFound(f"consumer {party_id!r} is not stored")
     as_of = _latest(purchases, referrals)
-    row = _lifecycle(consumers, purchases, _edges(referrals), as_of=as_of, bulk_units=bulk_units,
-                     top_value=top_value).loc[[party_id]].reset_index().to_dict("records")[0]
-    life = _model(row)
+    life = _models(_lifecycle(consumers, purchases, _edges(referrals), as_of=as_of, bulk_units=bulk_units,
+                              top_value=top_value).loc[[party_id]])[0]
     sold = sales_facts(store).sell_out.set_index("code")["store"]
     mine = purchases[purchases["party_id"] == party_id].copy()
     mine["store"] = mine["code"].map(sold)
@@ -239,9 +238,11 @@ def _quintile(values: pd.Series) -> pd.Series:
     return (1 + np.floor(5 * worse / len(values))).astype(int)
 
 
-def _model(row: dict) -> ConsumerLifecycle:
-    clean = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+def _models(table: pd.DataFrame) -> list[ConsumerLifecycle]:
+    """The rows of a `_lifecycle` table as models (built without re-validation: the table's
+    columns already have the models' types; missing values become None)."""
+    frame = table.reset_index()[list(ConsumerLifecycle.model_fields)]
     for key in ("r", "f", "m"):
-        clean[key] = None if clean.get(key) is None else int(clean[key])
-    return ConsumerLifecycle(**{k: clean[k] for k in ConsumerLifecycle.model_fields})
-
+        frame[key] = frame[key].astype("Int64")
+    frame = frame.astype(object).where(frame.notna(), None)
+    return [ConsumerLifecycle.model_construct(**row) for row in frame.to_dict("records")]
