@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from api import analytics_routes, views
-from api.errors import install_error_handlers, responses
+from api.errors import BodyLimit, install_error_handlers, responses
 from api.schemas import (
     Cascade,
     DatasetUpload,
@@ -242,6 +242,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                               '`{"error": {"status", "code", "message"}}`.')
     app.state.service = service
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     for router in routers:
         app.include_router(router)
     return app

@@ -96,6 +96,35 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 too_large, by
+    its Content-Length before anything is read, or as soon as a streamed body passes it."""
+
+    def __init__(self, app: Callable, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body larger than {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _answer(413, "too_large", message)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.max_bytes:
+                raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to the one error shape (see the module docstring)."""
 

@@ -162,6 +162,24 @@ def test_oversized_and_abusive_requests_are_bounded(hostile):
     assert fingerprint(store) == before
 
 
+def test_oversized_request_bodies_are_refused_before_they_are_read(tmp_path, request):
+    store, settings_ = world_store("embedded", tmp_path, request)
+    before = fingerprint(store)
+    limited = settings_.model_copy(update={"api_max_body_bytes": 10_000})
+    rows = {"tables": {"regions": [{"region_id": f"R{i}", "name": "x" * 50} for i in range(1000)]}}
+    body = json.dumps(rows).encode()
+    with TestClient(create_app(limited, store=store)) as client:
+        declared = client.post("/api/datasets", content=body, headers={"X-API-Key": KEY, "Content-Type": "application/json"})
+        streamed = client.post("/api/datasets", content=iter([body[i:i + 4096] for i in range(0, len(body), 4096)]),
+                               headers={"X-API-Key": KEY, "Content-Type": "application/json"})
+        for response in (declared, streamed):
+            assert response.status_code == 413 and response.json()["error"]["code"] == "too_large", response.text
+        assert fingerprint(store) == before
+        small = client.post("/api/datasets", json={"tables": {"regions": [{"region_id": "R1"}]}}, headers={"X-API-Key": KEY})
+        assert small.status_code == 200
+    store.close()
+
+
 def test_every_write_needs_the_api_key(hostile):
     """Without the key (or with a wrong one) a write is refused with 401 and changes
     nothing; every other non-GET endpoint changes nothing either. With it, rows load."""
