@@ -33,8 +33,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from graph.errors import ChannelgraphError
-from queries.common import iso
-from queries.sales import sales_facts, text
+from queries.sales import iso_times, sales_facts, text
 
 ROLES = ("store", "distributor", "salesperson")
 STATUSES = ("owed", "withheld", "unassigned")
@@ -169,10 +168,10 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
 
 
 def _lines(frame: pd.DataFrame) -> list[RebateLine]:
-    return [RebateLine(event_id=r.event_id, ts=iso(r.ts), month=r.month, code=r.code, sku=text(r.sku),
-                       consumer=text(r.consumer), role=r.role, party_id=text(r.party_id), amount=r.amount,
-                       status=r.status, finding=text(r.finding), severity=text(r.severity))
-            for r in frame.itertuples()]
+    """Rows of the lines frame as models (built without re-validation; missing values None)."""
+    lines = frame.assign(ts=iso_times(frame["ts"]))[list(RebateLine.model_fields)]
+    lines = lines.astype(object).where(lines.notna(), None)
+    return [RebateLine.model_construct(**row) for row in lines.to_dict("records")]
 
 
 def _salespeople(parties: pd.DataFrame, stores: pd.DataFrame, distributor: pd.Series) -> pd.Series:
