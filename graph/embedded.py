@@ -104,11 +104,15 @@ class EmbeddedStore:
         data = self.table(table)
         if data.num_rows == 0 or len(keys) == 0:
             return data.slice(0, 0)
-        if table == "codes" and len(keys) <= _FEW:
-            rows = self.code_rows(keys.to_pylist())
-            return data.take(pa.array(np.unique(rows[rows >= 0])))
         key = TABLES[table].key[0] if TABLES[table].key else "task_id"
-        return data.filter(pc.is_in(data.column(key), value_set=keys))
+        if len(keys) > _FEW or table not in MASTER_TABLES:
+            return data.filter(pc.is_in(data.column(key), value_set=keys))
+        if table == "codes":
+            rows = self.code_rows(keys.to_pylist())
+        else:
+            index = self._cached(f"_index:{table}", lambda: {k: i for i, k in enumerate(data.column(key).to_pylist())})
+            rows = np.array([index.get(k, -1) for k in keys.to_pylist()], np.int64)
+        return data.take(pa.array(np.unique(rows[rows >= 0])))
 
     def regions(self) -> pa.Table:
         return self.table("regions")
