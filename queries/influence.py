@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse
 from pydantic import BaseModel
 
 from graph.errors import NotFound
-from queries.common import iso
+from queries.common import iso, trusted_models
 
 METRICS = ("influence", "cascade_size", "direct", "converted", "revenue")
 
@@ -45,36 +47,43 @@ class CascadeNode(BaseModel):
 
 @dataclass
 class Attribution:
-    """The attribution forest (referee -> its attributed referrer) and the ignored rows."""
+    """The attributed referrals (each referee's first-touch referrer) and the ignored rows."""
 
-    forest: nx.DiGraph  # edges referrer -> referee, attribute ts
+    edges: pd.DataFrame  # referrer_id, referee_id, ts (UTC), in attribution order
     ignored: Counter = field(default_factory=Counter)  # self / duplicate / late / cycle
+
+    @cached_property
+    def forest(self) -> nx.DiGraph:
+        """The attribution forest: edges referrer -> referee with attribute ts."""
+        forest = nx.DiGraph()
+        forest.add_edges_from((u, v, {"ts": t}) for u, v, t in self.edges.itertuples(index=False))
+        return forest
 
 
 def attribute(referrals: pd.DataFrame) -> Attribution:
     """First-touch attribution of referral rows (referrer_id, referee_id, ts)."""
-    forest = nx.DiGraph()
-    ignored: Counter = Counter()
-    seen_pairs: set[tuple[str, str]] = set()
-    parent: dict[str, str] = {}
     ordered = referrals.sort_values(["ts", "referrer_id", "referee_id"], kind="stable")
-    for referrer, referee, ts in zip(ordered["referrer_id"], ordered["referee_id"], ordered["ts"]):
-        if referrer == referee:
-            ignored["self"] += 1
-            continue
-        if (referrer, referee) in seen_pairs:
-            ignored["duplicate"] += 1
-            continue
-        seen_pairs.add((referrer, referee))
-        if referee in parent:
+    referrer = ordered["referrer_id"].astype(object).to_numpy()
+    referee = ordered["referee_id"].astype(object).to_numpy()
+    ignored: Counter = Counter()
+    is_self = referrer == referee
+    ignored["self"] += int(is_self.sum())
+    repeated = pd.DataFrame({"a": referrer, "b": referee}).duplicated().to_numpy() & ~is_self
+    ignored["duplicate"] += int(repeated.sum())
+    candidates = np.flatnonzero(~is_self & ~repeated)
+    parent: dict[str, str] = {}
+    accepted = []
+    for i, source, target in zip(candidates.tolist(), referrer[candidates].tolist(), referee[candidates].tolist()):
+        if target in parent:
             ignored["late"] += 1
-            continue
-        if _descends_from(referrer, referee, parent):
+        elif _descends_from(source, target, parent):
             ignored["cycle"] += 1
-            continue
-        parent[referee] = referrer
-        forest.add_edge(referrer, referee, ts=ts)
-    return Attribution(forest, ignored)
+        else:
+            parent[target] = source
+            accepted.append(i)
+    edges = pd.DataFrame({"referrer_id": referrer[accepted], "referee_id": referee[accepted],
+                          "ts": pd.to_datetime(ordered["ts"].iloc[accepted], utc=True).reset_index(drop=True)})
+    return Attribution(edges, ignored)
 
 
 def _descends_from(node: str, ancestor: str, parent: dict[str, str]) -> bool:
@@ -83,6 +92,25 @@ def _descends_from(node: str, ancestor: str, parent: dict[str, str]) -> bool:
         if node == ancestor:
             return True
     return False
+
+
+def pagerank(sources: np.ndarray, targets: np.ndarray, n: int, *, alpha: float = 0.85, tol: float = 1.0e-6,
+             max_iter: int = 100) -> np.ndarray:
+    """PageRank of nodes 0..n-1 over unweighted edges sources[i] -> targets[i]: the power
+    iteration of `networkx.pagerank` (uniform start and teleport, dangling nodes spread
+    uniformly, stop when the L1 change is below n * tol) on a scipy sparse matrix, without
+    building a networkx graph first."""
+    out_degree = np.bincount(sources, minlength=n).astype(float)
+    weights = 1.0 / out_degree[sources]
+    transition = scipy.sparse.csr_array((weights, (sources, targets)), shape=(n, n))
+    dangling = out_degree == 0
+    x = np.full(n, 1.0 / n)
+    for _ in range(max_iter):
+        previous = x
+        x = alpha * (x @ transition + x[dangling].sum() / n) + (1 - alpha) / n
+        if np.abs(x - previous).sum() < n * tol:
+            return x
+    raise nx.PowerIterationFailedConvergence(max_iter)
 
 
 def influencers(store, *, top: int | None = 10, percent: float | None = None,  # noqa: ANN001 - any Store
@@ -101,31 +129,44 @@ def influencers(store, *, top: int | None = 10, percent: float | None = None,  #
 
 
 def referrer_metrics(store) -> list[Influencer]:  # noqa: ANN001 - any Store
-    """Metrics of every referrer in the attribution forest (one bottom-up pass)."""
-    forest = attribute(store.referrals().to_pandas()).forest
-    if forest.number_of_edges() == 0:
+    """Metrics of every referrer in the attribution forest, computed level by level from
+    the leaves up (vectorised)."""
+    edges = attribute(store.referrals().to_pandas()).edges
+    if edges.empty:
         return []
-    referred_at = {v: ts for _, v, ts in forest.edges(data="ts")}
+    codes, nodes = pd.factorize(pd.concat([edges["referrer_id"], edges["referee_id"]], ignore_index=True))
+    n, up, down = len(nodes), codes[:len(edges)], codes[len(edges):]
+    parent = np.full(n, -1)
+    parent[down] = up
     purchases = store.purchases().to_pandas()
-    purchases = purchases[purchases["party_id"].isin(referred_at.keys())]
-    bought = purchases[purchases["ts"] >= purchases["party_id"].map(referred_at)]
-    own_revenue = bought.groupby("party_id")["unit_price"].sum().to_dict()
-    converted_ids = set(bought["party_id"])
-    size: dict[str, int] = {}
-    depth: dict[str, int] = {}
-    revenue: dict[str, float] = {}
-    for node in reversed(list(nx.topological_sort(forest))):
-        children = list(forest.successors(node))
-        size[node] = sum(size[c] + 1 for c in children)
-        depth[node] = max((depth[c] + 1 for c in children), default=0)
-        revenue[node] = sum(revenue[c] + own_revenue.get(c, 0.0) for c in children)
-    rank = nx.pagerank(forest.reverse(copy=False), alpha=0.85)
-    kinds = _kinds(store, [n for n in forest if size[n]])
-    return [Influencer(party_id=node, kind=kinds.get(node), direct=forest.out_degree(node),
-                       converted=sum(c in converted_ids for c in forest.successors(node)),
-                       cascade_size=size[node], cascade_depth=depth[node],
-                       referred_revenue=round(revenue[node], 2), influence=round(rank.get(node, 0.0), 8))
-            for node in forest if size[node]]
+    member = pd.Index(nodes).get_indexer(purchases["party_id"])
+    referred_at = np.full(n, np.datetime64("NaT"), "datetime64[us]")
+    referred_at[down] = edges["ts"].dt.tz_localize(None).to_numpy("datetime64[us]")
+    bought = (member >= 0) & (purchases["ts"].dt.tz_localize(None).to_numpy("datetime64[us]") >= referred_at[np.maximum(member, 0)])
+    own_revenue = np.bincount(member[bought], weights=purchases["unit_price"].to_numpy(float)[bought], minlength=n)
+    converted = np.bincount(member[bought], minlength=n) > 0
+    level = np.zeros(n, np.int64)  # distance from the root of each node's tree
+    ancestor = parent.copy()
+    while (ancestor >= 0).any():
+        level += ancestor >= 0
+        ancestor = np.where(ancestor >= 0, parent[np.maximum(ancestor, 0)], -1)
+    size, height, revenue = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n)
+    for depth in range(int(level.max()), 0, -1):
+        child = np.flatnonzero(level == depth)
+        np.add.at(size, parent[child], size[child] + 1)
+        np.maximum.at(height, parent[child], height[child] + 1)
+        np.add.at(revenue, parent[child], revenue[child] + own_revenue[child])
+    direct = np.bincount(up, minlength=n)
+    converted_direct = np.bincount(up, weights=converted[down], minlength=n).astype(np.int64)
+    rank = pagerank(down, up, n)  # credit flows from referee to referrer
+    rows = np.flatnonzero(size > 0)
+    ids = nodes[rows].tolist()
+    kinds = _kinds(store, ids)
+    return trusted_models(Influencer, {
+        "party_id": ids, "kind": [kinds.get(i) for i in ids], "direct": direct[rows].tolist(),
+        "converted": converted_direct[rows].tolist(), "cascade_size": size[rows].tolist(),
+        "cascade_depth": height[rows].tolist(), "referred_revenue": np.round(revenue[rows], 2).tolist(),
+        "influence": np.round(rank[rows], 8).tolist()})
 
 
 def cascade(store, party_id: str) -> list[CascadeNode]:  # noqa: ANN001 - any Store
