@@ -5,7 +5,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -84,7 +84,7 @@ def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Pr
 def write_rejects(rejects: list[Reject], directory: Path) -> Path:
     """Write reject records as JSON lines; returns the file's path. StoreError if they
     cannot be written (then nothing is loaded: no row goes unaccounted for)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = directory / f"load-{stamp}.jsonl"
     try:
         directory.mkdir(parents=True, exist_ok=True)

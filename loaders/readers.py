@@ -14,10 +14,12 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +30,7 @@ from graph.errors import DatasetError
 from graph.model import TABLES
 
 log = logging.getLogger(__name__)
+csv.field_size_limit(2**31 - 1)  # the exact CSV reader takes fields as large as pyarrow does
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 EPCIS_SUFFIXES = (".xml", ".json", ".jsonld")
@@ -148,8 +151,12 @@ def read_csv(path: Path, table: str) -> RawTable:
         )
     except pa.ArrowInvalid:  # e.g. an irregular row that is not UTF-8 (pyarrow cannot report it)
         irregular.append("")
+    else:  # pyarrow reads a blank line as a row of empty values; blank lines at the end are dropped
+        parsed, blank_inside = _without_trailing_blank_lines(path, parsed)
+        if blank_inside:
+            irregular.append("")
     if irregular:
-        log.info("%s: %d irregular rows; re-reading with exact line numbers", path, len(irregular))
+        log.info("%s: irregular or blank rows; re-reading with exact line numbers", path)
         return _read_csv_exact(path, table)
     columns, bad_rows = _decode_utf8(parsed)
     lines = pa.array(range(2, parsed.num_rows + 2), pa.int64())
@@ -161,6 +168,25 @@ def read_csv(path: Path, table: str) -> RawTable:
         columns = {k: v.filter(keep) for k, v in columns.items()}
         lines = lines.filter(keep)
     return _finish(table, path, columns, lines, rejects)
+
+
+def _without_trailing_blank_lines(path: Path, parsed: pa.Table) -> tuple[pa.Table, bool]:
+    """`parsed` without the rows of blank lines at the end of the file, and whether a row
+    before them has only empty values (a blank line inside, which the exact reader skips)."""
+    if parsed.num_rows == 0 or parsed.num_columns == 0:
+        return parsed, False
+    empty = np.ones(parsed.num_rows, bool)
+    for column in parsed.columns:
+        empty &= pc.equal(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+    if not empty.any():
+        return parsed, False
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 65536))
+        tail = f.read()
+    run = re.search(rb"[\r\n]*$", tail).group()  # the line breaks ending the file
+    blank = max(0, len(re.findall(rb"\r\n|\n|\r", run)) - 1)
+    keep = parsed.num_rows - min(blank, int(empty[::-1].argmin()) if not empty.all() else parsed.num_rows)
+    return parsed.slice(0, keep), bool(empty[:keep].any())
 
 
 def _check_unique(path: Path, names: list[str]) -> None:
@@ -179,7 +205,11 @@ def _csv_header(path: Path) -> list[str]:
         text = first.decode("utf-8-sig").strip("\r\n")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: the header row is not UTF-8 text (the file must be UTF-8)") from exc
-    return [name.strip() for name in next(csv.reader([text]), [])]
+    try:
+        names = next(csv.reader(io.StringIO(text, newline="")), [])
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: unreadable header row: {exc}") from exc
+    return [name.strip() for name in names]
 
 
 def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.Array], set[int]]:

@@ -93,7 +93,7 @@ def string_parameters(op: dict) -> list[tuple[str, str]]:
     return found
 
 
-def call(client: TestClient, method: str, path: str, name: str, where: str, value: str):  # noqa: ANN201
+def call(client: TestClient, method: str, path: str, name: str, where: str, value: str):
     if where == "path":
         from urllib.parse import quote
 
@@ -225,7 +225,7 @@ def test_no_generated_request_gets_a_server_error(tmp_path, request):
         @settings(max_examples=6, deadline=None, derandomize=IN_CI, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
-        def exercise(case) -> None:  # noqa: ANN001
+        def exercise(case) -> None:
             case.call_and_validate(headers={"X-API-Key": KEY}, checks=[not_a_server_error])
 
         try:

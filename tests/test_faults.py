@@ -62,7 +62,7 @@ FAULT_RUNNER = textwrap.dedent("""
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FAULT_RUNNER, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", FAULT_RUNNER, *args], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -110,7 +110,7 @@ def load_killed_at(open_store: Callable[[], object], dataset: Path, target: str,
         module = {"os": os, "embedded": graph.embedded, "neo4j": Neo4jStore}[owner]
         original, calls = getattr(module, name), [0]
 
-        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def wrapped(*args, **kwargs):
             calls[0] += 1
             if calls[0] == at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -132,7 +132,7 @@ def calls_in_load(open_store: Callable[[], object], dataset: Path, target: str, 
     module = {"os": os, "embedded": graph.embedded, "neo4j": Neo4jStore}[owner]
     original, calls = getattr(module, name), [0]
 
-    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
@@ -165,11 +165,11 @@ def test_embedded_load_killed_at_any_step_leaves_old_or_new_state(datasets, clea
     for target in ("embedded._fsync", "os.rename", "os.replace"):
         counted = tmp_path / f"count-{target}"
         shutil.copytree(base, counted)
-        total = calls_in_load(lambda: EmbeddedStore(counted), scenario, target, tmp_path / "rejects", monkeypatch)
+        total = calls_in_load(lambda path=counted: EmbeddedStore(path), scenario, target, tmp_path / "rejects", monkeypatch)
         for n in kill_points(total, 4, seed=len(target)):
             store = tmp_path / f"store-{target}-{n}"
             shutil.copytree(base, store)
-            code = load_killed_at(lambda: EmbeddedStore(store), scenario, target, n, tmp_path / "rejects")
+            code = load_killed_at(lambda path=store: EmbeddedStore(path), scenario, target, n, tmp_path / "rejects")
             assert code == -signal.SIGKILL
             assert contents(store) in (before, expected), f"kill at {target} #{n} left a mixed store"
             load_dataset(EmbeddedStore(store), scenario, rejects_dir=tmp_path / "rejects")
@@ -243,9 +243,10 @@ def own_neo4j(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
 @pytest.mark.neo4j
 def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
     """The server stops in the middle of a load, and later in the middle of a query: each
-    time (after the driver's retries, cut to 2 s here) one clear line and a non-zero exit; once
-    the server is back the load resumes to one clean load and the query answers as the
-    embedded store does."""
+    time (after the driver's retries, cut to 2 s here) one clear line and a non-zero exit.
+    Once the server is back the next load completes the interrupted one: the store equals
+    one clean load and answers as the embedded store does. (Queries hold no state, so
+    nothing needs resuming after the second stop.)"""
     from graph.neo4j_server import start
 
     uri, home, port = own_neo4j
@@ -263,24 +264,19 @@ def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
         assert store._read("MATCH (l:Load) WHERE l.status = 'running' RETURN count(l)") == [[1]]
         load_dataset(store, world, rejects_dir=tmp_path / "rejects")
         assert_resumed(EmbeddedStore(tmp_path / "clean"), store)
+        assert find_diversions(store) == find_diversions(EmbeddedStore(tmp_path / "clean"))
     finally:
         store.close()
 
     stopped = run_cli("diversions", "--format", "json", "--neo4j", uri, env={**env, "FAULT_TARGET": "_read", "FAULT_AT": "2"})
     assert_one_line_error(stopped, uri, "reading failed")
-    start(home=home, port=port, heap="512m", pagecache="128m")
-    store = Neo4jStore.connect(Settings(neo4j=uri, neo4j_password=None))
-    try:
-        assert find_diversions(store) == find_diversions(EmbeddedStore(tmp_path / "clean"))
-    finally:
-        store.close()
 
 
 # ------------------------------------------------------------------ full disk, read-only store
 
 
 def _mount(*args: str) -> None:
-    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount ({done.stderr.strip()}); needs root with CAP_SYS_ADMIN")
 
@@ -308,8 +304,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_version(tiny_disk, da
     assert not list(store.glob(".tmp-*"))  # the partial version is cleaned up at once
 
 
-def test_full_disk_while_writing_rejects_is_a_clear_error(tiny_disk, datasets, tmp_path):
-    world, _ = datasets
+def test_full_disk_while_writing_rejects_is_a_clear_error(tiny_disk, tmp_path):
     filler = tiny_disk / "filler"
     with filler.open("wb") as f:  # fill the disk
         try:
