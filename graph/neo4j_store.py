@@ -344,7 +344,7 @@ def _match(table: str, by_key: bool) -> str:
 
 READ_BY_KEY = {t: f"UNWIND $keys AS key {_match(t, True)} RETURN {_projection(t, 'n')}" for t in TABLES}
 READ_ALL = {t: f"{_match(t, False)} RETURN {_projection(t, 'n')}" for t in TABLES}
-COUNT = {t: (f"MATCH ()-[n:REFERRED]->() RETURN count(n) AS n" if t == "referrals" else
+COUNT = {t: ("MATCH ()-[n:REFERRED]->() RETURN count(n) AS n" if t == "referrals" else
              f"MATCH (n:{TABLE_LABELS[t]}) RETURN count(n) AS n") for t in TABLES}
 
 UNIT_CODES = "MATCH (u:Code) WHERE u.level = 'unit' RETURN u.code AS code"
