@@ -30,14 +30,18 @@ def neo4j_available() -> str | None:
     return None
 
 
+def unavailable(reason: str) -> None:
+    """A test's real dependency is missing: fail in CI (CI=true), skip locally."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def neo4j_uri() -> str:
     reason = neo4j_available()
     if reason:
-        message = f"Neo4j not reachable at {NEO4J_URI} ({reason}); run scripts/test"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"Neo4j not reachable at {NEO4J_URI} ({reason}); run scripts/test")
     return NEO4J_URI
 
 

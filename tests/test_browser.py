@@ -22,7 +22,7 @@ import pytest
 
 from graph.embedded import EmbeddedStore
 from loaders.ingest import load_dataset
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 from tests.worlds import channel_world, write_world
 
 pytestmark = pytest.mark.browser
@@ -46,20 +46,14 @@ DRAWN = """(name) => {
 }"""
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+        unavailable("the playwright package is not installed (pip install -e '.[test]')")
     if not Path(CHROMIUM).exists():
-        _unavailable(f"no Chromium at {CHROMIUM} (scripts/test installs Debian's chromium)")
+        unavailable(f"no Chromium at {CHROMIUM} (scripts/test installs Debian's chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -32,7 +32,7 @@ from graph.settings import Settings
 from loaders.generate import generate_dataset
 from loaders.ingest import load_dataset
 from queries.diversion import find_diversions
-from tests.conftest import IN_CI, _wipe_neo4j
+from tests.conftest import _wipe_neo4j, unavailable
 from tests.worlds import CHANNEL_DIVERSIONS, channel_world, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def own_neo4j(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     from graph.neo4j_server import Neo4jServerError, start, stop
 
     if shutil.which("java") is None:
-        pytest.fail("needs java") if IN_CI else pytest.skip("needs java (and mvn) to run a Neo4j of its own")
+        unavailable("needs java (and mvn) to run a Neo4j of its own")
     home = tmp_path_factory.mktemp("neo4j-faults")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -232,7 +232,7 @@ def own_neo4j(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     try:
         state = start(home=home, port=port, heap="512m", pagecache="128m")
     except Neo4jServerError as exc:
-        pytest.fail(str(exc)) if IN_CI else pytest.skip(str(exc))
+        unavailable(str(exc))
     try:
         yield state.uri, home, port
     finally:
@@ -278,7 +278,7 @@ def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
 def _mount(*args: str) -> None:
     done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount ({done.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+        unavailable(f"cannot mount ({done.stderr.strip()}); needs root with CAP_SYS_ADMIN")
 
 
 @pytest.fixture
