@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
-from graph.timeline import Timeline, encode
+from graph.timeline import Timeline, encode, ranges
 from loaders.validate import TS_TYPE, Validated
 
 log = logging.getLogger(__name__)
@@ -153,17 +153,17 @@ class EmbeddedStore:
         """Timelines of the units at these code rows (ascending)."""
         codes, scans = self.table("codes"), self.table("scans")
         parent = self._numpy("codes", "parent_idx")
-        code_idx = self._numpy("scans", "code_idx")
+        starts = self._cached("_scan_starts", lambda: np.searchsorted(  # scans of code row r: starts[r]:starts[r+1]
+            self._numpy("scans", "code_idx"), np.arange(codes.num_rows + 1)))
         unit_parts, event_parts = [], []
         positions, ancestor = np.arange(len(unit_rows)), unit_rows.copy()
         case = np.full(len(unit_rows), -1, np.int64)
         lineage = [unit_rows]
         for _ in range(len(LEVELS)):
-            probe = ancestor.astype(code_idx.dtype)  # same dtype, or numpy copies code_idx per call
-            first = np.searchsorted(code_idx, probe, "left")
-            n = np.searchsorted(code_idx, probe, "right") - first
+            first = starts[ancestor]
+            n = starts[ancestor + 1] - first
             unit_parts.append(np.repeat(positions, n))
-            event_parts.append(np.repeat(first - np.cumsum(n) + n, n) + np.arange(int(n.sum())))
+            event_parts.append(ranges(first, n))
             up = parent[ancestor]
             keep = up >= 0
             positions, ancestor = positions[keep], up[keep]
@@ -348,27 +348,29 @@ class EmbeddedStore:
 
 
 class _SortedStrings:
-    """Binary search over a sorted string column of one or more chunks."""
+    """Binary search over a string column sorted by byte order (Arrow's sort order), on
+    its raw UTF-8 buffers: a lookup costs about 24 byte-string compares, no Arrow scalars."""
 
     def __init__(self, column: pa.ChunkedArray):
-        self.chunks = column.chunks
-        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])
+        array = column.combine_chunks().cast(pa.large_string())  # one buffer, 64-bit offsets
+        _, offsets, data = array.buffers()
+        base = array.offset
+        self.offsets = np.frombuffer(offsets, np.int64)[base:base + len(array) + 1]
+        self.data = memoryview(data) if data is not None else memoryview(b"")
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> str:
-        if len(self.chunks) == 1:
-            return self.chunks[0][i].as_py()
-        chunk = int(np.searchsorted(self.offsets, i, "right")) - 1
-        return self.chunks[chunk][i - int(self.offsets[chunk])].as_py()
+    def __getitem__(self, i: int) -> bytes:
+        return bytes(self.data[self.offsets[i]:self.offsets[i + 1]])
 
     def find(self, key: str) -> int:
         """Row of `key`, or -1 (also for None)."""
         if key is None:
             return -1
-        i = bisect.bisect_left(self, key)
-        return i if i < len(self) and self[i] == key else -1
+        wanted = key.encode("utf-8")
+        i = bisect.bisect_left(self, wanted)
+        return i if i < len(self) and self[i] == wanted else -1
 
 
 def _children_index(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

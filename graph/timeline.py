@@ -83,3 +83,9 @@ def encode(values: pa.Array | pa.ChunkedArray, dictionary: pa.Array) -> np.ndarr
     """Positions of `values` in `dictionary` as int64, -1 where absent or null."""
     pos = pc.index_in(values, value_set=dictionary)
     return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(first[i], first[i] + counts[i]) over i, vectorised."""
+    counts = np.asarray(counts, np.int64)
+    return np.repeat(np.asarray(first, np.int64) - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))

@@ -56,17 +56,16 @@ def trusted_models(model: type[M], columns: dict[str, list]) -> list[M]:
 def judging_context(store, timeline: Timeline, *, all_events: bool = False) -> tuple[pa.Table, pa.Table]:  # noqa: ANN001
     """The parties named by the timeline's events (or by every row of `timeline.events`),
     and the whole region tree."""
+    events = timeline.events
     if all_events:
-        rows = pa.array(np.arange(timeline.events.num_rows))
-    elif len(timeline.event) < timeline.events.num_rows // 64:  # a few units: sort their events
+        rows = None
+    elif len(timeline.event) < events.num_rows // 64:  # a few units: sort their events
         rows = pa.array(np.unique(timeline.event))
     else:  # most of the store: a mask is linear where np.unique is not
-        seen = np.zeros(timeline.events.num_rows, bool)
+        seen = np.zeros(events.num_rows, bool)
         seen[timeline.event] = True
         rows = pa.array(np.flatnonzero(seen))
-    events = timeline.events
-    ids = pc.unique(pa.concat_arrays([
-        pc.drop_null(pc.take(events.column("party_id"), rows).combine_chunks()),
-        pc.drop_null(pc.take(events.column("counterparty_id"), rows).combine_chunks()),
-    ])) if len(rows) else pa.array([], pa.string())
+    named = [events.column(name) if rows is None else pc.take(events.column(name), rows)
+             for name in ("party_id", "counterparty_id")]
+    ids = pc.unique(pa.concat_arrays([pc.drop_null(column).combine_chunks() for column in named]))
     return store.stored("parties", ids), store.regions()

@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from graph.model import ACTIONS, KINDS
-from graph.timeline import Timeline, encode
+from loaders.validate import TS_TYPE
+from graph.timeline import Timeline, encode, ranges
 from queries.common import iso_column, judging_context, trusted_models
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
@@ -68,18 +69,27 @@ class Territories:
         while len(chain) <= len(region_ids) and (chain[-1] >= 0).any():
             chain.append(np.where(chain[-1] >= 0, parent[np.maximum(chain[-1], 0)], -1))
         ancestors = np.stack(chain, axis=1)
-        is_distributor = pc.equal(parties.column("kind"), "distributor").to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(is_distributor)
+        rows = np.flatnonzero(pc.equal(parties.column("kind"), "distributor").to_numpy(zero_copy_only=False))
         self.slot = np.full(parties.num_rows, -1, np.int64)
         self.slot[rows] = np.arange(len(rows))
-        self.declared: dict[str, list[str]] = {}
-        self.matrix = np.zeros((len(rows), len(region_ids)), bool)
-        for slot, row in enumerate(rows):
-            party = parties.slice(int(row), 1).to_pylist()[0]
-            roots = _territory_list(party["territory"], party["region_id"])
-            self.declared[party["party_id"]] = roots
-            root_rows = encode(pa.array(roots, pa.string()), region_ids)
-            self.matrix[slot] = np.isin(ancestors, root_rows[root_rows >= 0]).any(axis=1)
+        distributors = parties.take(pa.array(rows, pa.int64()))
+        listed = pc.split_pattern(distributors.column("territory").combine_chunks(), "|")
+        roots = pc.utf8_trim_whitespace(pc.list_flatten(listed)).to_numpy(zero_copy_only=False)
+        owner = pc.list_parent_indices(listed).to_numpy()
+        keep = roots != ""
+        roots, owner = roots[keep], owner[keep]
+        homes = distributors.column("region_id").to_numpy(zero_copy_only=False)
+        fallback = np.flatnonzero((np.bincount(owner, minlength=len(rows)) == 0) & pd.notna(homes) & (homes != ""))
+        roots, owner = np.r_[roots, homes[fallback]], np.r_[owner, fallback]
+        self.declared: dict[str, list[str]] = {party: [] for party in distributors.column("party_id").to_pylist()}
+        names = distributors.column("party_id").to_numpy(zero_copy_only=False)
+        for slot, root in zip(owner.tolist(), roots.tolist()):
+            self.declared[names[slot]].append(root)
+        member = np.zeros((len(rows), len(region_ids) + 1), bool)  # the extra column stands for -1
+        root_rows = encode(pa.array(roots, pa.string()), region_ids)
+        known = root_rows >= 0
+        member[owner[known], root_rows[known]] = True
+        self.matrix = member[:, ancestors].any(axis=2)
 
     def contains(self, distributor: np.ndarray, region: np.ndarray) -> np.ndarray:
         """Per pair: region inside the distributor's territory (False when either is unknown)."""
@@ -90,11 +100,6 @@ class Territories:
         return out
 
 
-def _territory_list(territory: str | None, home: str | None) -> list[str]:
-    roots = [t.strip() for t in territory.split("|") if t.strip()] if territory else []
-    return roots or ([home] if home else [])
-
-
 @dataclass
 class Judgement:
     """Per-row facts of a timeline and the verdicts derived from them."""
@@ -102,6 +107,7 @@ class Judgement:
     timeline: Timeline
     parties: pa.Table
     regions: pa.Table
+    territories: Territories
     action: np.ndarray
     party: np.ndarray
     holder: np.ndarray
@@ -109,7 +115,7 @@ class Judgement:
     after: np.ndarray  # where the goods are after the event
     governing: np.ndarray  # row of the governing assignment, -1 before any
     distributor: np.ndarray  # party row of the assigned distributor, -1 if none
-    findings: pd.DataFrame  # unit, row (crossing), severity, exit_via (party row)
+    findings: pd.DataFrame  # unit, row (crossing), severity, exit_via (party row); by unit
     untracked: np.ndarray  # unit positions without any assignment
 
     def unit_assignment(self) -> np.ndarray:
@@ -139,6 +145,12 @@ class EventCodes:
                    encode(events.column("region_id"), regions.column("region_id").combine_chunks()))
 
 
+# What an event can prove about goods outside the territory: nothing; always out of the
+# assigned distributor's hands (a ship to a store, a store's receive or open); or out of
+# them when the other distributor involved is not the assigned one.
+NO_EVIDENCE, STORE_EVIDENCE, DISTRIBUTOR_EVIDENCE = 0, 1, 2
+
+
 def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3,
           codes: EventCodes | None = None) -> Judgement:
     """Apply the diversion rules to every unit of `timeline`.
@@ -146,163 +158,240 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     `parties` must hold every party the events name; `regions` the whole region tree;
     `codes`, when given, encodes `timeline.events` against exactly these two tables.
     Units sharing a case must be judged together for the k rule to see them all.
+    Facts of single events are derived once per event, then gathered per timeline row.
     """
     n = len(timeline)
-    party_ids = parties.column("party_id").combine_chunks()
     region_ids = regions.column("region_id").combine_chunks()
     kind = encode(parties.column("kind"), pa.array(KINDS))
     home = encode(parties.column("region_id"), region_ids)
     if codes is not None:
-        action, party, counterparty, own_region = (
-            column[timeline.event] for column in (codes.action, codes.party, codes.counterparty, codes.region))
+        action, party, counterparty, own_region = codes.action, codes.party, codes.counterparty, codes.region
+        event = timeline.event
     else:
+        party_ids = parties.column("party_id").combine_chunks()
         action = timeline.encoded("action", pa.array(ACTIONS))
         party = timeline.encoded("party_id", party_ids)
         counterparty = timeline.encoded("counterparty_id", party_ids)
         own_region = timeline.encoded("region_id", region_ids)
+        event = np.arange(n)
+
+    def per_row(values: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Event facts per timeline row (of `rows` only, when given)."""
+        return values[event if rows is None else event[rows]]
 
     def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
         return np.where(who >= 0, values[np.maximum(who, 0)], -1)
 
+    # per event
     party_kind, cp_kind = of(kind, party), of(kind, counterparty)
     location = np.where(own_region >= 0, own_region, of(home, party))
     is_ship = action == SHIP
     shipped_to = is_ship & (counterparty >= 0)
-    after = np.where(shipped_to & (of(home, counterparty) >= 0), of(home, counterparty), location)
+    cp_home = of(home, counterparty)
+    after = np.where(shipped_to & (cp_home >= 0), cp_home, location)
     holder = np.where(shipped_to, counterparty, party)
-
     assigns = (is_ship & (party_kind == FACTORY) & (cp_kind == DISTRIBUTOR)) | (
         (action == RECEIVE) & (party_kind == DISTRIBUTOR) & (cp_kind == FACTORY))
-    assigned_to = np.where(is_ship, counterparty, party)
+    assigned_to = other = np.where(is_ship, counterparty, party)  # who receives, or who else is involved
+    held = np.isin(action, (RECEIVE, OPEN))
+    evidence = np.where((is_ship & (cp_kind == STORE)) | (held & (party_kind == STORE)), STORE_EVIDENCE,
+                        np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (held & (party_kind == DISTRIBUTOR)),
+                                 DISTRIBUTOR_EVIDENCE, NO_EVIDENCE)).astype(np.int8)
+    holds_store = of(kind, holder) == STORE
+
+    # per timeline row
+    action, party, holder, location, after, assigns = (
+        per_row(values) for values in (action, party, holder, location, after, assigns))
     pos = np.arange(n)
     start = timeline.unit_starts()
     last = np.maximum.accumulate(np.where(assigns, pos, -1)) if n else pos
     governing = np.where(last >= start, last, -1)
-    distributor = np.where(governing >= 0, assigned_to[np.maximum(governing, 0)], -1)
+    judged = governing >= 0
+    distributor = np.where(judged, per_row(assigned_to, np.maximum(governing, 0)), -1)
 
     territories = Territories(parties, regions)
-    judged = governing >= 0
-    inside_after = territories.contains(distributor, after)
+    inside_after = judged & (after >= 0) & territories.contains(distributor, after)
     outside_after = judged & (after >= 0) & ~inside_after
+    evidence = per_row(evidence)
+    out_of_hands = evidence == STORE_EVIDENCE
+    maybe = np.flatnonzero(outside_after & (evidence == DISTRIBUTOR_EVIDENCE))
+    out_of_hands[maybe] = per_row(other, maybe) != distributor[maybe]
+    confirmed_evidence = outside_after & out_of_hands & ~assigns
 
-    other_distributor = lambda who, who_kind: (who_kind == DISTRIBUTOR) & (who != distributor)  # noqa: E731
-    ship_out = is_ship & ((cp_kind == STORE) | other_distributor(counterparty, cp_kind))
-    held_out = np.isin(action, (RECEIVE, OPEN)) & ((party_kind == STORE) | other_distributor(party, party_kind))
-    confirmed_evidence = outside_after & (ship_out | held_out) & ~assigns
-
-    store_inside = judged & (of(kind, holder) == STORE) & (after >= 0) & inside_after
+    store_inside = inside_after & per_row(holds_store)
     handled = np.cumsum(store_inside)
     g = np.maximum(governing, 0)
     handled_before = judged & ((handled - (handled[g] - store_inside[g])) > 0)
-    scan_outside = (action == SCAN) & judged & (location >= 0) & ~territories.contains(distributor, location)
-    consumer_evidence = scan_outside & ~handled_before
-
-    inside_rows = judged & (after >= 0) & inside_after
-    last_inside = np.maximum.accumulate(np.where(inside_rows, pos, -1)) if n else pos
+    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0) & ~handled_before)
+    consumer_evidence = np.zeros(n, bool)
+    consumer_evidence[scans] = ~territories.contains(distributor[scans], location[scans])
+    last_inside = np.maximum.accumulate(np.where(inside_after, pos, -1)) if n else pos
 
     units = timeline.unit
-    confirmed = _first_per_unit(units, confirmed_evidence)
-    consumer = _first_per_unit(units, consumer_evidence)
+    confirmed_unit, confirmed_row = _first_per_unit(units, confirmed_evidence)
+    consumer_unit, consumer_row = _first_per_unit(units, consumer_evidence)
     is_confirmed = np.zeros(timeline.units.num_rows, bool)
-    is_confirmed[confirmed.unit.to_numpy()] = True
-    consumer = consumer[~is_confirmed[consumer.unit.to_numpy()]]
-    confirmed["severity"] = "confirmed"
-    consumer["severity"] = _k_rule(timeline, consumer, distributor, location, k)
-    findings = pd.concat([confirmed, consumer], ignore_index=True)
-    crossing = findings["row"].to_numpy()
+    is_confirmed[confirmed_unit] = True
+    alone = ~is_confirmed[consumer_unit]
+    consumer_unit, consumer_row = consumer_unit[alone], consumer_row[alone]
+    by_k = _k_rule(timeline, consumer_unit, distributor[consumer_row], location[consumer_row], k)
+    unit = np.r_[confirmed_unit, consumer_unit]
+    crossing = np.r_[confirmed_row, consumer_row]
+    severity = np.where(np.r_[np.ones(len(confirmed_unit), bool), by_k], "confirmed", "suspected").astype(object)
+    order = np.argsort(unit, kind="stable")
+    unit, crossing, severity = unit[order], crossing[order], severity[order]
     before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
     same_lineage = (crossing > 0) & (before >= governing[crossing]) & (before >= 0)
-    findings["exit_via"] = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
+    exit_via = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
     tracked = np.zeros(timeline.units.num_rows, bool)
     tracked[units[assigns]] = True
-    untracked = np.flatnonzero(~tracked)
-    return Judgement(timeline, parties, regions, action, party, holder, location, after, governing,
-                     distributor, findings.sort_values("unit", ignore_index=True), untracked)
+    findings = pd.DataFrame({"unit": unit, "row": crossing, "severity": severity, "exit_via": exit_via})
+    return Judgement(timeline, parties, regions, territories, action, party, holder, location, after, governing,
+                     distributor, findings, np.flatnonzero(~tracked))
 
 
-def _first_per_unit(units: np.ndarray, mask: np.ndarray) -> pd.DataFrame:
+def _first_per_unit(units: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit, row) of the first row of each unit where `mask` holds."""
     rows = np.flatnonzero(mask)
     hit = units[rows]  # timeline rows are grouped by unit, in unit order
     first = np.r_[True, hit[1:] != hit[:-1]] if len(hit) else np.zeros(0, bool)
-    return pd.DataFrame({"unit": hit[first], "row": rows[first]})
+    return hit[first].astype(np.int64), rows[first]
 
 
-def _k_rule(timeline: Timeline, suspects: pd.DataFrame, distributor: np.ndarray, location: np.ndarray,
-            k: int) -> np.ndarray:
-    """`confirmed` where at least k units of one case, assigned to one distributor, have
-    suspected crossings in one region; else `suspected`."""
-    if suspects.empty:
-        return np.array([], dtype=object)
-    case = timeline.units.column("case").to_numpy(zero_copy_only=False)[suspects["unit"].to_numpy()]
-    rows = suspects["row"].to_numpy()
-    groups = pd.DataFrame({"case": case, "dist": distributor[rows], "region": location[rows]})
-    size = groups.groupby(["case", "dist", "region"], dropna=False)["dist"].transform("size").to_numpy()
-    return np.where(pd.notna(case) & (size >= k), "confirmed", "suspected")
+def _k_rule(timeline: Timeline, units: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
+    """Per suspected unit: True (confirmed) where at least k units of its case, assigned
+    to one distributor, have suspected crossings in one region."""
+    if not len(units):
+        return np.zeros(0, bool)
+    cases = pc.take(timeline.units.column("case"), pa.array(units)).combine_chunks()
+    case = pc.fill_null(pc.dictionary_encode(cases).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((region, distributor, case))
+    key = np.stack([case, distributor, region])[:, order]
+    new_group = np.r_[True, (key[:, 1:] != key[:, :-1]).any(axis=0)]
+    group = np.cumsum(new_group) - 1
+    size = np.empty(len(units), np.int64)
+    size[order] = np.bincount(group)[group]
+    return (case >= 0) & (size >= k)
 
 
-def findings_of(judgement: Judgement, *, units: np.ndarray | None = None) -> list[DiversionFinding]:
-    """DiversionFinding objects (with custody paths) for the judged units, by unit code."""
-    tl = judgement.timeline
-    frame = judgement.findings
-    if units is not None:
-        frame = frame[frame["unit"].isin(units)]
-    if frame.empty:
-        return []
-    unit, row = frame["unit"].to_numpy(), frame["row"].to_numpy()
-    party_ids = judgement.parties.column("party_id")
-    region_ids = judgement.regions.column("region_id")
-    territories = Territories(judgement.parties, judgement.regions)
-    unit_rows = pa.array(unit)
-    event_rows = pa.array(tl.event[row])
-    columns = {
-        "code": pc.take(tl.units.column("code"), unit_rows).to_pylist(),
-        "sku": pc.take(tl.units.column("sku"), unit_rows).to_pylist(),
-        "batch": pc.take(tl.units.column("batch"), unit_rows).to_pylist(),
-        "case": pc.take(tl.units.column("case"), unit_rows).to_pylist(),
-        "responsible": _names(party_ids, judgement.distributor[row]),
-        "severity": frame["severity"].tolist(),
-        "crossing_event_id": pc.take(tl.events.column("event_id"), event_rows).to_pylist(),
-        "crossing_ts": iso_column(pc.take(tl.events.column("ts"), event_rows)),
-        "crossing_party": _names(party_ids, judgement.party[row]),
-        "crossing_region": _names(region_ids, judgement.after[row]),
-        "exit_via": _names(party_ids, frame["exit_via"].to_numpy()),
-    }
-    paths = unit_paths(judgement, unit, crossing=row)
-    columns["territory"] = [territories.declared.get(r, []) for r in columns["responsible"]]
-    columns["path"] = [paths[u] for u in unit.tolist()]
-    return sorted(trusted_models(DiversionFinding, columns), key=lambda f: f.code)
+TEXT = pa.string()
+FINDING_SCHEMA = pa.schema([  # DiversionFinding's fields in order, but `path`
+    ("code", TEXT), ("sku", TEXT), ("batch", TEXT), ("responsible", TEXT), ("territory", pa.list_(TEXT)),
+    ("severity", TEXT), ("crossing_event_id", TEXT), ("crossing_ts", TS_TYPE), ("crossing_party", TEXT),
+    ("crossing_region", TEXT), ("exit_via", TEXT), ("case", TEXT)])
+HOP_SCHEMA = pa.schema([  # Hop's fields in order
+    ("party_id", TEXT), ("kind", TEXT), ("region_id", TEXT), ("ts", TS_TYPE), ("event_id", TEXT), ("action", TEXT),
+    ("crossed", pa.bool_()), ("code", TEXT), ("counterparty_id", TEXT), ("to_region_id", TEXT)])
 
 
-def _names(names: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> list[str | None]:
-    """names[row] per row, None where the row is -1."""
-    return pc.take(names, pa.array(rows, pa.int64(), mask=rows < 0)).to_pylist()
+@dataclass
+class Findings:
+    """Diversion findings in columns: `table` has one row per diverted unit (FINDING_SCHEMA),
+    `hops` their custody paths one after another (HOP_SCHEMA), finding i's in rows
+    starts[i]:starts[i+1]. `models()` makes DiversionFinding objects of them."""
+
+    table: pa.Table
+    hops: pa.Table
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @classmethod
+    def of(cls, judgement: Judgement, *, units: np.ndarray | None = None) -> Findings:
+        """The findings of the judged units (all, or those at the given unit positions)."""
+        tl = judgement.timeline
+        frame = judgement.findings
+        if units is not None:
+            frame = frame[frame["unit"].isin(units)]
+        unit, row = frame["unit"].to_numpy(np.int64), frame["row"].to_numpy(np.int64)
+        party_ids = judgement.parties.column("party_id")
+        region_ids = judgement.regions.column("region_id")
+        unit_rows, event_rows = pa.array(unit), pa.array(tl.event[row])
+        responsible = _take(party_ids, judgement.distributor[row])
+        declared = judgement.territories.declared
+        table = pa.table({
+            "code": pc.take(tl.units.column("code"), unit_rows),
+            "sku": pc.take(tl.units.column("sku"), unit_rows),
+            "batch": pc.take(tl.units.column("batch"), unit_rows),
+            "responsible": responsible,
+            "territory": pa.array([declared.get(r, []) for r in responsible.to_pylist()], pa.list_(TEXT)),
+            "severity": pa.array(frame["severity"].to_numpy(object), TEXT),
+            "crossing_event_id": pc.take(tl.events.column("event_id"), event_rows),
+            "crossing_ts": pc.take(tl.events.column("ts"), event_rows),
+            "crossing_party": _take(party_ids, judgement.party[row]),
+            "crossing_region": _take(region_ids, judgement.after[row]),
+            "exit_via": _take(party_ids, frame["exit_via"].to_numpy(np.int64)),
+            "case": pc.take(tl.units.column("case"), unit_rows),
+        }, schema=FINDING_SCHEMA)
+        hops, counts = path_hops(judgement, unit, crossing=row)
+        return cls(table, hops, np.r_[0, np.cumsum(counts)])
+
+    @classmethod
+    def concat(cls, parts: list[Findings]) -> Findings:
+        """All findings of `parts`, sorted by code."""
+        if not parts:
+            return cls(FINDING_SCHEMA.empty_table(), HOP_SCHEMA.empty_table(), np.zeros(1, np.int64))
+        counts = np.concatenate([np.diff(part.starts) for part in parts])
+        whole = cls(pa.concat_tables([part.table for part in parts]), pa.concat_tables([part.hops for part in parts]),
+                    np.r_[0, np.cumsum(counts)])
+        return whole.take(pc.sort_indices(whole.table, [("code", "ascending")]).to_numpy())
+
+    def take(self, rows: np.ndarray) -> Findings:
+        """The findings at `rows`, in that order, with their paths."""
+        counts = np.diff(self.starts)[rows]
+        hop_rows = ranges(self.starts[:-1][rows], counts)
+        return Findings(self.table.take(pa.array(rows, pa.int64())), self.hops.take(pa.array(hop_rows)),
+                        np.r_[0, np.cumsum(counts)])
+
+    def models(self) -> list[DiversionFinding]:
+        hops = trusted_models(Hop, _python_columns(self.hops))
+        columns = _python_columns(self.table)
+        bounds = self.starts.tolist()
+        columns["path"] = [hops[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return trusted_models(DiversionFinding, columns)
 
 
-def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> dict[int, list[Hop]]:
-    """Custody paths (all effective events as hops) of the given unit positions."""
+def _python_columns(table: pa.Table) -> dict[str, list]:
+    """A table's columns as Python lists, timestamps as ISO 8601 text (`queries.common.iso`)."""
+    return {name: iso_column(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
+            for name, column in zip(table.column_names, table.columns)}
+
+
+def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
+    """values[row] per row, null where the row is -1."""
+    return pc.take(values, pa.array(rows, pa.int64(), mask=rows < 0))
+
+
+def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
+    """Custody paths (all effective events as hops, HOP_SCHEMA) of the given unit positions
+    in ascending order, one after another, and the number of hops of each."""
     tl = judgement.timeline
     units = np.unique(np.asarray(units, np.int64))
     first = np.searchsorted(tl.unit, units, "left")  # timeline rows are grouped by unit, in unit order
     counts = np.searchsorted(tl.unit, units, "right") - first
-    rows = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-    crossed = np.zeros(len(tl), bool)
-    if crossing is not None:
-        crossed[crossing] = True
+    rows = ranges(first, counts)
+    crossed = np.isin(rows, crossing) if crossing is not None else np.zeros(len(rows), bool)
     party_ids, kinds = judgement.parties.column("party_id"), judgement.parties.column("kind")
     region_ids = judgement.regions.column("region_id")
     events = tl.events.take(pa.array(tl.event[rows]))
     party = judgement.party[rows]
-    columns = {
-        "party_id": _names(party_ids, party), "kind": _names(kinds, party),
-        "region_id": _names(region_ids, judgement.location[rows]), "ts": iso_column(events.column("ts")),
-        "event_id": events.column("event_id").to_pylist(), "action": events.column("action").to_pylist(),
-        "crossed": crossed[rows].tolist(), "code": events.column("code").to_pylist(),
-        "counterparty_id": events.column("counterparty_id").to_pylist(),
-        "to_region_id": _names(region_ids, judgement.after[rows]),
-    }
-    hops = trusted_models(Hop, columns)
+    hops = pa.table({
+        "party_id": _take(party_ids, party), "kind": _take(kinds, party),
+        "region_id": _take(region_ids, judgement.location[rows]), "ts": events.column("ts"),
+        "event_id": events.column("event_id"), "action": events.column("action"), "crossed": crossed,
+        "code": events.column("code"), "counterparty_id": events.column("counterparty_id"),
+        "to_region_id": _take(region_ids, judgement.after[rows]),
+    }, schema=HOP_SCHEMA)
+    return hops, counts
+
+
+def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> dict[int, list[Hop]]:
+    """Custody paths as Hop objects, by unit position."""
+    hops, counts = path_hops(judgement, units, crossing=crossing)
+    models = trusted_models(Hop, _python_columns(hops))
     bounds = np.r_[0, np.cumsum(counts)].tolist()
-    return {u: hops[bounds[i]:bounds[i + 1]] for i, u in enumerate(units.tolist())}
+    return {u: models[bounds[i]:bounds[i + 1]] for i, u in enumerate(np.unique(np.asarray(units, np.int64)).tolist())}
 
 
 def judge_store(store, *, k: int = 3) -> Iterator[Judgement]:  # noqa: ANN001 - any Store
@@ -316,16 +405,16 @@ def judge_store(store, *, k: int = 3) -> Iterator[Judgement]:  # noqa: ANN001 - 
         yield judge(timeline, parties, regions, k=k, codes=codes)
 
 
-def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
-                    since: datetime | None = None) -> list[DiversionFinding]:
-    """One finding per diverted unit (sorted by code), filtered by severity and crossing
-    time (>= since; a time without offset is UTC)."""
+def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
+                      since: datetime | None = None) -> Findings:
+    """One finding per diverted unit (sorted by code), in columns, filtered by severity and
+    crossing time (>= since; a time without offset is UTC)."""
     if severity is not None and severity not in SEVERITIES:
         raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
     cutoff = None if since is None else pd.Timestamp(since)
     if cutoff is not None:
         cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
-    found: list[DiversionFinding] = []
+    parts = []
     for judgement in judge_store(store, k=k):
         frame = judgement.findings
         keep = np.ones(len(frame), bool)
@@ -334,8 +423,14 @@ def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: 
         if cutoff is not None and len(frame):
             ts = pc.take(judgement.timeline.events.column("ts"), pa.array(judgement.timeline.event[frame["row"].to_numpy()]))
             keep &= pc.greater_equal(ts, pa.scalar(cutoff.to_pydatetime(), ts.type)).to_numpy(zero_copy_only=False)
-        found += findings_of(judgement, units=frame["unit"].to_numpy()[keep])
-    return sorted(found, key=lambda f: f.code)
+        parts.append(Findings.of(judgement, units=frame["unit"].to_numpy()[keep]))
+    return Findings.concat(parts)
+
+
+def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
+                    since: datetime | None = None) -> list[DiversionFinding]:
+    """`detect_diversions` as DiversionFinding objects."""
+    return detect_diversions(store, k=k, severity=severity, since=since).models()
 
 
 def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:

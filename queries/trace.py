@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from graph.errors import NotFound
 from graph.model import LEVELS
 from queries.common import iso, judging_context
-from queries.diversion import DiversionFinding, Hop, findings_of, judge, unit_paths
+from queries.diversion import DiversionFinding, Findings, Hop, judge, unit_paths
 
 
 class ChildrenSummary(BaseModel):
@@ -67,9 +67,8 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
     parties, regions = judging_context(store, timeline)
     judgement = judge(timeline, parties, regions, k=k)
     me = timeline.units.column("code").to_pylist().index(code)
-    finding = findings_of(judgement, units=np.array([me]))
-    crossing = judgement.findings.loc[judgement.findings["unit"] == me, "row"].to_numpy()
-    path = unit_paths(judgement, np.array([me]), crossing=crossing)[me]
+    finding = Findings.of(judgement, units=np.array([me])).models()
+    path = finding[0].path if finding else unit_paths(judgement, np.array([me]))[me]
     assigned = judgement.unit_assignment()[me]
     party_ids = judgement.parties.column("party_id").to_pylist()
     events = [{**row, "ts": iso(row["ts"])} for row in
