@@ -12,24 +12,48 @@ tests compare them). Definitions (docs/design.md):
 - *sell-out*: one row per unit, its first consumer `scan` (later scans of the same unit
   are repeats); credited to the store that handled the unit last before the scan.
 - *opened*: one row per unit, its first `open` by anyone.
+
+Party, region, SKU and severity columns are categorical (pandas codes, not strings). The
+embedded store's facts are cached on disk per store version (`derived/` inside the live
+version folder; a load makes a new version, so a load never sees stale facts).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pandas.api.types import union_categoricals
 
+from graph import embedded
+from graph import timeline as timeline_module
+from graph.embedded import EmbeddedStore
 from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
+from queries import diversion
 from queries.diversion import judge
+
+log = logging.getLogger(__name__)
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 STORE = KINDS.index("store")
 LEVELS = {"country": 0, "province": 1, "city": 2, "district": 3}  # depth in the region tree
+FACT_FRAMES = ("sell_in", "sell_out", "opened", "findings")
+CATEGORICAL = {"sku", "store", "consumer", "region_id", "severity", "party", "responsible", "exit_via",
+               "from_region", "to_region"}  # columns of the fact frames
 
 
 @dataclass
@@ -93,16 +117,26 @@ def utc(moment: datetime | str | None) -> pd.Timestamp | None:
 
 def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:
     """The facts of every unit as known at `as_of` (events after it are ignored; default:
-    the latest event)."""
+    the latest event). The embedded store's are read from its facts cache when present."""
     parties_t, regions_t = store.parties(), store.regions()
-    build = _facts_in_database if hasattr(store, "sales_rows") else _facts_of_every_unit
-    sell_in, sell_out, opened, findings, latest = build(store, parties_t, regions_t, k=k, cutoff=utc(as_of))
-    cutoff = utc(as_of) or latest or pd.Timestamp("1970-01-01", tz="UTC")
+    cutoff = utc(as_of)
+    if hasattr(store, "sales_rows"):
+        frames = _facts_in_database(store, parties_t, regions_t, k=k, cutoff=cutoff)
+    else:
+        frames = _cached_facts(store, k=k, cutoff=cutoff,
+                               build=lambda: _facts_of_every_unit(store, parties_t, regions_t, k=k, cutoff=cutoff))
+    sell_in, sell_out, opened, findings, latest = frames
     parties = parties_t.to_pandas().set_index("party_id")
     parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
     regions = regions_t.to_pandas().set_index("region_id")
     regions["depth"] = _depths(regions["parent_id"])
-    return SalesFacts(parties, regions, sell_in, sell_out, opened, findings, cutoff)
+    return SalesFacts(parties, regions, *(_categorical(frame) for frame in (sell_in, sell_out, opened, findings)),
+                      cutoff or latest or pd.Timestamp("1970-01-01", tz="UTC"))
+
+
+def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its party, region, SKU and severity columns categorical."""
+    return frame.astype({c: "category" for c in frame.columns if c in CATEGORICAL and frame[c].dtype != "category"})
 
 
 def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
@@ -116,8 +150,96 @@ def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: 
     if not parts:
         return _facts_of(store, store.timelines([]), parties_t, regions_t, k=k, cutoff=cutoff)
     latest = [part[4] for part in parts if part[4] is not None]
-    return (*(pd.concat([part[i] for part in parts], ignore_index=True) for i in range(4)),
-            max(latest) if latest else None)
+    return (*(_concat([part[i] for part in parts]) for i in range(4)), max(latest) if latest else None)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames of the same columns one after another; categorical columns stay categorical
+    (their categories united)."""
+    return pd.DataFrame({
+        name: union_categoricals([f[name] for f in frames]) if frames[0][name].dtype == "category"
+        else pd.concat([f[name] for f in frames], ignore_index=True)
+        for name in frames[0].columns})
+
+
+# ---------------------------------------------------------------- the facts cache
+
+
+def _cached_facts(store, *, k: int, cutoff: pd.Timestamp | None, build: Callable[[], tuple]) -> tuple:
+    """build(), or its result cached in the store's live version folder under a key of
+    (k, cutoff, the code that builds facts). An unreadable or incomplete cache entry is
+    rebuilt; a store that cannot be written is simply not cached."""
+    folder = _cache_folder(store, k=k, cutoff=cutoff)
+    if folder is None:
+        return build()
+    if folder.exists():
+        try:
+            return _read_facts(folder)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            log.warning("sales facts cache %s is unreadable (%s); rebuilding it", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+    facts = build()
+    try:
+        _write_facts(folder, facts)
+    except OSError as exc:
+        log.info("sales facts not cached in %s: %s", folder, exc.strerror or exc)
+    return facts
+
+
+def _cache_folder(store, *, k: int, cutoff: pd.Timestamp | None) -> Path | None:
+    """Where the facts of (k, cutoff) are cached for the store's live version (None: not
+    an embedded store, or nothing loaded)."""
+    if not isinstance(store, EmbeddedStore) or store.version is None:
+        return None
+    key = f"{k}|{cutoff.isoformat() if cutoff is not None else 'latest'}|{_code_digest()}"
+    return store.version / "derived" / f"sales-facts-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+@functools.cache
+def _code_digest() -> str:
+    """A digest of the source of every module that decides the facts, so facts cached by
+    other code are never read."""
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], diversion, timeline_module, embedded):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def _write_facts(folder: Path, facts: tuple) -> None:
+    """Write the facts as Arrow IPC files into a new folder, then rename it into place (a
+    reader sees a complete entry or none). The version folder must exist: a load may
+    remove it at any time, and the cache must not bring it back."""
+    derived = folder.parent
+    derived.mkdir(exist_ok=True)
+    tmp = derived / f".tmp-{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir()
+        for name, frame in zip(FACT_FRAMES, facts):
+            table = pa.Table.from_pandas(frame, preserve_index=False)  # one batch, even if empty (keeps categories)
+            batch = pa.record_batch([column.combine_chunks() for column in table.columns], schema=table.schema)
+            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+        latest = facts[4]
+        (tmp / "manifest.json").write_text(json.dumps({
+            "latest": latest.isoformat() if latest is not None else None,
+            "rows": {name: len(frame) for name, frame in zip(FACT_FRAMES, facts)}}))
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_facts(folder: Path) -> tuple:
+    """The facts of a cache folder; ValueError (or an Arrow/OS error) when incomplete."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    frames = []
+    for name in FACT_FRAMES:
+        with pa.memory_map(str(folder / f"{name}.arrow")) as source:
+            table = pa.ipc.open_file(source).read_all()
+        if table.num_rows != manifest["rows"][name]:
+            raise ValueError(f"{name}: {table.num_rows} rows, the manifest says {manifest['rows'][name]}")
+        frames.append(table.to_pandas())
+    latest = manifest["latest"]
+    return (*frames, pd.Timestamp(latest) if latest is not None else None)
 
 
 def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
@@ -160,8 +282,10 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
     latest = ts.max() if len(ts) else None
     j = judge(timeline, parties_t, regions_t, k=k)
-    party_ids, region_ids = parties_t.column("party_id"), regions_t.column("region_id")
-    codes, skus = timeline.units.column("code"), timeline.units.column("sku")
+    party_ids, region_ids = parties_t.column("party_id").combine_chunks(), regions_t.column("region_id").combine_chunks()
+    codes = timeline.units.column("code")
+    skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())
+    sku_of = pc.fill_null(skus.indices, -1).to_numpy(zero_copy_only=False)  # per unit, its SKU's position
     event_ids, times = timeline.events.column("event_id"), timeline.events.column("ts")
     kind = encode(parties_t.column("kind"), pa.array(KINDS))
     n = len(timeline)
@@ -172,6 +296,12 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     def at(rows: np.ndarray, values: pa.ChunkedArray) -> pa.Array:
         """values of the events of timeline rows (null where row < 0)."""
         return _take(values, np.where(rows >= 0, timeline.event[np.maximum(rows, 0)], -1))
+
+    def party(rows: np.ndarray) -> pa.DictionaryArray:
+        return _coded(party_ids, rows)
+
+    def sku(units: np.ndarray) -> pa.DictionaryArray:
+        return _coded(skus.dictionary, sku_of[units])
 
     holder_kind = np.where(j.holder >= 0, kind[np.maximum(j.holder, 0)], -1)
     store_row = (holder_kind == STORE) & (j.action != SCAN)
@@ -185,39 +315,43 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     severities = pa.array(["confirmed", "suspected"])
 
     rows = np.flatnonzero(store_row)
-    first = pd.DataFrame({"unit": unit[rows], "store": j.holder[rows]}).duplicated().to_numpy()
-    rows = rows[~first]
-    sell_in = _frame(code=_take(codes, unit[rows]), sku=_take(skus, unit[rows]), store=_take(party_ids, j.holder[rows]),
+    rows = rows[~pd.Series(unit[rows] * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
+    sell_in = _frame(code=_take(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
                      ts=at(rows, times), diverted=diverted[rows])
 
-    scans = np.flatnonzero(j.action == SCAN)
-    rows = scans[np.unique(unit[scans], return_index=True)[1]] if len(scans) else scans
+    rows = _first_per_unit(np.flatnonzero(j.action == SCAN), unit)
     seller = last_store[rows]
-    sku = _take(skus, unit[rows])
-    products = store.stored("products", pc.unique(pc.drop_null(sku)))
-    price = pc.fill_null(_take(products.column("unit_price"), encode(sku, products.column("sku").combine_chunks())), 0.0)
+    sold = sku(unit[rows])
+    products = store.stored("products", skus.dictionary)
+    price_of = _take(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
+    price = pc.fill_null(_take(price_of, sku_of[unit[rows]]), 0.0)
     sell_out = _frame(
-        event_id=at(rows, event_ids), code=_take(codes, unit[rows]), sku=sku, unit_price=price,
-        consumer=_take(party_ids, j.party[rows]), ts=at(rows, times), region_id=_take(region_ids, j.location[rows]),
-        store=_take(party_ids, np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
+        event_id=at(rows, event_ids), code=_take(codes, unit[rows]), sku=sold, unit_price=price,
+        consumer=party(j.party[rows]), ts=at(rows, times), region_id=_coded(region_ids, j.location[rows]),
+        store=party(np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
         finding=at(np.where(diverted[rows], crossing[unit[rows]], -1), event_ids),
-        severity=_take(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
+        severity=_coded(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
 
-    opens = np.flatnonzero(j.action == OPEN)
-    rows = opens[np.unique(unit[opens], return_index=True)[1]] if len(opens) else opens
-    opened = _frame(code=_take(codes, unit[rows]), party=_take(party_ids, j.party[rows]), ts=at(rows, times),
-                    region_id=_take(region_ids, j.location[rows]))
+    rows = _first_per_unit(np.flatnonzero(j.action == OPEN), unit)
+    opened = _frame(code=_take(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
+                    region_id=_coded(region_ids, j.location[rows]))
 
     f = j.findings
     rows = f["row"].to_numpy(np.int64)
     exit_via = f["exit_via"].to_numpy(np.int64)
-    home = encode(parties_t.column("region_id"), region_ids.combine_chunks())
+    home = encode(parties_t.column("region_id"), region_ids)
     findings = _frame(
-        code=_take(codes, f["unit"].to_numpy(np.int64)), responsible=_take(party_ids, j.distributor[rows]),
-        exit_via=_take(party_ids, exit_via), from_region=_take(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
-        to_region=_take(region_ids, j.after[rows]), severity=_take(severities, severity[f["unit"].to_numpy(np.int64)]),
+        code=_take(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
+        exit_via=party(exit_via), from_region=_coded(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
+        to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[f["unit"].to_numpy(np.int64)]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
+
+
+def _first_per_unit(rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """The first of `rows` (ascending timeline rows) of each unit."""
+    units = unit[rows]
+    return rows[np.r_[True, units[1:] != units[:-1]]] if len(rows) else rows
 
 
 def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
@@ -226,8 +360,15 @@ def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
     return pc.take(values, pa.array(rows, mask=rows < 0))
 
 
+def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
+    """dictionary[rows] dictionary-encoded (a pandas categorical), null where a row is negative."""
+    rows = np.asarray(rows, np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(rows, mask=rows < 0), dictionary)
+
+
 def _frame(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pd.DataFrame:
-    """A DataFrame of arrow columns (strings stay arrow-backed) and numpy ones."""
+    """A DataFrame of arrow columns (strings stay arrow-backed, dictionaries become
+    categorical) and numpy ones."""
     return pa.table({name: value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
                      for name, value in columns.items()}).to_pandas()
 

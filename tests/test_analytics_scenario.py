@@ -3,8 +3,11 @@ counts of answers.json (loaders/plant_analytics.py) are recovered, on every stor
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from graph.settings import Settings
@@ -14,9 +17,10 @@ from loaders.ingest import load_dataset
 from queries.consumers import lifecycle
 from queries.rebates import load_policy, rebates
 from queries.regions import region_sell_through
-from queries.sales import sales_facts
+from queries.sales import FACT_FRAMES, sales_facts
 from queries.stores import store_health
 from tests.conftest import _wipe_neo4j
+from tests.worlds import channel_world, write_world
 
 EXPECTED_FLAGS = {"steady": set(), "stuffing": {("peers", "sell_in_window", "high")},
                   "sudden_stop": {("history", "weekly_sell_out", "low")},
@@ -129,6 +133,7 @@ def test_small_batches_give_the_same_facts(dataset: Path, tmp_path: Path, monkey
     store = open_store(Settings(store=tmp_path / "store"))
     load_dataset(store, dataset, rejects_dir=tmp_path / "rejects")
     whole = sales_facts(store)
+    shutil.rmtree(store.version / "derived")  # the facts cache: build them again
     batches = EmbeddedStore.timeline_batches
     monkeypatch.setattr(EmbeddedStore, "timeline_batches", lambda self: batches(self, max_units=500))
     assert len(list(store.timeline_batches())) > 5
@@ -137,3 +142,74 @@ def test_small_batches_give_the_same_facts(dataset: Path, tmp_path: Path, monkey
         got, want = getattr(small, name), getattr(whole, name)
         assert got.astype(str).sort_values(list(got.columns), ignore_index=True).equals(
             want.astype(str).sort_values(list(want.columns), ignore_index=True)), name
+
+
+def _facts_equal(got, want) -> None:
+    assert got.as_of == want.as_of
+    for name in FACT_FRAMES:
+        pd.testing.assert_frame_equal(getattr(got, name), getattr(want, name), obj=name)
+
+
+def test_cached_facts_equal_built_ones_and_a_load_invalidates_them(tmp_path: Path, monkeypatch):
+    """The embedded store's facts are cached per store version, analysis time and k: a
+    second analysis reads them (the timelines are not touched), a new load makes a new
+    version whose facts see the new events."""
+    from graph.embedded import EmbeddedStore
+
+    path = tmp_path / "store"
+    load_dataset(EmbeddedStore(path), write_world(channel_world(), tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    built = {as_of: sales_facts(EmbeddedStore(path), as_of=as_of) for as_of in (None, "2024-02-05T12:00:00Z")}
+    built_k2 = sales_facts(EmbeddedStore(path), k=2)
+    store = EmbeddedStore(path)
+    assert len(list((store.version / "derived").iterdir())) == 3
+    with monkeypatch.context() as patched:
+        patched.setattr(EmbeddedStore, "timeline_batches", lambda self: pytest.fail("facts rebuilt, not read from the cache"))
+        for as_of, facts in built.items():
+            _facts_equal(sales_facts(store, as_of=as_of), facts)
+        _facts_equal(sales_facts(store, k=2), built_k2)
+    assert "A2" not in set(built[None].sell_out["code"])
+    more = [{"event_id": "n1", "code": "A2", "action": "scan", "party_id": "wx-new", "ts": "2024-03-05T00:00:00Z",
+             "region_id": "NJ"}]
+    load_dataset(store, write_world({"scans": more}, tmp_path / "more"), rejects_dir=tmp_path / "rejects")
+    after = sales_facts(store)
+    assert after.sell_out.set_index("code").loc["A2", ["consumer", "store"]].tolist() == ["wx-new", "S3"]
+    assert len(after.sell_out) == len(built[None].sell_out) + 1
+    shutil.rmtree(store.version / "derived")
+    _facts_equal(sales_facts(EmbeddedStore(path)), after)
+
+
+def test_a_damaged_facts_cache_is_rebuilt(tmp_path: Path):
+    """A cache entry cut short, or missing a file, is never used: the facts are built again
+    (and cached again)."""
+    from graph.embedded import EmbeddedStore
+
+    path = tmp_path / "store"
+    load_dataset(EmbeddedStore(path), write_world(channel_world(), tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    want = sales_facts(EmbeddedStore(path))
+    (entry,) = (EmbeddedStore(path).version / "derived").iterdir()
+    damages = [lambda: (entry / "sell_out.arrow").write_bytes((entry / "sell_out.arrow").read_bytes()[:300]),
+               lambda: (entry / "findings.arrow").unlink(), lambda: (entry / "manifest.json").write_text("{")]
+    for damage in damages:
+        damage()
+        _facts_equal(sales_facts(EmbeddedStore(path)), want)
+        assert sorted(p.name for p in entry.iterdir()) == sorted([*(f"{n}.arrow" for n in FACT_FRAMES), "manifest.json"])
+        _facts_equal(sales_facts(EmbeddedStore(path)), want)
+
+
+def test_a_read_only_store_answers_without_caching(tmp_path: Path):
+    """The store folder becomes a read-only bind mount of itself (needs root, as in CI)."""
+    from graph.embedded import EmbeddedStore
+    from tests.test_faults import _mount
+
+    read_only = tmp_path / "ro"
+    path = read_only / "store"
+    load_dataset(EmbeddedStore(path), write_world(channel_world(), tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    _mount("--bind", str(read_only), str(read_only))
+    try:
+        _mount("-o", "remount,ro,bind", str(read_only))
+        facts = sales_facts(EmbeddedStore(path))
+        assert not (EmbeddedStore(path).version / "derived").exists()
+        assert [h.store_id for h in store_health(EmbeddedStore(path), abnormal_only=True)] == ["S3"]
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
+    _facts_equal(sales_facts(EmbeddedStore(path)), facts)  # writable again: built and cached the same
