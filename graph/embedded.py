@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
 from graph.timeline import Timeline, encode, ranges
+from loaders.keys import positions, sort_order
 from loaders.validate import TS_TYPE, Validated
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def empty_table(name: str) -> pa.Table:
     if name == "codes":
         return _with_code_links(table)
     if name == "scans":
-        return _sorted_scans(table, empty_table("codes"), empty_table("retractions"))
+        return _sorted_scans(table, empty_table("codes").column("code"), empty_table("retractions"))
     return table
 
 
@@ -106,7 +107,7 @@ class EmbeddedStore:
             return data.slice(0, 0)
         key = TABLES[table].key[0] if TABLES[table].key else "task_id"
         if len(keys) > _FEW or table not in MASTER_TABLES:
-            return data.filter(pc.is_in(data.column(key), value_set=keys))
+            return data.filter(pa.array(positions(data.column(key), keys) >= 0))
         if table == "codes":
             rows = self.code_rows(keys.to_pylist())
         else:
@@ -285,7 +286,8 @@ class EmbeddedStore:
             yield
 
     def apply(self, validated: Validated) -> None:
-        """Merge validated rows into a new version and make it live atomically."""
+        """Merge validated rows into a new version and make it live atomically. Takes the
+        accepted tables out of `validated` as it writes them (one table in memory at a time)."""
         if not validated.changes_anything() and not self.path.is_dir():
             return
         with self._locked():
@@ -296,20 +298,33 @@ class EmbeddedStore:
                     shutil.rmtree(stale, ignore_errors=True)
             if not validated.changes_anything():
                 return
-            tables = {name: self._merged(name, validated) for name in TABLES}
-            tables["codes"] = _with_code_links(tables["codes"])
-            tables["scans"] = _sorted_scans(tables["scans"], tables["codes"], tables["retractions"])
-            self._write_version(tables)
+            self._write_version(self._new_tables(validated))
+
+    def _new_tables(self, validated: Validated) -> Iterator[tuple[str, pa.Table]]:
+        """The tables of the new version, one by one, with their derived columns."""
+        retractions = self._merged("retractions", validated)
+        codes = _with_code_links(self._merged("codes", validated))
+        code_keys = codes.column("code")
+        for name in TABLES:
+            if name == "codes":
+                table, codes = codes, None
+            elif name == "scans":
+                table = _sorted_scans(self._merged("scans", validated), code_keys, retractions)
+            elif name == "retractions":
+                table = retractions
+            else:
+                table = self._merged(name, validated)
+            yield name, table
+            del table
 
     def _merged(self, name: str, validated: Validated) -> pa.Table:
         old = self.table(name)
-        outcome = validated.tables.get(name)
-        new = outcome.accepted if outcome is not None and outcome.accepted is not None else None
+        new = validated.pop_accepted(name)
         if name == "parties" and validated.implicit_consumers is not None:
             implicit = validated.implicit_consumers
             taken = [old.column("party_id")] + ([new.column("party_id")] if new is not None else [])
             for column in taken:
-                implicit = implicit.filter(pc.invert(pc.is_in(implicit.column("party_id"), value_set=column.combine_chunks())))
+                implicit = implicit.filter(pa.array(positions(implicit.column("party_id"), column) < 0))
             new = implicit if new is None else pa.concat_tables([new, implicit], promote_options="permissive")
         old = old.drop_columns([c for c in DERIVED_COLUMNS if c in old.column_names])
         if new is None or new.num_rows == 0:
@@ -317,19 +332,20 @@ class EmbeddedStore:
         if name in MASTER_TABLES and old.num_rows:
             new = _fill_from_old(new, old, TABLES[name].key[0])
             key = TABLES[name].key[0]
-            old = old.filter(pc.invert(pc.is_in(old.column(key), value_set=new.column(key))))
-        return pa.concat_tables([old, new], promote_options="permissive").combine_chunks()
+            old = old.filter(pa.array(positions(old.column(key), new.column(key)) < 0))
+        return _one_chunk(pa.concat_tables([old, new], promote_options="permissive"))
 
-    def _write_version(self, tables: dict[str, pa.Table]) -> None:
+    def _write_version(self, tables: Iterator[tuple[str, pa.Table]]) -> None:
         tmp = self.path / f".tmp-{uuid.uuid4().hex}"
         number = int(self.version.name[1:]) + 1 if self.version else 1
         final = self.path / f"v{number:06d}"
         try:
             tmp.mkdir()
-            for name, table in tables.items():
+            for name, table in tables:
                 path = tmp / f"{name}.arrow"
                 with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(table.combine_chunks())  # one batch: takes by row stay O(rows)
+                    writer.write_table(_one_chunk(table))  # one batch: takes by row stay O(rows)
+                del table
                 _fsync(path)
             _fsync(tmp)
             os.rename(tmp, final)
@@ -341,6 +357,9 @@ class EmbeddedStore:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"{self.path}: cannot write the store ({exc.strerror or exc}); the previous version is intact") from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         previous, self.version = self.version, final
         self._cache.clear()
         if previous is not None:
@@ -381,11 +400,13 @@ def _children_index(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _inherited(column: pa.ChunkedArray, lineage: list[np.ndarray]) -> pa.Array:
     """Per unit, the value of `column` on the unit or else its nearest ancestor."""
-    result = pa.nulls(len(lineage[0]), pa.string())
-    for rows in lineage:
-        values = pc.take(column, pa.array(rows, mask=rows < 0))
-        result = pc.coalesce(result, values)
-    return result
+    present = column.is_valid().to_numpy(zero_copy_only=False)
+    source = np.full(len(lineage[0]), -1, np.int64)
+    for rows in lineage:  # nearest first
+        found = (source < 0) & (rows >= 0)
+        found[found] = present[rows[found]]
+        source[found] = rows[found]
+    return pc.take(column, pa.array(source, mask=source < 0))
 
 
 def _inherited_all(codes: pa.Table, column: str) -> pa.Array:
@@ -409,9 +430,10 @@ def _fsync(path: Path) -> None:
 
 def _fill_from_old(new: pa.Table, old: pa.Table, key: str) -> pa.Table:
     """Values an update leaves empty keep their stored value."""
-    hit = pc.index_in(new.column(key), value_set=old.column(key))
-    if pc.all(pc.is_null(hit)).as_py():
+    at = positions(new.column(key), old.column(key))
+    if not (at >= 0).any():
         return new
+    hit = pa.array(at, mask=at < 0)
     columns = {}
     for name in new.column_names:
         if name in old.column_names and name != key:
@@ -422,37 +444,50 @@ def _fill_from_old(new: pa.Table, old: pa.Table, key: str) -> pa.Table:
     return pa.table(columns)
 
 
+def _one_chunk(table: pa.Table) -> pa.Table:
+    """`table` with every column in one chunk, copying only columns that need it."""
+    columns = []
+    for column in table.columns:
+        chunks = [c for c in column.chunks if len(c)]
+        columns.append(chunks[0] if len(chunks) == 1 else column.combine_chunks())
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
 def _with_code_links(codes: pa.Table) -> pa.Table:
     """Sort codes by code and add parent_idx and unit_count."""
-    codes = codes.take(pc.sort_indices(codes, [("code", "ascending")]))
-    parent = pc.index_in(codes.column("parent_code"), value_set=codes.column("code"))
-    parent_idx = parent.to_numpy(zero_copy_only=False)
-    parent_idx = np.where(np.isnan(parent_idx.astype(float)), -1, parent_idx).astype(np.int32) if len(parent_idx) else np.zeros(0, np.int32)
+    codes = codes.take(pa.array(sort_order(codes.column("code"))))
+    parent_idx = positions(codes.column("parent_code"), codes.column("code")).astype(np.int32)
     is_unit = pc.equal(codes.column("level"), LEVELS[0]).to_numpy(zero_copy_only=False)
-    units = np.zeros(len(parent_idx), np.int64)
-    units[is_unit] = 1
+    units = is_unit.astype(np.int64)
     walker = np.flatnonzero(is_unit)
     for _ in range(len(LEVELS)):
         walker = parent_idx[walker]
         walker = walker[walker >= 0]
         if not len(walker):
             break
-        np.add.at(units, walker, 1)
+        units += np.bincount(walker, minlength=len(units))
     return codes.append_column("parent_idx", pa.array(parent_idx, pa.int32())).append_column(
         "unit_count", pa.array(units, pa.int64()))
 
 
-def _sorted_scans(scans: pa.Table, codes: pa.Table, retractions: pa.Table) -> pa.Table:
-    """Attach code_idx, event_order (global rank by ts, action rank, event_id) and
-    retracted (an errorDeclaration names the event), and sort by (code_idx, event_order)."""
+def _sorted_scans(scans: pa.Table, codes: pa.ChunkedArray, retractions: pa.Table) -> pa.Table:
+    """Attach code_idx (row of the code in `codes`, the sorted code column), event_order
+    (global rank by ts, action rank, event_id) and retracted (an errorDeclaration names
+    the event), and sort by (code_idx, event_order)."""
     scans = scans.drop_columns([c for c in DERIVED_COLUMNS if c in scans.column_names])
-    code_idx = pc.index_in(scans.column("code"), value_set=codes.column("code")).cast(pa.int32())
-    rank = pc.index_in(scans.column("action"), value_set=pa.array(ACTIONS))
-    scans = scans.append_column("code_idx", code_idx).append_column("_rank", rank)
-    by_time = pc.sort_indices(scans, [("ts", "ascending"), ("_rank", "ascending"), ("event_id", "ascending")])
-    event_order = np.empty(scans.num_rows, np.int64)
-    event_order[by_time.to_numpy()] = np.arange(scans.num_rows, dtype=np.int64)
-    scans = scans.append_column("event_order", pa.array(event_order))
-    scans = scans.append_column("retracted", pc.is_in(scans.column("event_id"), value_set=retractions.column("event_id")))
-    order = pc.sort_indices(scans, [("code_idx", "ascending"), ("event_order", "ascending")])
-    return scans.take(order).drop_columns(["_rank"]).combine_chunks()
+    n = scans.num_rows
+    code_idx = positions(scans.column("code"), codes)
+    rank = pc.index_in(scans.column("action"), value_set=pa.array(ACTIONS)).to_numpy(zero_copy_only=False)
+    ts = scans.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    by_id = sort_order(scans.column("event_id"))  # then a stable sort by (ts, action rank)
+    by_time = by_id[np.argsort((ts * len(ACTIONS) + rank)[by_id], kind="stable")]
+    event_order = np.empty(n, np.int64)
+    event_order[by_time] = np.arange(n, dtype=np.int64)
+    retracted = pc.is_in(scans.column("event_id"), value_set=retractions.column("event_id"))
+    # (code row, event order) packed in one integer: one value sort, no argsort
+    packed = (np.where(code_idx >= 0, code_idx, np.iinfo(np.int32).max).astype(np.int64) << 32) | event_order
+    packed.sort()
+    order = by_time[packed & 0xFFFFFFFF]
+    scans = scans.append_column("code_idx", pa.array(code_idx.astype(np.int32), mask=code_idx < 0))
+    scans = scans.append_column("event_order", pa.array(event_order)).append_column("retracted", retracted)
+    return _one_chunk(scans.take(pa.array(order)))

@@ -72,19 +72,12 @@ class Territories:
         rows = np.flatnonzero(pc.equal(parties.column("kind"), "distributor").to_numpy(zero_copy_only=False))
         self.slot = np.full(parties.num_rows, -1, np.int64)
         self.slot[rows] = np.arange(len(rows))
-        distributors = parties.take(pa.array(rows, pa.int64()))
-        listed = pc.split_pattern(distributors.column("territory").combine_chunks(), "|")
-        roots = pc.utf8_trim_whitespace(pc.list_flatten(listed)).to_numpy(zero_copy_only=False)
-        owner = pc.list_parent_indices(listed).to_numpy()
-        keep = roots != ""
-        roots, owner = roots[keep], owner[keep]
-        homes = distributors.column("region_id").to_numpy(zero_copy_only=False)
-        fallback = np.flatnonzero((np.bincount(owner, minlength=len(rows)) == 0) & pd.notna(homes) & (homes != ""))
-        roots, owner = np.r_[roots, homes[fallback]], np.r_[owner, fallback]
-        self.declared: dict[str, list[str]] = {party: [] for party in distributors.column("party_id").to_pylist()}
-        names = distributors.column("party_id").to_numpy(zero_copy_only=False)
-        for slot, root in zip(owner.tolist(), roots.tolist()):
-            self.declared[names[slot]].append(root)
+        distributors = parties.take(pa.array(rows, pa.int64())).select(["party_id", "territory", "region_id"])
+        self.declared: dict[str, list[str]] = {
+            party: _territory_list(territory, home) for party, territory, home in
+            zip(*(distributors.column(name).to_pylist() for name in distributors.column_names))}
+        owner = np.repeat(np.arange(len(rows)), [len(roots) for roots in self.declared.values()])
+        roots = [root for roots in self.declared.values() for root in roots]
         member = np.zeros((len(rows), len(region_ids) + 1), bool)  # the extra column stands for -1
         root_rows = encode(pa.array(roots, pa.string()), region_ids)
         known = root_rows >= 0
@@ -98,6 +91,11 @@ class Territories:
         out = np.zeros(len(distributor), bool)
         out[ok] = self.matrix[slot[ok], region[ok]]
         return out
+
+
+def _territory_list(territory: str | None, home: str | None) -> list[str]:
+    roots = [t.strip() for t in territory.split("|") if t.strip()] if territory else []
+    return roots or ([home] if home else [])
 
 
 @dataclass
@@ -126,99 +124,112 @@ class Judgement:
         return out
 
 
-@dataclass
-class EventCodes:
-    """Per row of an events table: action rank and the rows of its party and counterparty
-    (in `parties`) and region (in `regions`), -1 where absent or unknown."""
-
-    events: pa.Table
-    action: np.ndarray
-    party: np.ndarray
-    counterparty: np.ndarray
-    region: np.ndarray
-
-    @classmethod
-    def of(cls, events: pa.Table, parties: pa.Table, regions: pa.Table) -> EventCodes:
-        party_ids = parties.column("party_id").combine_chunks()
-        return cls(events, encode(events.column("action"), pa.array(ACTIONS)),
-                   encode(events.column("party_id"), party_ids), encode(events.column("counterparty_id"), party_ids),
-                   encode(events.column("region_id"), regions.column("region_id").combine_chunks()))
-
-
 # What an event can prove about goods outside the territory: nothing; always out of the
 # assigned distributor's hands (a ship to a store, a store's receive or open); or out of
 # them when the other distributor involved is not the assigned one.
 NO_EVIDENCE, STORE_EVIDENCE, DISTRIBUTOR_EVIDENCE = 0, 1, 2
 
 
+@dataclass
+class EventFacts:
+    """What single events say, whichever unit they apply to: one value per row of `events`
+    (or per timeline row, see `of_timeline`); parties and regions are rows of the judging
+    tables, -1 where absent or unknown."""
+
+    events: pa.Table
+    action: np.ndarray
+    party: np.ndarray
+    holder: np.ndarray  # who holds the goods after the event
+    location: np.ndarray  # where the event happened
+    after: np.ndarray  # where the goods are after the event
+    assigns: np.ndarray  # a factory -> distributor hand-over (an assignment)
+    other: np.ndarray  # who receives (ship), else the party: the assignee of an assignment
+    evidence: np.ndarray  # NO_, STORE_ or DISTRIBUTOR_EVIDENCE
+    holds_store: np.ndarray  # the holder after the event is a store
+
+    @classmethod
+    def of(cls, events: pa.Table, parties: pa.Table, regions: pa.Table) -> EventFacts:
+        """Facts of every row of `events`."""
+        party_ids = parties.column("party_id").combine_chunks()
+        return cls.derive(events, parties, regions, encode(events.column("action"), pa.array(ACTIONS)),
+                          encode(events.column("party_id"), party_ids), encode(events.column("counterparty_id"), party_ids),
+                          encode(events.column("region_id"), regions.column("region_id").combine_chunks()))
+
+    @classmethod
+    def of_timeline(cls, timeline: Timeline, parties: pa.Table, regions: pa.Table) -> EventFacts:
+        """Facts per timeline row (cheaper than `of` when the timeline covers few events)."""
+        party_ids = parties.column("party_id").combine_chunks()
+        return cls.derive(timeline.events, parties, regions, timeline.encoded("action", pa.array(ACTIONS)),
+                          timeline.encoded("party_id", party_ids), timeline.encoded("counterparty_id", party_ids),
+                          timeline.encoded("region_id", regions.column("region_id").combine_chunks()))
+
+    @classmethod
+    def derive(cls, events: pa.Table, parties: pa.Table, regions: pa.Table, action: np.ndarray, party: np.ndarray,
+               counterparty: np.ndarray, own_region: np.ndarray) -> EventFacts:
+        kind = encode(parties.column("kind"), pa.array(KINDS))
+        home = encode(parties.column("region_id"), regions.column("region_id").combine_chunks())
+
+        def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
+            return np.where(who >= 0, values[np.maximum(who, 0)], -1)
+
+        party_kind, cp_kind = of(kind, party), of(kind, counterparty)
+        location = np.where(own_region >= 0, own_region, of(home, party))
+        is_ship = action == SHIP
+        shipped_to = is_ship & (counterparty >= 0)
+        cp_home = of(home, counterparty)
+        holder = np.where(shipped_to, counterparty, party)
+        held = np.isin(action, (RECEIVE, OPEN))
+        return cls(
+            events, action=action, party=party, holder=holder, location=location,
+            after=np.where(shipped_to & (cp_home >= 0), cp_home, location),
+            assigns=(is_ship & (party_kind == FACTORY) & (cp_kind == DISTRIBUTOR)) | (
+                (action == RECEIVE) & (party_kind == DISTRIBUTOR) & (cp_kind == FACTORY)),
+            other=np.where(is_ship, counterparty, party),
+            evidence=np.where((is_ship & (cp_kind == STORE)) | (held & (party_kind == STORE)), STORE_EVIDENCE,
+                              np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (held & (party_kind == DISTRIBUTOR)),
+                                       DISTRIBUTOR_EVIDENCE, NO_EVIDENCE)).astype(np.int8),
+            holds_store=of(kind, holder) == STORE)
+
+
 def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3,
-          codes: EventCodes | None = None) -> Judgement:
+          facts: EventFacts | None = None) -> Judgement:
     """Apply the diversion rules to every unit of `timeline`.
 
     `parties` must hold every party the events name; `regions` the whole region tree;
-    `codes`, when given, encodes `timeline.events` against exactly these two tables.
-    Units sharing a case must be judged together for the k rule to see them all.
-    Facts of single events are derived once per event, then gathered per timeline row.
+    `facts`, when given, are `EventFacts.of(timeline.events, parties, regions)` (shared by
+    the batches of one events table). Units sharing a case must be judged together for
+    the k rule to see them all.
     """
     n = len(timeline)
-    region_ids = regions.column("region_id").combine_chunks()
-    kind = encode(parties.column("kind"), pa.array(KINDS))
-    home = encode(parties.column("region_id"), region_ids)
-    if codes is not None:
-        action, party, counterparty, own_region = codes.action, codes.party, codes.counterparty, codes.region
-        event = timeline.event
+    if facts is None:
+        facts, event = EventFacts.of_timeline(timeline, parties, regions), np.arange(n)
     else:
-        party_ids = parties.column("party_id").combine_chunks()
-        action = timeline.encoded("action", pa.array(ACTIONS))
-        party = timeline.encoded("party_id", party_ids)
-        counterparty = timeline.encoded("counterparty_id", party_ids)
-        own_region = timeline.encoded("region_id", region_ids)
-        event = np.arange(n)
+        event = timeline.event
 
     def per_row(values: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Event facts per timeline row (of `rows` only, when given)."""
         return values[event if rows is None else event[rows]]
 
-    def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
-        return np.where(who >= 0, values[np.maximum(who, 0)], -1)
-
-    # per event
-    party_kind, cp_kind = of(kind, party), of(kind, counterparty)
-    location = np.where(own_region >= 0, own_region, of(home, party))
-    is_ship = action == SHIP
-    shipped_to = is_ship & (counterparty >= 0)
-    cp_home = of(home, counterparty)
-    after = np.where(shipped_to & (cp_home >= 0), cp_home, location)
-    holder = np.where(shipped_to, counterparty, party)
-    assigns = (is_ship & (party_kind == FACTORY) & (cp_kind == DISTRIBUTOR)) | (
-        (action == RECEIVE) & (party_kind == DISTRIBUTOR) & (cp_kind == FACTORY))
-    assigned_to = other = np.where(is_ship, counterparty, party)  # who receives, or who else is involved
-    held = np.isin(action, (RECEIVE, OPEN))
-    evidence = np.where((is_ship & (cp_kind == STORE)) | (held & (party_kind == STORE)), STORE_EVIDENCE,
-                        np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (held & (party_kind == DISTRIBUTOR)),
-                                 DISTRIBUTOR_EVIDENCE, NO_EVIDENCE)).astype(np.int8)
-    holds_store = of(kind, holder) == STORE
-
     # per timeline row
     action, party, holder, location, after, assigns = (
-        per_row(values) for values in (action, party, holder, location, after, assigns))
+        per_row(values) for values in (facts.action, facts.party, facts.holder, facts.location, facts.after, facts.assigns))
     pos = np.arange(n)
     start = timeline.unit_starts()
     last = np.maximum.accumulate(np.where(assigns, pos, -1)) if n else pos
     governing = np.where(last >= start, last, -1)
     judged = governing >= 0
-    distributor = np.where(judged, per_row(assigned_to, np.maximum(governing, 0)), -1)
+    distributor = np.where(judged, per_row(facts.other, np.maximum(governing, 0)), -1)
 
     territories = Territories(parties, regions)
     inside_after = judged & (after >= 0) & territories.contains(distributor, after)
     outside_after = judged & (after >= 0) & ~inside_after
-    evidence = per_row(evidence)
+    evidence = per_row(facts.evidence)
     out_of_hands = evidence == STORE_EVIDENCE
     maybe = np.flatnonzero(outside_after & (evidence == DISTRIBUTOR_EVIDENCE))
-    out_of_hands[maybe] = per_row(other, maybe) != distributor[maybe]
+    out_of_hands[maybe] = per_row(facts.other, maybe) != distributor[maybe]
     confirmed_evidence = outside_after & out_of_hands & ~assigns
 
-    store_inside = inside_after & per_row(holds_store)
+    store_inside = inside_after & per_row(facts.holds_store)
     handled = np.cumsum(store_inside)
     g = np.maximum(governing, 0)
     handled_before = judged & ((handled - (handled[g] - store_inside[g])) > 0)
@@ -397,12 +408,12 @@ def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray 
 def judge_store(store, *, k: int = 3) -> Iterator[Judgement]:  # noqa: ANN001 - any Store
     """Judgements covering every unit the store could find diverted, one per timeline batch
     (each batch holds whole cases). Batches over one events table share one encoding."""
-    codes: EventCodes | None = None
+    facts: EventFacts | None = None
     for timeline in store.timeline_batches():
-        if codes is None or codes.events is not timeline.events:
+        if facts is None or facts.events is not timeline.events:
             parties, regions = judging_context(store, timeline, all_events=True)
-            codes = EventCodes.of(timeline.events, parties, regions)
-        yield judge(timeline, parties, regions, k=k, codes=codes)
+            facts = EventFacts.of(timeline.events, parties, regions)
+        yield judge(timeline, parties, regions, k=k, facts=facts)
 
 
 def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
