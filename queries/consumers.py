@@ -20,14 +20,18 @@ named by SEGMENTS from R and the mean of F and M.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from graph.errors import NotFound
-from queries.common import iso
+from graph.timeline import encode
+from queries.common import iso, trusted_models
 from queries.influence import attribute
 from queries.sales import iso_times, sales_facts, text, utc
 
@@ -86,10 +90,9 @@ def lifecycle(store, *, stage: str | None = None, segment: str | None = None,
         raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     if segment is not None and segment not in SEGMENT_NAMES:
         raise ValueError(f"segment {segment!r}: expected one of {', '.join(SEGMENT_NAMES)}")
-    inputs = _inputs(store)
-    consumers, purchases, referrals = inputs
-    table = _lifecycle(consumers, purchases, _edges(referrals), as_of=utc(as_of) or _latest(purchases, referrals),
-                       bulk_units=bulk_units, top_value=top_value)
+    consumers, purchases, referrals = _inputs(store)
+    history = _History.of(consumers, purchases, referrals)
+    table = history.table(utc(as_of) or _latest(purchases, referrals), bulk_units=bulk_units, top_value=top_value)
     if stage is not None:
         table = table[table["stage"] == stage]
     if segment is not None:
@@ -107,18 +110,21 @@ def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value
         raise ValueError(f"period {period!r}: expected month or week")
     consumers, purchases, referrals = _inputs(store)
     latest = _latest(purchases, referrals)
-    seen = pd.concat([purchases[["party_id", "ts"]], referrals[["referrer_id", "ts"]].rename(columns={"referrer_id": "party_id"}),
-                      referrals[["referee_id", "ts"]].rename(columns={"referee_id": "party_id"})])
-    if seen.empty:
+    if purchases.empty and referrals.empty:
         return []
-    first_seen = seen.groupby("party_id")["ts"].min().reindex(consumers.index)
-    edges = _edges(referrals)
+    history = _History.of(consumers, purchases, referrals)
+    never = np.iinfo(np.int64).max
+    first_seen = np.full(len(consumers), never)  # microseconds since the epoch
+    for who, ts in ((purchases["consumer"].to_numpy(), purchases["ts"]),
+                    *((consumers.index.get_indexer(referrals[c]), referrals["ts"]) for c in ("referrer_id", "referee_id"))):
+        keep = (who >= 0) & ts.notna().to_numpy()
+        np.minimum.at(first_seen, who[keep], _micros(ts)[keep])
+    start = min(t.min() for t in (purchases["ts"], referrals["ts"]) if t.notna().any())
     rows = []
-    for label in pd.period_range(seen["ts"].min().tz_convert(None), latest.tz_convert(None), freq=freq):
+    for label in pd.period_range(start.tz_convert(None), latest.tz_convert(None), freq=freq):
         end = min(label.end_time.tz_localize("UTC"), latest)
-        known = consumers[first_seen.isna() | (first_seen <= end)]
-        table = _lifecycle(known, purchases, edges, as_of=end, bulk_units=bulk_units, top_value=top_value)
-        reached = table["stage"].map(STAGES.index)
+        known = (first_seen == never) | (first_seen <= _micros(end))
+        reached = history.stages(end, bulk_units=bulk_units, top_value=top_value)[known]
         rows.append({"period": str(label), "as_of": iso(end),
                      **{s: int((reached >= i).sum()) for i, s in enumerate(STAGES)}})
     return rows
@@ -130,9 +136,9 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
     if party_id not in consumers.index:
         raise NotFound(f"consumer {party_id!r} is not stored")
     as_of = _latest(purchases, referrals)
-    life = _models(_lifecycle(consumers, purchases, _edges(referrals), as_of=as_of, bulk_units=bulk_units,
-                              top_value=top_value).loc[[party_id]])[0]
-    sold = sales_facts(store).sell_out.set_index("code")["store"]
+    table = _History.of(consumers, purchases, referrals).table(as_of, bulk_units=bulk_units, top_value=top_value)
+    life = _models(table.loc[[party_id]])[0]
+    sold = sales_facts(store).sell_out.set_index("code")["store"].astype(object)
     mine = purchases[purchases["party_id"] == party_id].copy()
     mine["store"] = mine["code"].map(sold)
     bought = [{"ts": iso(r.ts), "code": r.code, "sku": r.sku, "unit_price": float(r.unit_price),
@@ -164,11 +170,14 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
 
 
 def _inputs(store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    parties = store.parties().to_pandas()
-    consumers = parties[parties["kind"] == "consumer"].set_index("party_id")
-    purchases = store.purchases().to_pandas()
-    purchases = purchases[purchases["party_id"].isin(consumers.index)]
-    return consumers, purchases, store.referrals().to_pandas()
+    """Consumers (indexed by party_id), their purchases (with `consumer`, the row of the
+    buyer in consumers) and every referral row."""
+    parties = store.parties()
+    consumers = parties.filter(pc.equal(parties.column("kind"), "consumer"))
+    purchases = store.purchases()
+    who = encode(purchases.column("party_id"), consumers.column("party_id").combine_chunks())
+    purchases = purchases.append_column("consumer", pa.array(who)).filter(pa.array(who >= 0))
+    return consumers.to_pandas().set_index("party_id"), purchases.to_pandas(), store.referrals().to_pandas()
 
 
 def _latest(purchases: pd.DataFrame, referrals: pd.DataFrame) -> pd.Timestamp:
@@ -176,58 +185,97 @@ def _latest(purchases: pd.DataFrame, referrals: pd.DataFrame) -> pd.Timestamp:
     return times.max() if len(times) else pd.Timestamp("1970-01-01", tz="UTC")
 
 
-def _edges(referrals: pd.DataFrame) -> pd.DataFrame:
-    """The first-touch attribution edges (referrer, referee, ts). Attribution only looks
-    back, so the edges known at any time are these with ts up to it."""
-    forest = attribute(referrals).forest
-    return pd.DataFrame([(u, v, ts) for u, v, ts in forest.edges(data="ts")], columns=["referrer", "referee", "ts"])
+def _micros(ts: pd.Series | pd.Timestamp) -> np.ndarray | int:
+    """UTC times as integer microseconds since the epoch (NaT: the smallest int64)."""
+    if isinstance(ts, pd.Timestamp):
+        return ts.value // 1_000  # .value is in nanoseconds whatever the unit
+    return ts.dt.as_unit("us").array.asi8
 
 
-def _lifecycle(consumers: pd.DataFrame, purchases: pd.DataFrame, edges: pd.DataFrame, *, as_of: pd.Timestamp,
-               bulk_units: int, top_value: float) -> pd.DataFrame:
-    """One row per consumer (indexed by party_id): the ConsumerLifecycle fields."""
-    bought = purchases[purchases["ts"] <= as_of]
-    per = bought.groupby("party_id").agg(purchases=("ts", "size"), skus=("sku", "nunique"),
-                                         monetary=("unit_price", "sum"), first=("ts", "min"), last=("ts", "max"))
-    days = bought.assign(day=bought["ts"].dt.floor("D")).drop_duplicates(["party_id", "day"])
-    per["purchase_days"] = days.groupby("party_id").size()
-    table = per.reindex(consumers.index)
-    for column in ("purchases", "purchase_days", "skus"):
-        table[column] = table[column].fillna(0).astype(int)
-    table["monetary"] = table["monetary"].fillna(0.0).round(2)
+@dataclass
+class _History:
+    """Consumers' purchases (in time order) and converted referrals as integer positions
+    of consumers, so the lifecycle as of any moment is a few bincounts over a prefix."""
 
-    edges = edges[edges["ts"] <= as_of]
-    first_after = edges.merge(bought[["party_id", "ts"]].rename(columns={"party_id": "referee", "ts": "bought"}), on="referee")
-    converted = first_after[first_after["bought"] >= first_after["ts"]].drop_duplicates(["referrer", "referee"])
-    table["converted_referrals"] = converted.groupby("referrer").size().reindex(table.index, fill_value=0).astype(int)
+    consumers: pd.DataFrame
+    who: np.ndarray  # per purchase: the buyer's row in consumers
+    ts: np.ndarray  # per purchase: microseconds since the epoch, ascending
+    price: np.ndarray
+    new_day: np.ndarray  # the buyer's first purchase of its UTC day
+    new_sku: np.ndarray  # the buyer's first purchase of its SKU (none when the SKU is unknown)
+    referrer: np.ndarray  # per attributed referral whose referee bought at or after it: the referrer's row (-1: not a consumer)
+    converted: np.ndarray  # ... and when the referee first bought at or after it (microseconds)
 
-    buyers = table["purchases"] > 0
-    spend = table.loc[buyers, "monetary"]
-    top_band = (spend.rank(method="max", ascending=False) <= top_value * len(spend)).reindex(table.index, fill_value=False)
-    conditions = [
-        pd.Series(True, index=table.index), buyers, table["purchase_days"] >= 2,
-        buyers & ((table["purchases"] >= bulk_units) | top_band),
-        table["skus"] >= 2, table["converted_referrals"] >= 1,
-    ]
-    reached = np.zeros(len(table), int)
-    for i, condition in enumerate(conditions):
-        reached = np.where(condition.to_numpy(bool), i, reached)
-    table["stage"] = [STAGES[i] for i in reached]
-    table["next_action"] = table["stage"].map(NEXT_ACTION)
+    @classmethod
+    def of(cls, consumers: pd.DataFrame, purchases: pd.DataFrame, referrals: pd.DataFrame) -> _History:
+        bought = purchases[purchases["ts"].notna()]
+        ts = _micros(bought["ts"])
+        order = np.argsort(ts, kind="stable")
+        who, ts = bought["consumer"].to_numpy(np.int64)[order], ts[order]
+        sku = bought["sku"].astype("category").cat.codes.to_numpy(np.int64)[order]
+        new_day = ~pd.Series(who * 2**40 + ts // 86_400_000_000).duplicated().to_numpy()
+        new_sku = (sku >= 0) & ~pd.Series(who * 2**20 + sku).duplicated().to_numpy()
+        # the first purchase by each attributed referee at or after its referral
+        edges = attribute(referrals).edges.dropna(subset=["ts"])
+        edges = pd.DataFrame({"referrer": consumers.index.get_indexer(edges["referrer_id"]),
+                              "referee": consumers.index.get_indexer(edges["referee_id"]), "ts": _micros(edges["ts"])})
+        first = pd.merge_asof(edges.sort_values("ts", kind="stable"), pd.DataFrame({"referee": who, "ts": ts, "bought": ts}),
+                              on="ts", by="referee", direction="forward").dropna(subset=["bought"])
+        return cls(consumers, who, ts, bought["unit_price"].to_numpy(float)[order], new_day, new_sku,
+                   first["referrer"].to_numpy(np.int64), first["bought"].to_numpy(np.int64))
 
-    table["recency_days"] = ((as_of - table["last"]) / pd.Timedelta(days=1)).round(2)
-    table["r"] = _quintile(-table.loc[buyers, "recency_days"])
-    table["f"] = _quintile(table.loc[buyers, "purchases"])
-    table["m"] = _quintile(table.loc[buyers, "monetary"])
-    table["segment"] = NO_PURCHASE
-    r, fm = table["r"].fillna(0), (table["f"].fillna(0) + table["m"].fillna(0)) / 2
-    assigned = ~buyers
-    for name, rule in SEGMENTS:
-        hit = rule(r, fm) & ~assigned
-        table.loc[hit, "segment"] = name
-        assigned |= hit
-    table["first_purchase"], table["last_purchase"] = iso_times(table["first"]), iso_times(table["last"])
-    return table.drop(columns=["first", "last"]).sort_index()
+    def _counts(self, as_of: pd.Timestamp) -> dict[str, np.ndarray]:
+        """Per consumer: purchases, purchase_days, skus, monetary and converted_referrals up to as_of."""
+        end = int(np.searchsorted(self.ts, _micros(as_of), "right"))
+        n, who = len(self.consumers), self.who[:end]
+        converted = self.referrer[(self.converted <= _micros(as_of)) & (self.referrer >= 0)]
+        return {"purchases": np.bincount(who, minlength=n), "purchase_days": np.bincount(who[self.new_day[:end]], minlength=n),
+                "skus": np.bincount(who[self.new_sku[:end]], minlength=n),
+                "monetary": np.round(np.bincount(who, weights=self.price[:end], minlength=n), 2),
+                "converted_referrals": np.bincount(converted, minlength=n)}
+
+    def stages(self, as_of: pd.Timestamp, *, bulk_units: int, top_value: float,
+               counts: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Per consumer, the index in STAGES of its stage as of `as_of`."""
+        c = counts or self._counts(as_of)
+        buyers = c["purchases"] > 0
+        spend = c["monetary"][buyers]
+        at_least = len(spend) - np.searchsorted(np.sort(spend), spend, "left")  # buyers who spent as much or more
+        top_band = np.zeros(len(buyers), bool)
+        top_band[buyers] = at_least <= top_value * len(spend)
+        conditions = [np.ones(len(buyers), bool), buyers, c["purchase_days"] >= 2,
+                      buyers & ((c["purchases"] >= bulk_units) | top_band), c["skus"] >= 2, c["converted_referrals"] >= 1]
+        reached = np.zeros(len(buyers), np.int64)
+        for i, condition in enumerate(conditions):
+            reached[condition] = i
+        return reached
+
+    def table(self, as_of: pd.Timestamp, *, bulk_units: int, top_value: float) -> pd.DataFrame:
+        """One row per consumer (indexed by party_id, sorted): the ConsumerLifecycle fields."""
+        counts = self._counts(as_of)
+        table = pd.DataFrame(counts, index=self.consumers.index)
+        table["stage"] = np.array(STAGES, object)[self.stages(as_of, bulk_units=bulk_units, top_value=top_value, counts=counts)]
+        table["next_action"] = table["stage"].map(NEXT_ACTION)
+        end = int(np.searchsorted(self.ts, _micros(as_of), "right"))
+        first, last = np.full(len(table), np.iinfo(np.int64).max), np.full(len(table), -1)
+        np.minimum.at(first, self.who[:end], self.ts[:end])
+        np.maximum.at(last, self.who[:end], self.ts[:end])
+        buyers = table["purchases"] > 0
+        first_ts, last_ts = (pd.Series(pd.to_datetime(np.where(buyers, t, np.iinfo(np.int64).min).view("datetime64[us]"),
+                                                      utc=True), index=table.index) for t in (first, last))
+        table["recency_days"] = ((as_of - last_ts) / pd.Timedelta(days=1)).round(2)
+        table["r"] = _quintile(-table.loc[buyers, "recency_days"])
+        table["f"] = _quintile(table.loc[buyers, "purchases"])
+        table["m"] = _quintile(table.loc[buyers, "monetary"])
+        table["segment"] = NO_PURCHASE
+        r, fm = table["r"].fillna(0), (table["f"].fillna(0) + table["m"].fillna(0)) / 2
+        assigned = ~buyers
+        for name, rule in SEGMENTS:
+            hit = rule(r, fm) & ~assigned
+            table.loc[hit, "segment"] = name
+            assigned |= hit
+        table["first_purchase"], table["last_purchase"] = iso_times(first_ts), iso_times(last_ts)
+        return table.sort_index()
 
 
 def _quintile(values: pd.Series) -> pd.Series:
@@ -239,10 +287,10 @@ def _quintile(values: pd.Series) -> pd.Series:
 
 
 def _models(table: pd.DataFrame) -> list[ConsumerLifecycle]:
-    """The rows of a `_lifecycle` table as models (built without re-validation: the table's
-    columns already have the models' types; missing values become None)."""
+    """The rows of a `_History.table` as models (not re-validated: the table's columns
+    already have the models' types; missing values become None)."""
     frame = table.reset_index()[list(ConsumerLifecycle.model_fields)]
     for key in ("r", "f", "m"):
         frame[key] = frame[key].astype("Int64")
-    frame = frame.astype(object).where(frame.notna(), None)
-    return [ConsumerLifecycle.model_construct(**row) for row in frame.to_dict("records")]
+    return trusted_models(ConsumerLifecycle, {name: frame[name].astype(object).where(frame[name].notna(), None).tolist()
+                                              for name in frame.columns})

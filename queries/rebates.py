@@ -29,11 +29,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from graph.errors import ChannelgraphError
-from queries.sales import iso_times, sales_facts, text
+from queries.common import trusted_models
+from queries.sales import iso_times, sales_facts
 
 ROLES = ("store", "distributor", "salesperson")
 STATUSES = ("owed", "withheld", "unassigned")
@@ -132,52 +136,98 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
     """Totals and withheld lines of the rebates of every consumer scan (of one `YYYY-MM`
     month if given); every line too with `lines=True`."""
     facts = sales_facts(store, k=k, as_of=as_of)
-    sales = facts.sell_out.copy()
-    sales["month"] = sales["ts"].dt.strftime("%Y-%m")
+    sales = facts.sell_out
+    months = (sales["ts"].dt.year * 12 + sales["ts"].dt.month - 1).to_numpy(np.int64)  # since year 0
     if month is not None:
-        sales = sales[sales["month"] == month]
-    credited = sales[sales["store"].notna()].reset_index(drop=True)
-    stores = facts.parties.reindex(credited["store"]).reset_index(drop=True)
-    distributor = stores["upstream_id"]
-    skus = credited["sku"].dropna().unique()
-    parts = []
-    for role, who in (("store", credited["store"]), ("distributor", distributor),
-                      ("salesperson", _salespeople(facts.parties, stores, distributor))):
-        part = credited[["event_id", "ts", "month", "code", "sku", "consumer", "finding", "severity"]].copy()
-        part["role"] = role
-        part["party_id"] = who.astype(object).where(who.notna(), None).to_numpy(object)
-        part["amount"] = part["sku"].map({sku: policy.amount(sku, role) for sku in skus}).fillna(policy.amount(None, role))
-        part["status"] = "owed"
-        part.loc[part["party_id"].isna(), "status"] = "unassigned"
-        part.loc[part["finding"].notna(), "status"] = "withheld"
-        part["order"] = ROLES.index(role)
-        parts.append(part)
-    frame = pd.concat(parts, ignore_index=True).sort_values(["ts", "event_id", "order"], ignore_index=True)
-    frame["key"] = frame["party_id"].fillna("")
-    for status in STATUSES:
-        frame[status] = frame["amount"].where(frame["status"] == status, 0.0)
-    grouped = frame.groupby(["month", "role", "key"], sort=True).agg(
-        party_id=("party_id", "first"), scans=("event_id", "size"), owed=("owed", "sum"), withheld=("withheld", "sum"))
-    totals = [RebateTotal(month=month_, role=role, party_id=text(row.party_id), scans=int(row.scans),
-                          owed=round(float(row.owed), 2), withheld=round(float(row.withheld), 2))
-              for (month_, role, _), row in zip(grouped.index, grouped.itertuples())]
-    return RebateReport(currency=policy.currency, scans=len(sales), no_store=int(sales["store"].isna().sum()),
-                        **{status: round(float(frame[status].sum()), 2) for status in STATUSES}, totals=totals,
-                        withheld_lines=_lines(frame[frame["status"] == "withheld"]),
-                        lines=_lines(frame) if lines else None)
+        chosen = _label(months) == month
+        sales, months = sales[chosen], months[chosen]
+    credited = sales["store"].notna().to_numpy()
+    sales, months = sales[credited].reset_index(drop=True), months[credited]
+    withheld = sales["finding"].notna().to_numpy()
+    skus = sales["sku"].cat
+    shares = []
+    for role, party_of_store in _credited(facts.parties, sales["store"].cat.categories).items():
+        position, ids = pd.factorize(party_of_store)
+        amounts = np.array([policy.amount(sku, role) for sku in skus.categories] + [policy.amount(None, role)])
+        party = position[sales["store"].cat.codes.to_numpy()]
+        shares.append(_Share(role, party, np.append(np.asarray(ids, object), None),
+                             amounts[np.where(skus.codes >= 0, skus.codes, len(skus.categories))],
+                             np.where(withheld, STATUSES.index("withheld"), np.where(party < 0, STATUSES.index("unassigned"), 0))))
+    totals = []
+    for share in shares:
+        frame = pd.DataFrame({"month": months, "party": share.party, "owed": share.amount_if("owed"),
+                              "withheld": share.amount_if("withheld")})
+        per = frame.groupby(["month", "party"], sort=False).agg(
+            scans=("owed", "size"), owed=("owed", "sum"), withheld=("withheld", "sum")).reset_index()
+        totals.append(per.assign(month=_label(per["month"].to_numpy()), role=share.role, party_id=share.ids[per["party"]]))
+    table = pd.concat(totals, ignore_index=True)
+    table = table.assign(key=table["party_id"].fillna("")).sort_values(["month", "role", "key"], ignore_index=True)
+    order = pc.sort_indices(pa.table({"ts": pa.array(sales["ts"]), "event_id": pa.array(sales["event_id"])}),
+                            sort_keys=[("ts", "ascending"), ("event_id", "ascending")]).to_numpy()  # a stable sort
+    return RebateReport(
+        currency=policy.currency, scans=len(credited), no_store=int((~credited).sum()),
+        **{name: round(sum(float(s.amount_if(name).sum()) for s in shares), 2) for name in STATUSES},
+        totals=trusted_models(RebateTotal, {
+            "month": table["month"].tolist(), "role": table["role"].tolist(),
+            "party_id": table["party_id"].astype(object).where(table["party_id"].notna(), None).tolist(),
+            "scans": table["scans"].tolist(), "owed": table["owed"].round(2).tolist(),
+            "withheld": table["withheld"].round(2).tolist()}),
+        withheld_lines=_lines(sales, order[withheld[order]], months, shares),
+        lines=_lines(sales, order, months, shares) if lines else None)
 
 
-def _lines(frame: pd.DataFrame) -> list[RebateLine]:
-    """Rows of the lines frame as models (built without re-validation; missing values None)."""
-    lines = frame.assign(ts=iso_times(frame["ts"]))[list(RebateLine.model_fields)]
-    lines = lines.astype(object).where(lines.notna(), None)
-    return [RebateLine.model_construct(**row) for row in lines.to_dict("records")]
+@dataclass
+class _Share:
+    """One role's rebate per credited scan."""
+
+    role: str
+    party: np.ndarray  # per scan: the credited party's position in `ids`, -1 for nobody
+    ids: np.ndarray  # party ids, then None (position -1)
+    amount: np.ndarray  # per scan
+    status: np.ndarray  # per scan: index in STATUSES
+
+    def amount_if(self, status: str) -> np.ndarray:
+        """Per scan, the amount when the scan's line has `status`, else 0."""
+        return np.where(self.status == STATUSES.index(status), self.amount, 0.0)
 
 
-def _salespeople(parties: pd.DataFrame, stores: pd.DataFrame, distributor: pd.Series) -> pd.Series:
-    """Per credited scan: the store's salesperson_id, else its distributor's only salesperson."""
+def _credited(parties: pd.DataFrame, stores: pd.Index) -> dict[str, pd.Series]:
+    """Per role, the party credited for a scan each of `stores` sold: the store, its contracted
+    distributor, and the store's salesperson_id, else its distributor's only salesperson."""
+    info = parties.reindex(stores)
+    distributor = info["upstream_id"]
     sales = parties[parties["kind"] == "salesperson"]
     counts = sales.groupby("upstream_id").size()
     only = {d: p for p, d in sales["upstream_id"].items() if counts.get(d) == 1}
-    fallback = distributor.map(only)
-    return stores["salesperson_id"].fillna(fallback) if "salesperson_id" in stores else fallback
+    salesperson = distributor.map(only)
+    if "salesperson_id" in info:
+        salesperson = info["salesperson_id"].fillna(salesperson)
+    return {"store": pd.Series(stores, index=stores, dtype=object), "distributor": distributor, "salesperson": salesperson}
+
+
+def _label(months: np.ndarray) -> np.ndarray:
+    """`YYYY-MM` of months counted from year 0."""
+    unique, inverse = np.unique(months, return_inverse=True)
+    return np.array([f"{m // 12:04d}-{m % 12 + 1:02d}" for m in unique.tolist()], object)[inverse]
+
+
+def _lines(sales: pd.DataFrame, rows: np.ndarray, months: np.ndarray, shares: list[_Share]) -> list[RebateLine]:
+    """The lines of the credited scans at `rows`: each scan's roles in ROLES order."""
+    scans = sales.iloc[rows]
+
+    def per_scan(values: pd.Series | list) -> list:
+        if isinstance(values, pd.Series):
+            values = values.astype(object).where(values.notna(), None)
+        return np.repeat(np.asarray(values, object), len(shares)).tolist()
+
+    def per_role(values: list[np.ndarray]) -> list:
+        return np.stack([np.asarray(v, object) for v in values], axis=1).ravel().tolist() if len(rows) else []
+
+    statuses = np.array(STATUSES, object)
+    return trusted_models(RebateLine, {
+        "event_id": per_scan(scans["event_id"]), "ts": per_scan(iso_times(scans["ts"])), "month": per_scan(_label(months[rows])),
+        "code": per_scan(scans["code"]), "sku": per_scan(scans["sku"]), "consumer": per_scan(scans["consumer"]),
+        "role": per_role([np.full(len(rows), s.role, object) for s in shares]),
+        "party_id": per_role([s.ids[s.party[rows]] for s in shares]), "amount": per_role([s.amount[rows] for s in shares]),
+        "status": per_role([statuses[s.status[rows]] for s in shares]),
+        "finding": per_scan(scans["finding"]), "severity": per_scan(scans["severity"])})

@@ -44,6 +44,7 @@ from graph.embedded import EmbeddedStore
 from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
 from queries import diversion
+from queries.common import iso_column
 from queries.diversion import judge
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,7 @@ def text(value: object) -> str | None:
 def iso_times(times: pd.Series) -> list[str | None]:
     """UTC times as ISO 8601 with `Z` (microseconds only when non-zero), None when missing;
     vectorised `queries.common.iso`."""
-    whole = times.dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-    fraction = times.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    text_ = whole.where(times.dt.microsecond == 0, fraction)
-    return [None if pd.isna(t) else t for t in text_]
+    return iso_column(pa.array(times.dt.as_unit("us"), from_pandas=True))
 
 
 def utc(moment: datetime | str | None) -> pd.Timestamp | None:

@@ -124,6 +124,7 @@ def test_rebates_owed_and_withheld(world_store):
     assert totals[("2024-03", "store", "S3")] == (12.0, 6.0)
     assert totals[("2024-03", "salesperson", "SP1")] == (1.0, 0.0)
     assert totals[("2024-02", "store", "S3")] == (0.0, 2.0)
+    assert totals[("2024-03", "salesperson", None)] == (0.0, 1.0)  # a5 withheld; r5, u2 unassigned (not owed)
     assert len(report.lines) == 15
     march = rebates(world_store, policy=POLICY, month="2024-03")
     assert (march.scans, march.withheld, march.lines) == (11, 10.0, None)
