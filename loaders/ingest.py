@@ -61,17 +61,19 @@ def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Pr
     """Load every table of `dataset` into `store`. Bad rows become reject records in a
     JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
     raw = read_dataset(Path(dataset), progress, known=store)
+    read = set(raw)
     if progress:
         progress("validate", 0, 1)
-    validated = validate_dataset(raw, store)
+    validated = validate_dataset(raw, store)  # empties `raw`: each table is freed once validated
     rejects = [r for outcome in validated.tables.values() for r in outcome.rejects]
     rejects_path = write_rejects(rejects, rejects_dir) if rejects else None
+    del rejects
+    counts = validated.counts()
+    implicit = validated.implicit_consumers.num_rows if validated.implicit_consumers is not None else 0
     if progress:
         progress("write", 0, 1)
     store.apply(validated)
-    counts = validated.counts()
-    tables = [t for t in LOAD_ORDER if t in raw or counts["accepted"].get(t)]
-    implicit = validated.implicit_consumers.num_rows if validated.implicit_consumers is not None else 0
+    tables = [t for t in LOAD_ORDER if t in read or counts["accepted"].get(t)]
     return LoadReport(
         accepted={t: counts["accepted"].get(t, 0) for t in tables},
         rejected={t: counts["rejected"].get(t, 0) for t in tables},

@@ -114,15 +114,24 @@ def read_source(source: Source) -> RawTable:
 
 def _finish(table: str, path: Path, columns: dict[str, pa.Array], lines: pa.Array,
             rejects: list[Reject]) -> RawTable:
-    """Values are trimmed, empty ones become null; adds the _file/_line columns."""
+    """Values are trimmed, empty ones become null; adds the _file/_line columns (`_file`
+    as a dictionary column: one copy of the path, whatever the rows)."""
     n = len(lines)
-    arrays = {}
-    for name, arr in columns.items():
-        trimmed = pc.utf8_trim_whitespace(arr.cast(pa.string()))
-        arrays[name] = pc.if_else(pc.equal(trimmed, ""), None, trimmed)
-    arrays["_file"] = pa.array([str(path)] * n, pa.string()) if n else pa.array([], pa.string())
+    arrays = {name: _trimmed_or_null(arr) for name, arr in columns.items()}
+    arrays["_file"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([str(path)], pa.string()))
     arrays["_line"] = lines.cast(pa.int64())
     return RawTable(table, pa.table(arrays), rejects)
+
+
+def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """String values without surrounding white space; empty ones null."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    trimmed = pc.utf8_trim_whitespace(values.cast(pa.string()))
+    present = pc.and_(pc.is_valid(trimmed), pc.greater(pc.binary_length(trimmed), 0))
+    if present.null_count == 0 and pc.all(present).as_py():
+        return trimmed
+    return pc.if_else(present, trimmed, pa.scalar(None, pa.string()))
 
 
 # ---------------------------------------------------------------- CSV
@@ -140,15 +149,23 @@ def read_csv(path: Path, table: str) -> RawTable:
     if not header:
         raise DatasetError(f"{path}: empty file (no header row)")
     _check_unique(path, header)
-    try:
-        parsed = pa_csv.read_csv(
+
+    def parse(kind: pa.DataType) -> pa.Table:
+        return pa_csv.read_csv(
             path,
             read_options=pa_csv.ReadOptions(block_size=16 << 20),
             parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
             convert_options=pa_csv.ConvertOptions(
-                column_types={name: pa.binary() for name in header}, strings_can_be_null=False,
+                column_types={name: kind for name in header}, strings_can_be_null=False,
                 quoted_strings_can_be_null=False),
         )
+
+    try:
+        try:
+            parsed = parse(pa.string())  # valid UTF-8 throughout: the common case
+        except pa.ArrowInvalid:  # some text is not UTF-8: those rows are rejected below
+            irregular.clear()
+            parsed = parse(pa.binary())
     except pa.ArrowInvalid:  # e.g. an irregular row that is not UTF-8 (pyarrow cannot report it)
         irregular.append("")
     else:  # pyarrow reads a blank line as a row of empty values; blank lines at the end are dropped
@@ -159,7 +176,7 @@ def read_csv(path: Path, table: str) -> RawTable:
         log.info("%s: irregular or blank rows; re-reading with exact line numbers", path)
         return _read_csv_exact(path, table)
     columns, bad_rows = _decode_utf8(parsed)
-    lines = pa.array(range(2, parsed.num_rows + 2), pa.int64())
+    lines = pa.array(np.arange(2, parsed.num_rows + 2, dtype=np.int64))
     rejects = []
     if bad_rows:
         keep = pa.array([i not in bad_rows for i in range(parsed.num_rows)])
@@ -217,6 +234,9 @@ def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.Array], set[int]]:
     bad: set[int] = set()
     for name in parsed.column_names:
         col = parsed.column(name).combine_chunks()
+        if pa.types.is_string(col.type):
+            columns[name] = col
+            continue
         try:
             columns[name] = col.cast(pa.string())
         except pa.ArrowInvalid:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
+from loaders.keys import first_rows, positions, sort_order, string_array
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Known(Protocol):
     """What a store already holds, as far as validation needs it."""
 
     def stored(self, table: str, keys: pa.Array) -> pa.Table:
-        """The stored rows (typed canonical columns) whose key is in `keys`."""
+        """The stored rows (typed canonical columns) whose key is in `keys` (keys may repeat)."""
 
     def regions(self) -> pa.Table:
         """All stored regions."""
@@ -59,6 +60,15 @@ class Validated:
         return (self.implicit_consumers is not None and self.implicit_consumers.num_rows > 0) or any(
             o.accepted is not None and o.accepted.num_rows > 0 for o in self.tables.values())
 
+    def pop_accepted(self, table: str) -> pa.Table | None:
+        """Hands over the accepted rows of `table` and forgets them here, so a store that
+        writes table by table holds one copy of each at a time."""
+        outcome = self.tables.get(table)
+        if outcome is None:
+            return None
+        accepted, outcome.accepted = outcome.accepted, None
+        return accepted
+
     def counts(self) -> dict[str, dict[str, int]]:
         return {
             "accepted": {t: (o.accepted.num_rows if o.accepted is not None else 0) for t, o in self.tables.items()},
@@ -68,51 +78,51 @@ class Validated:
 
 
 class _Rows:
-    """A raw table under validation: its columns and the first failing reason per row."""
+    """A raw table under validation: its columns, which rows are still valid (`ok`) and
+    the first failing reason of each rejected row."""
 
     def __init__(self, spec: TableSpec, raw: pa.Table):
         self.spec = spec
         self.raw = raw
         self.n = raw.num_rows
-        self.reason = np.full(self.n, None, dtype=object)
+        self.ok = np.ones(self.n, bool)
+        self._failed: list[tuple[np.ndarray, str | list[str]]] = []  # (rows, one reason or one per row)
 
     def col(self, name: str) -> pa.Array:
         if name in self.raw.column_names:
-            return self.raw.column(name).combine_chunks()
+            return string_array(self.raw.column(name))
         return pa.nulls(self.n, pa.string())
 
     def np(self, name: str) -> np.ndarray:
         return self.col(name).to_numpy(zero_copy_only=False)
 
-    @property
-    def ok(self) -> np.ndarray:
-        return pd.isna(self.reason) if self.n else np.zeros(0, bool)
-
     def fail(self, mask: np.ndarray | pa.Array, reason: str | np.ndarray) -> None:
         """Reject rows in `mask` that have no reason yet. `reason` may be per row."""
         if isinstance(mask, (pa.Array, pa.ChunkedArray)):
             mask = mask.to_numpy(zero_copy_only=False)
-        mask = np.asarray(mask, dtype=bool) & self.ok
-        if mask.any():
-            self.reason[mask] = reason[mask] if isinstance(reason, np.ndarray) else reason
+        rows = np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok)
+        if len(rows):
+            self.ok[rows] = False
+            self._failed.append((rows, list(reason[rows]) if isinstance(reason, np.ndarray) else reason))
 
     def fail_values(self, mask: np.ndarray, template: str, column: str) -> None:
         """Reject rows in `mask` with `template` formatted with the row's `column` value."""
-        mask = np.asarray(mask, dtype=bool) & self.ok
-        if mask.any():
-            rows = np.flatnonzero(mask)
-            texts = np.full(self.n, None, dtype=object)
-            texts[rows] = [template.format(v) for v in pc.take(self.col(column), pa.array(rows)).to_pylist()]
-            self.fail(mask, texts)
+        rows = np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok)
+        if len(rows):
+            self.ok[rows] = False
+            values = pc.take(self.col(column), pa.array(rows)).to_pylist()
+            self._failed.append((rows, [template.format(v) for v in values]))
 
     def rejects(self) -> list[Reject]:
-        bad = np.flatnonzero(~self.ok)
-        if not len(bad):
+        if not self._failed:
             return []
-        rows = self.raw.take(pa.array(bad)).to_pylist()
-        return [Reject(self.spec.name, row.pop("_file"), row.pop("_line"), self.reason[i],
+        bad = np.concatenate([rows for rows, _ in self._failed])
+        reasons = [r for rows, reason in self._failed for r in ([reason] * len(rows) if isinstance(reason, str) else reason)]
+        order = np.argsort(bad, kind="stable")
+        rows = self.raw.take(pa.array(bad[order])).to_pylist()
+        return [Reject(self.spec.name, row.pop("_file"), row.pop("_line"), reasons[i],
                        {k: v for k, v in row.items() if v is not None})
-                for i, row in zip(bad, rows)]
+                for i, row in zip(order, rows)]
 
 
 def _parse_ts(values: pa.Array) -> pa.Array:
@@ -124,8 +134,12 @@ def _parse_ts(values: pa.Array) -> pa.Array:
 
 def _parse_float(values: pa.Array) -> pa.Array:
     """Decimal text -> float64; bad, NaN and infinite values -> null."""
-    parsed = pd.to_numeric(pd.Series(values.to_numpy(zero_copy_only=False)), errors="coerce")
-    return pa.array(parsed.where(np.isfinite(parsed.astype(float))), pa.float64(), from_pandas=True)
+    try:
+        parsed = values.cast(pa.float64())
+    except pa.ArrowInvalid:  # some value is not a number: pandas decides, value by value
+        numbers = pd.to_numeric(pd.Series(values.to_numpy(zero_copy_only=False)), errors="coerce")
+        parsed = pa.array(numbers.astype(float), pa.float64(), from_pandas=True)
+    return pc.if_else(pc.is_finite(parsed), parsed, None)
 
 
 def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
@@ -140,8 +154,10 @@ def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
         if column.required:
             rows.fail(~present, f"missing required value: {column.name}")
         if column.name in ID_COLUMNS:
-            too_long = pc.fill_null(pc.greater(pc.utf8_length(values), MAX_ID_LENGTH), False)
-            rows.fail(too_long, f"{column.name} longer than {MAX_ID_LENGTH} characters")
+            too_long = pc.fill_null(pc.greater(pc.binary_length(values), MAX_ID_LENGTH), False)
+            if pc.any(too_long).as_py():  # bytes > characters: only then count characters
+                too_long = pc.fill_null(pc.greater(pc.utf8_length(values), MAX_ID_LENGTH), False)
+                rows.fail(too_long, f"{column.name} longer than {MAX_ID_LENGTH} characters")
         if column.type == "enum":
             allowed = pc.is_in(values, value_set=pa.array(column.values)).to_numpy(zero_copy_only=False)
             rows.fail_values(present & ~allowed,
@@ -183,11 +199,22 @@ def _with_content_ids(ids: pa.Array, columns: dict[str, pa.Array], names: tuple[
     return pc.coalesce(ids, pa.array(derived, pa.string()))
 
 
-def _equal_rows(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
-    same = np.ones(len(a), bool)
-    for name in a.columns:
-        x, y = a[name].to_numpy(), b[name].to_numpy()
-        same &= (pd.isna(x) & pd.isna(y)) | (x == y)
+def _same_values(a: dict[str, pa.Array], rows_a: np.ndarray, b: pa.Table | dict[str, pa.Array],
+                 rows_b: np.ndarray, names: list[str]) -> np.ndarray:
+    """Per pair, whether row rows_a[i] of `a` and row rows_b[i] of `b` hold the same values
+    (both missing counts as the same) in every column of `names`."""
+    same = np.ones(len(rows_a), bool)
+    if not len(rows_a):
+        return same
+    ia, ib = pa.array(rows_a), pa.array(rows_b)
+    for name in names:
+        x = pc.take(a[name], ia)
+        y = pc.take(b[name], ib)
+        if y.type != x.type:
+            y = y.cast(x.type)
+        equal = pc.fill_null(pc.equal(x, y), False)
+        both_missing = pc.and_(pc.is_null(x), pc.is_null(y))
+        same &= pc.or_(equal, both_missing).to_numpy(zero_copy_only=False)
     return same
 
 
@@ -197,7 +224,7 @@ class _TableValidation:
     def __init__(self, name: str, raws: list[RawTable], known: Known):
         self.spec = TABLES[name]
         self.known = known
-        data = pa.concat_tables([r.data for r in raws], promote_options="permissive") if raws else None
+        data = _concat_raw([r.data for r in raws]) if raws else None
         self.pre_rejects = [rej for r in raws for rej in r.rejects]
         self.rows = _Rows(self.spec, data if data is not None else pa.table({"_file": pa.array([], pa.string()), "_line": pa.array([], pa.int64())}))
         self.typed = _typed_columns(self.rows)
@@ -211,42 +238,36 @@ class _TableValidation:
         """Rows repeating an earlier valid row's key: identical ones are duplicates; others
         are rejected (`conflicts_rejected`) or also counted as duplicates (event ids)."""
         name = self.spec.key[0]
-        keys = pd.Series(pd.arrays.ArrowStringArray(self.key().cast(pa.string()))).where(self.rows.ok)
-        dup_key = (keys.duplicated() & keys.notna()).to_numpy()
-        if not dup_key.any():
+        first = first_rows(pc.if_else(pa.array(self.rows.ok), self.key(), None))
+        idx = np.flatnonzero((first >= 0) & (first != np.arange(self.rows.n)))
+        if not len(idx):
             return
-        idx = np.flatnonzero(dup_key)
         if not conflicts_rejected:
             self.duplicate[idx] = True
             return
-        frame = self._frame()
-        first = frame[self.rows.ok & ~dup_key].set_index(name, drop=False)
-        candidates = frame.iloc[idx].reset_index(drop=True)
-        same = _equal_rows(candidates, first.reindex(candidates[name]).reset_index(drop=True))
+        same = _same_values(self.typed, idx, self.typed, first[idx], list(self.typed))
         self.duplicate[idx[same]] = True
         conflict = np.zeros(self.rows.n, bool)
         conflict[idx[~same]] = True
         self.rows.fail_values(conflict, f"conflicting duplicate {name} {{!r}} (an earlier row has other values)", name)
 
-    def _frame(self) -> pd.DataFrame:
-        return pd.DataFrame({name: pd.Series(arr.to_numpy(zero_copy_only=False))
-                             for name, arr in self.typed.items()})
-
-    def compare_with_store(self) -> np.ndarray:
-        """Marks rows identical to the stored row as duplicates; returns mask of stored keys."""
+    def stored_rows(self) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+        """(live rows whose key is stored, their rows in `stored`, stored): the stored rows
+        with the keys of the live input rows."""
         live = self.rows.ok & ~self.duplicate
         keys = self.key()
         stored = self.known.stored(self.spec.name, pc.filter(keys, pa.array(live)))
-        in_store = np.zeros(self.rows.n, bool)
         if stored.num_rows == 0:
-            return in_store
-        in_store = pc.is_in(keys, value_set=stored.column(self.spec.key[0])).to_numpy(zero_copy_only=False) & live
-        idx = np.flatnonzero(in_store)
-        frame = self._frame().iloc[idx].reset_index(drop=True)
-        stored_df = stored.select(list(frame.columns)).to_pandas().set_index(self.spec.key[0], drop=False)
-        same = _equal_rows(frame, stored_df.reindex(frame[self.spec.key[0]]).reset_index(drop=True)[frame.columns])
-        self.duplicate[idx[same]] = True
-        return in_store
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), stored
+        at = positions(keys, stored.column(self.spec.key[0]))
+        rows = np.flatnonzero((at >= 0) & live)
+        return rows, at[rows], stored
+
+    def compare_with_store(self) -> None:
+        """Marks rows identical to the stored row as duplicates."""
+        rows, at, stored = self.stored_rows()
+        same = _same_values(self.typed, rows, stored, at, list(self.typed))
+        self.duplicate[rows[same]] = True
 
     def outcome(self) -> TableOutcome:
         keep = self.rows.ok & ~self.duplicate
@@ -259,26 +280,35 @@ class _TableValidation:
                             read=self.rows.n + len(self.pre_rejects))
 
 
+def _concat_raw(tables: list[pa.Table]) -> pa.Table:
+    """Raw tables of one canonical table as one (`_file` as one dictionary column)."""
+    tables = [t.set_column(t.schema.get_field_index("_file"), "_file", pc.dictionary_encode(t.column("_file")))
+              if not pa.types.is_dictionary(t.schema.field("_file").type) else t for t in tables]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    return table.unify_dictionaries().combine_chunks()
+
+
 def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
-    """Validate every table of a load, in reference order, against this load and `known`."""
+    """Validate every table of a load, in reference order, against this load and `known`.
+    Takes each table's raw rows out of `raw` as it validates them, so they can be freed."""
     out: dict[str, TableOutcome] = {}
-    regions = _validate_regions(raw.get("regions", []), known)
+    regions = _validate_regions(raw.pop("regions", []), known)
     out["regions"] = regions
-    out["products"] = _validate_simple("products", raw.get("products", []), known)
+    out["products"] = _validate_simple("products", raw.pop("products", []), known)
     region_ids = _all_keys(known.regions().column("region_id"), regions.accepted, "region_id")
-    parties = _validate_parties(raw.get("parties", []), known, region_ids)
+    parties = _validate_parties(raw.pop("parties", []), known, region_ids)
     out["parties"] = parties
-    codes = _validate_codes(raw.get("codes", []), known)
+    codes = _validate_codes(raw.pop("codes", []), known)
     out["codes"] = codes
-    scans, implicit_scan = _validate_events("scans", raw.get("scans", []), known, region_ids, parties, codes)
+    scans, implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, parties, codes)
     out["scans"] = scans
-    referrals, implicit_ref = _validate_events("referrals", raw.get("referrals", []), known, region_ids, parties, codes)
+    referrals, implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids, parties, codes)
     out["referrals"] = referrals
-    out["tasks"] = _validate_tasks(raw.get("tasks", []))
+    out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
         if name in raw:
-            out[name] = _validate_simple(name, raw[name], known)
-    implicit = _implicit_consumers([implicit_scan, implicit_ref])
+            out[name] = _validate_simple(name, raw.pop(name), known)
+    implicit = _implicit_consumers(implicit_scan + implicit_ref)
     return Validated({t: out[t] for t in LOAD_ORDER if t in out}, implicit)
 
 
@@ -325,7 +355,7 @@ def _validate_regions(raws: list[RawTable], known: Known) -> TableOutcome:
     tree.remove_nodes_from([n for n in list(tree) if pd.isna(n)])
     in_cycle: dict[str, str] = {}
     for cycle in nx.simple_cycles(tree):
-        text = " -> ".join([*cycle, cycle[0]])
+        text = _cycle_text(cycle)
         for node in cycle:
             in_cycle[node] = text
     if in_cycle:
@@ -376,36 +406,38 @@ def _validate_codes(raws: list[RawTable], known: Known) -> TableOutcome:
     v.dedupe_input(conflicts_rejected=True)
     codes = v.typed["code"]
     parent = v.typed["parent_code"]
-    level_rank = pc.index_in(v.typed["level"], value_set=pa.array(list(LEVEL_RANK))).to_numpy(zero_copy_only=False)
+    ranks = pa.array(list(LEVEL_RANK))
+    level_rank = pc.fill_null(pc.index_in(v.typed["level"], value_set=ranks), -1).to_numpy(zero_copy_only=False)
     has_parent = pc.is_valid(parent).to_numpy(zero_copy_only=False)
-    stored_parents = known.stored("codes", pc.unique(pc.drop_null(parent)))
-    stored_code = stored_parents.column("code").combine_chunks().cast(pa.string())
-    stored_rank = pc.index_in(stored_parents.column("level"), value_set=pa.array(list(LEVEL_RANK))).to_numpy(zero_copy_only=False)
-    while True:  # rejecting a code makes its children's parent unknown
+    stored_parents = known.stored("codes", pc.drop_null(parent))
+    stored_rank = pc.index_in(stored_parents.column("level"), value_set=ranks).to_numpy(zero_copy_only=False)
+    # A parent is the first valid input row with its code (later ones are duplicates or
+    # rejected), else the stored code. Rejecting a row only ever removes parents.
+    parent_row = positions(parent, pc.if_else(pa.array(rows.ok), codes, None))
+    stored_at = positions(parent, stored_parents.column("code"))
+    while True:
         live = rows.ok & ~v.duplicate
-        pool = pa.concat_arrays([pc.filter(codes, pa.array(live)), stored_code])
-        pos = pc.index_in(parent, value_set=pool).to_numpy(zero_copy_only=False)
-        unknown = has_parent & rows.ok & pd.isna(pos)
+        in_load = (parent_row >= 0) & live[np.maximum(parent_row, 0)]
+        unknown = has_parent & rows.ok & ~in_load & (stored_at < 0)
         if unknown.any():
             rows.fail_values(unknown, "unknown parent_code {!r}", "parent_code")
             continue
-        live_idx = np.flatnonzero(live)
-        pool_rank = np.concatenate([level_rank[live_idx], stored_rank]).astype(float)
-        parent_rank = np.full(rows.n, np.nan)
         linked = has_parent & rows.ok
-        parent_rank[linked] = pool_rank[pos[linked].astype(int)]
+        parent_rank = np.where(in_load, level_rank[np.maximum(parent_row, 0)],
+                               stored_rank[np.maximum(stored_at, 0)] if len(stored_rank) else -1)
         inverted = linked & (parent_rank <= level_rank)
         if not inverted.any():
             break
         cycles = _packaging_cycles(codes, parent, inverted)
         if cycles:
-            names = rows.np("code")
-            texts = np.array([f"packaging cycle: {cycles.get(c, '')}" for c in names], dtype=object)
-            rows.fail(inverted & np.isin(names, list(cycles)), texts)
-        levels = rows.np("level")
+            on_cycle = inverted & pc.is_in(codes, value_set=pa.array(list(cycles), pa.string())).to_numpy(zero_copy_only=False)
+            texts = np.full(rows.n, None, dtype=object)
+            for i, code in zip(np.flatnonzero(on_cycle), codes.take(pa.array(np.flatnonzero(on_cycle))).to_pylist()):
+                texts[i] = f"packaging cycle: {cycles[code]}"
+            rows.fail(on_cycle, texts)
         texts = np.full(rows.n, None, dtype=object)
         for i in np.flatnonzero(inverted & rows.ok):
-            texts[i] = (f"level inversion: {levels[i]} packed in a code of level "
+            texts[i] = (f"level inversion: {v.typed['level'][i].as_py()} packed in a code of level "
                         f"{list(LEVEL_RANK)[int(parent_rank[i])]} ({parent[i].as_py()!r}); "
                         "a parent must be a higher level")
         rows.fail(inverted, texts)
@@ -416,42 +448,45 @@ def _validate_codes(raws: list[RawTable], known: Known) -> TableOutcome:
 def _packaging_cycles(codes: pa.Array, parent: pa.Array, suspicious: np.ndarray) -> dict[str, str]:
     """Codes on a parent_code cycle among the suspicious (non-increasing level) links."""
     graph = nx.DiGraph()
-    c = codes.to_numpy(zero_copy_only=False)
-    p = parent.to_numpy(zero_copy_only=False)
-    graph.add_edges_from(zip(c[suspicious], p[suspicious]))
+    taken = pa.array(np.flatnonzero(suspicious))
+    graph.add_edges_from(zip(codes.take(taken).to_pylist(), parent.take(taken).to_pylist()))
     found: dict[str, str] = {}
     for cycle in nx.simple_cycles(graph):
-        text = " -> ".join([*cycle, cycle[0]])
+        text = _cycle_text(cycle)
         for node in cycle:
             found.setdefault(node, text)
     return found
 
 
+def _cycle_text(cycle: list[str]) -> str:
+    """`a -> b -> a`, starting at the smallest id (networkx starts anywhere)."""
+    start = cycle.index(min(cycle))
+    cycle = cycle[start:] + cycle[:start]
+    return " -> ".join([*cycle, cycle[0]])
+
+
 def _check_immutable_codes(v: _TableValidation) -> None:
     """A stored code keeps its level and parent; an input may only fill in missing values."""
-    live = v.rows.ok & ~v.duplicate
-    keys = v.key()
-    stored = v.known.stored("codes", pc.filter(keys, pa.array(live)))
-    if stored.num_rows == 0:
+    rows, at, stored = v.stored_rows()
+    if not len(rows):
         return
-    in_store = pc.is_in(keys, value_set=stored.column("code")).to_numpy(zero_copy_only=False) & live
-    idx = np.flatnonzero(in_store)
-    frame = v._frame().iloc[idx].reset_index(drop=True)
-    old = stored.to_pandas().set_index("code", drop=False).reindex(frame["code"]).reset_index(drop=True)
-    conflict = np.zeros(len(idx), bool)
-    same = np.ones(len(idx), bool)
+    conflict = np.zeros(len(rows), bool)
+    same = np.ones(len(rows), bool)
     for name in ("level", "parent_code", "sku", "batch"):
-        a, b = frame[name].to_numpy(), old[name].to_numpy()
-        conflict |= pd.notna(a) & pd.notna(b) & (a != b)
-        same &= (pd.isna(a) & pd.isna(b)) | (a == b)
+        a = pc.take(v.typed[name], pa.array(rows))
+        b = pc.take(stored.column(name), pa.array(at)).cast(a.type)
+        equal = pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False)
+        both = (pc.is_valid(a).to_numpy(zero_copy_only=False), pc.is_valid(b).to_numpy(zero_copy_only=False))
+        conflict |= both[0] & both[1] & ~equal
+        same &= (~both[0] & ~both[1]) | equal
     mask = np.zeros(v.rows.n, bool)
-    mask[idx[conflict]] = True
+    mask[rows[conflict]] = True
     v.rows.fail_values(mask, "code {!r} is already stored with another level, parent, sku or batch", "code")
-    v.duplicate[idx[same & ~conflict]] = True
+    v.duplicate[rows[same & ~conflict]] = True
 
 
 def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: pa.Array,
-                     parties: TableOutcome, codes: TableOutcome) -> tuple[TableOutcome, pd.DataFrame]:
+                     parties: TableOutcome, codes: TableOutcome) -> tuple[TableOutcome, list[pa.Table]]:
     """Scans and referrals: references, implicit consumers, ids and de-duplication."""
     v = _TableValidation(name, raws, known)
     rows, typed = v.rows, v.typed
@@ -466,10 +501,9 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
 
     code = typed["code"]
     has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
-    stored_codes = known.stored("codes", pc.unique(pc.drop_null(code))).column("code").combine_chunks()
+    stored_codes = known.stored("codes", pc.drop_null(code)).column("code").combine_chunks()
     code_pool = pa.concat_arrays([new_codes.cast(pa.string()), stored_codes.cast(pa.string())])
-    rows.fail_values(has_code & ~pc.is_in(code, value_set=code_pool).to_numpy(zero_copy_only=False),
-                     "unknown code {!r}", "code")
+    rows.fail_values(has_code & (positions(code, code_pool) < 0), "unknown code {!r}", "code")
     region = typed.get("region_id")
     if region is not None:
         bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
@@ -497,35 +531,44 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
     live = rows.ok & ~v.duplicate
     stored_ids = known.stored(name, pc.filter(typed[id_col], pa.array(live))).column(id_col)
     if len(stored_ids):
-        v.duplicate |= live & pc.is_in(typed[id_col], value_set=stored_ids.combine_chunks()).to_numpy(zero_copy_only=False)
+        v.duplicate |= live & (positions(typed[id_col], stored_ids) >= 0)
     live = rows.ok & ~v.duplicate
     implicit = []
     for c in implicit_cols:
-        mask = implicit_mask[c] & live
-        if mask.any():
-            frame = pd.DataFrame({"party_id": pc.filter(typed[c], pa.array(mask)).to_numpy(zero_copy_only=False),
-                                  "ts": pc.filter(typed["ts"], pa.array(mask)).to_pandas()})
-            frame["region_id"] = (pc.filter(region, pa.array(mask)).to_numpy(zero_copy_only=False)
-                                  if region is not None and c == "party_id" else None)
-            implicit.append(frame)
-    return v.outcome(), (pd.concat(implicit) if implicit else pd.DataFrame(columns=["party_id", "ts", "region_id"]))
+        mask = pa.array(implicit_mask[c] & live)
+        if pc.any(mask).as_py():
+            implicit.append(pa.table({
+                "party_id": pc.filter(typed[c], mask), "ts": pc.filter(typed["ts"], mask),
+                "region_id": pc.filter(region, mask) if region is not None and c == "party_id"
+                else pa.nulls(pc.sum(mask).as_py(), pa.string())}))
+    return v.outcome(), implicit
 
 
-def _implicit_consumers(frames: list[pd.DataFrame]) -> pa.Table | None:
-    """One consumer per unknown id; its region from its earliest scan that names one."""
-    frames = [f for f in frames if len(f)]
+def _implicit_consumers(frames: list[pa.Table]) -> pa.Table | None:
+    """One consumer per unknown id, in id order; its region from its earliest scan that
+    names one (at equal times, the first such row read)."""
     if not frames:
         return None
-    all_rows = pd.concat(frames).sort_values(["party_id", "ts"], kind="stable")
-    with_region = all_rows.dropna(subset=["region_id"]).drop_duplicates("party_id")
-    ids = all_rows.drop_duplicates("party_id")[["party_id"]]
-    merged = ids.merge(with_region[["party_id", "region_id"]], on="party_id", how="left")
-    n = len(merged)
+    rows = pa.concat_tables(frames).combine_chunks()
+    ids = rows.column("party_id")
+    first = first_rows(ids)  # a party's rows are identified by its first row
+    ts = rows.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    has_region = rows.column("region_id").is_valid().to_numpy(zero_copy_only=False)
+    order = np.lexsort((np.arange(len(first)), ts, first))  # by party, time, then row
+    order = order[has_region[order]]
+    starts = np.ones(len(order), bool)
+    starts[1:] = first[order][1:] != first[order][:-1]
+    region_row = np.full(len(first), -1, np.int64)
+    region_row[first[order[starts]]] = order[starts]
+    parties = np.flatnonzero(first == np.arange(len(first)))
+    parties = parties[sort_order(ids.take(pa.array(parties)))]
+    n = len(parties)
     spec = TABLES["parties"]
     columns = {c.name: pa.nulls(n, pa.float64() if c.type == "float" else pa.string()) for c in spec.columns}
-    columns["party_id"] = pa.array(merged["party_id"], pa.string())
+    columns["party_id"] = ids.take(pa.array(parties))
     columns["kind"] = pa.array(["consumer"] * n, pa.string())
-    columns["region_id"] = pa.array(merged["region_id"].astype(object).where(merged["region_id"].notna(), None), pa.string())
+    region = region_row[parties]
+    columns["region_id"] = rows.column("region_id").take(pa.array(region, mask=region < 0))
     return pa.table(columns)
 
 
