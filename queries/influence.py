@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse
+import scipy.sparse.csgraph
 from pydantic import BaseModel
 
 from graph.errors import NotFound
@@ -61,37 +62,71 @@ class Attribution:
 
 
 def attribute(referrals: pd.DataFrame) -> Attribution:
-    """First-touch attribution of referral rows (referrer_id, referee_id, ts)."""
+    """First-touch attribution of referral rows (referrer_id, referee_id, ts).
+
+    Vectorised where no cycle can arise: if giving every referee its first candidate
+    referrer makes no cycle within a group of connected referrals, the rows-in-order
+    rule accepts exactly those first candidates there. Groups where a cycle appears are
+    replayed row by row."""
     ordered = referrals.sort_values(["ts", "referrer_id", "referee_id"], kind="stable")
     referrer = ordered["referrer_id"].astype(object).to_numpy()
     referee = ordered["referee_id"].astype(object).to_numpy()
+    ids, names = pd.factorize(np.r_[referrer, referee])
+    source, target = ids[:len(referrer)], ids[len(referrer):]
     ignored: Counter = Counter()
-    is_self = referrer == referee
+    is_self = source == target
     ignored["self"] += int(is_self.sum())
-    repeated = pd.DataFrame({"a": referrer, "b": referee}).duplicated().to_numpy() & ~is_self
+    repeated = pd.DataFrame({"a": source, "b": target}).duplicated().to_numpy() & ~is_self
     ignored["duplicate"] += int(repeated.sum())
     candidates = np.flatnonzero(~is_self & ~repeated)
-    parent: dict[str, str] = {}
-    accepted = []
-    for i, source, target in zip(candidates.tolist(), referrer[candidates].tolist(), referee[candidates].tolist()):
-        if target in parent:
-            ignored["late"] += 1
-        elif _descends_from(source, target, parent):
+    first = candidates[~pd.Series(target[candidates]).duplicated().to_numpy()]
+    replay = _in_cyclic_groups(source[candidates], target[candidates], source[first], target[first], len(names))
+    replayed = candidates[replay]
+    clean = first[~np.isin(first, replayed)]
+    late = len(candidates) - len(replayed) - len(clean)
+    parent: dict[int, int] = {}
+    kept = []
+    for i, up, down in zip(replayed.tolist(), source[replayed].tolist(), target[replayed].tolist()):
+        if down in parent:
+            late += 1
+        elif _descends_from(up, down, parent):
             ignored["cycle"] += 1
         else:
-            parent[target] = source
-            accepted.append(i)
+            parent[down] = up
+            kept.append(i)
+    if late:
+        ignored["late"] += late
+    accepted = np.sort(np.r_[clean, np.array(kept, np.int64)])
     edges = pd.DataFrame({"referrer_id": referrer[accepted], "referee_id": referee[accepted],
                           "ts": pd.to_datetime(ordered["ts"].iloc[accepted], utc=True).reset_index(drop=True)})
     return Attribution(edges, ignored)
 
 
-def _descends_from(node: str, ancestor: str, parent: dict[str, str]) -> bool:
+def _descends_from(node: int, ancestor: int, parent: dict[int, int]) -> bool:
     while node in parent:
         node = parent[node]
         if node == ancestor:
             return True
     return False
+
+
+def _in_cyclic_groups(source: np.ndarray, target: np.ndarray, first_source: np.ndarray, first_target: np.ndarray,
+                      n: int) -> np.ndarray:
+    """Per candidate referral (source -> target): whether its connected group of candidate
+    referrals holds a cycle once each referee takes its first candidate referrer."""
+    if not len(source):
+        return np.zeros(0, bool)
+    parent = np.full(n, -1)
+    parent[first_target] = first_source
+    ancestor = parent.copy()  # after k doublings: the ancestor 2**k up, -1 past a root
+    for _ in range(int(np.ceil(np.log2(n))) + 1):
+        ancestor = np.where(ancestor >= 0, ancestor[np.maximum(ancestor, 0)], -1)
+    cyclic = ancestor >= 0  # on a cycle, or below one
+    graph = scipy.sparse.coo_array((np.ones(len(source)), (source, target)), shape=(n, n))
+    _, group = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    bad = np.zeros(group.max() + 1, bool)
+    bad[group[cyclic]] = True
+    return bad[group[target]]
 
 
 def pagerank(sources: np.ndarray, targets: np.ndarray, n: int, *, alpha: float = 0.85, tol: float = 1.0e-6,
@@ -115,25 +150,34 @@ def pagerank(sources: np.ndarray, targets: np.ndarray, n: int, *, alpha: float =
 
 def influencers(store, *, top: int | None = 10, percent: float | None = None,  # noqa: ANN001 - any Store
                 by: str = "influence") -> list[Influencer]:
-    """Referrers ranked by `by` (one of METRICS), the top N or the top `percent`%."""
+    """Referrers ranked by `by` (one of METRICS; ties: larger cascade, then party_id), the
+    top N or the top `percent`%."""
     if by not in METRICS:
         raise ValueError(f"--by {by!r}: expected one of {', '.join(METRICS)}")
     if percent is not None and not 0 < percent <= 100:
         raise ValueError(f"--percent {percent}: expected a number in (0, 100]")
     table = referrer_metrics(store)
     key = {"revenue": "referred_revenue"}.get(by, by)
-    table.sort(key=lambda r: (-getattr(r, key), -r.cascade_size, r.party_id))
+    name_rank = pd.factorize(table["party_id"], sort=True)[0]
+    order = np.lexsort((name_rank, -table["cascade_size"].to_numpy(), -table[key].to_numpy()))
     if percent is not None:
-        return table[: max(1, int(np.ceil(len(table) * percent / 100)))] if table else []
-    return table[:top] if top is not None else table
+        order = order[: max(1, int(np.ceil(len(order) * percent / 100)))]
+    elif top is not None:
+        order = order[:top]
+    chosen = table.iloc[order]
+    ids = chosen["party_id"].tolist()
+    kinds = _kinds(store, ids)
+    columns = {name: chosen[name].tolist() for name in Influencer.model_fields if name != "kind"}
+    return trusted_models(Influencer, {**columns, "kind": [kinds.get(i) for i in ids]})
 
 
-def referrer_metrics(store) -> list[Influencer]:  # noqa: ANN001 - any Store
-    """Metrics of every referrer in the attribution forest, computed level by level from
-    the leaves up (vectorised)."""
+def referrer_metrics(store) -> pd.DataFrame:  # noqa: ANN001 - any Store
+    """Metrics of every referrer in the attribution forest (the Influencer fields but
+    `kind`), computed level by level from the leaves up (vectorised)."""
     edges = attribute(store.referrals().to_pandas()).edges
     if edges.empty:
-        return []
+        return pd.DataFrame({name: pd.Series(dtype=object if name == "party_id" else float)
+                             for name in Influencer.model_fields if name != "kind"})
     codes, nodes = pd.factorize(pd.concat([edges["referrer_id"], edges["referee_id"]], ignore_index=True))
     n, up, down = len(nodes), codes[:len(edges)], codes[len(edges):]
     parent = np.full(n, -1)
@@ -160,13 +204,10 @@ def referrer_metrics(store) -> list[Influencer]:  # noqa: ANN001 - any Store
     converted_direct = np.bincount(up, weights=converted[down], minlength=n).astype(np.int64)
     rank = pagerank(down, up, n)  # credit flows from referee to referrer
     rows = np.flatnonzero(size > 0)
-    ids = nodes[rows].tolist()
-    kinds = _kinds(store, ids)
-    return trusted_models(Influencer, {
-        "party_id": ids, "kind": [kinds.get(i) for i in ids], "direct": direct[rows].tolist(),
-        "converted": converted_direct[rows].tolist(), "cascade_size": size[rows].tolist(),
-        "cascade_depth": height[rows].tolist(), "referred_revenue": np.round(revenue[rows], 2).tolist(),
-        "influence": np.round(rank[rows], 8).tolist()})
+    return pd.DataFrame({
+        "party_id": np.asarray(nodes[rows], object), "direct": direct[rows], "converted": converted_direct[rows],
+        "cascade_size": size[rows], "cascade_depth": height[rows], "referred_revenue": np.round(revenue[rows], 2),
+        "influence": np.round(rank[rows], 8)})
 
 
 def cascade(store, party_id: str) -> list[CascadeNode]:  # noqa: ANN001 - any Store
