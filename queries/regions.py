@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from queries.common import trusted_models
 from queries.sales import LEVELS, sales_facts, text
 
 PERIODS = {"month": "M", "week": "W", "all": None}
+NAT = np.iinfo(np.int64).min  # a missing period ordinal
 
 
 class RegionPeriod(BaseModel):
@@ -61,46 +64,71 @@ def region_sell_through(store, *, level: str = "province", period: str = "month"
     if period not in PERIODS:
         raise ValueError(f"period {period!r}: expected one of {', '.join(PERIODS)}")
     facts = sales_facts(store, k=k, as_of=as_of)
+    up = facts.ancestor(pd.Series(facts.regions.index, index=facts.regions.index), level)
+    regions = pd.Index(up.dropna().unique()).sort_values()  # every region a count can fall in
+
+    def region(ids: pd.Series) -> np.ndarray:
+        """Per row, the position in `regions` of its region's ancestor at `level` (-1: none)."""
+        ids = ids.astype("category")
+        per_category = regions.get_indexer(up.reindex(ids.cat.categories))
+        return np.where(ids.cat.codes >= 0, np.append(per_category, -1)[ids.cat.codes], -1)
+
     stores = facts.stores()
-    store_region = facts.ancestor(stores["region_id"], level)
+    store_region = pd.Series(region(stores["region_id"]), index=stores.index)
 
-    def label(ts: pd.Series) -> pd.Series:
-        if PERIODS[period] is None:
-            return pd.Series("all", index=ts.index, dtype=object)
-        return ts.dt.tz_convert(None).dt.to_period(PERIODS[period]).astype(str)
-
-    def per(frame: pd.DataFrame, region: pd.Series, name: str) -> pd.Series:
-        keyed = pd.DataFrame({"region_id": region.to_numpy(object), "period": label(frame["ts"]).to_numpy(object)})
-        return keyed.dropna().groupby(["region_id", "period"]).size().rename(name)
+    def by_store(column: pd.Series) -> np.ndarray:
+        ids = column.astype("category")
+        per_category = np.append(store_region.reindex(ids.cat.categories).fillna(-1).to_numpy(np.int64), -1)
+        return per_category[ids.cat.codes]
 
     sin, sout, f = facts.sell_in, facts.sell_out, facts.findings
-    active = pd.DataFrame({"region_id": sout["store"].map(store_region).to_numpy(object),
-                           "period": label(sout["ts"]).to_numpy(object), "store": sout["store"].to_numpy(object)})
-    counts = pd.concat([
-        per(sin, sin["store"].map(store_region), "units_in"),
-        per(facts.opened, facts.ancestor(facts.opened["region_id"], level), "opened"),
-        per(sout, facts.ancestor(sout["region_id"], level), "scanned"),
-        active.dropna().groupby(["region_id", "period"])["store"].nunique().rename("active_stores"),
-        per(f, facts.ancestor(f["to_region"], level), "diversions_in"),
-        per(f, facts.ancestor(f["from_region"], level), "diversions_out"),
-    ], axis=1)
-    registered = store_region.value_counts()
-    periods = counts.index.get_level_values("period").unique() if len(counts) else []
-    regions = registered.index.union(counts.index.get_level_values("region_id").unique() if len(counts) else [])
-    full = pd.MultiIndex.from_product([regions, periods], names=["region_id", "period"])
-    counts = counts.reindex(full).fillna(0).astype(int).sort_index()
-    rows = []
-    for (region_id, period_label), row in counts.iterrows():
-        n = int(registered.get(region_id, 0))
-        rows.append(RegionPeriod(
-            region_id=region_id, name=text(facts.regions["name"].get(region_id)), period=period_label,
-            units_in=row["units_in"], opened=row["opened"], scanned=row["scanned"], stores=n,
-            active_stores=row["active_stores"], active_ratio=round(row["active_stores"] / n, 4) if n else None,
-            diversions_in=row["diversions_in"], diversions_out=row["diversions_out"]))
-    rows.sort(key=lambda r: (r.period, r.region_id))
+    times = [sin["ts"], facts.opened["ts"], sout["ts"], sout["ts"], f["ts"], f["ts"]]
+    period_of, labels = _periods(times, period)
+    keys = [("units_in", by_store(sin["store"])), ("opened", region(facts.opened["region_id"])),
+            ("scanned", region(sout["region_id"])), ("active_stores", by_store(sout["store"])),
+            ("diversions_in", region(f["to_region"])), ("diversions_out", region(f["from_region"]))]
+    n_regions, n_periods = len(regions), len(labels)
+    counts, seen = {}, np.zeros((n_regions, n_periods), bool)
+    for (name, where), when in zip(keys, period_of):
+        keep = (where >= 0) & (when >= 0)
+        if name == "active_stores":  # distinct stores with a sell-out
+            seller = sout["store"].astype("category").cat.codes.to_numpy(np.int64)
+            cells = pd.DataFrame({"r": where[keep], "p": when[keep], "s": seller[keep]}).drop_duplicates()
+            where, when = cells["r"].to_numpy(), cells["p"].to_numpy()
+        else:
+            where, when = where[keep], when[keep]
+        grid = np.bincount(where * n_periods + when, minlength=n_regions * n_periods).reshape(n_regions, n_periods)
+        counts[name] = grid
+        seen |= grid > 0  # cells any count falls in
+    registered = np.bincount(store_region[store_region >= 0], minlength=n_regions)
+    shown = (registered > 0) | seen.any(axis=1)
+    used = seen.any(axis=0)
+    region_rows, period_cols = np.flatnonzero(shown), np.flatnonzero(used)
+    r, c = (a.ravel() for a in np.meshgrid(region_rows, period_cols, indexing="ij"))
+    order = np.lexsort((regions.to_numpy(object)[r], labels[c]))
+    r, c = r[order], c[order]
+    names = facts.regions["name"].reindex(regions)
+    n = registered[r]
+    active = counts["active_stores"][r, c]
+    rows = trusted_models(RegionPeriod, {
+        "region_id": regions.to_numpy(object)[r].tolist(), "name": [text(v) for v in names.to_numpy(object)[r]],
+        "period": labels[c].tolist(), **{name: counts[name][r, c].tolist() for name, _ in keys if name != "active_stores"},
+        "stores": n.tolist(), "active_stores": active.tolist(),
+        "active_ratio": [round(a / s, 4) if s else None for a, s in zip(active.tolist(), n.tolist())]})
     pairs = pd.DataFrame({"from_region": facts.ancestor(f["from_region"], level).to_numpy(object),
                           "to_region": facts.ancestor(f["to_region"], level).to_numpy(object)})
     matrix = pairs.fillna("?").groupby(["from_region", "to_region"]).size().sort_values(ascending=False, kind="stable")
     return RegionReport(level=level, period=period, rows=rows, matrix=[
         DiversionCell(from_region=None if a == "?" else a, to_region=None if b == "?" else b, units=int(n))
         for (a, b), n in matrix.items()])
+
+
+def _periods(times: list[pd.Series], period: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per time column, each row's period as a position in the labels (-1 for no time), and
+    the labels of the periods that occur (`all`: one)."""
+    if PERIODS[period] is None:
+        return [np.zeros(len(t), np.int64) for t in times], np.array(["all"], object)
+    ordinals = [t.dt.tz_convert(None).dt.to_period(PERIODS[period]).array.asi8 for t in times]
+    occurring = np.unique(np.concatenate([o[o != NAT] for o in ordinals]))
+    labels = pd.PeriodIndex.from_ordinals(occurring, freq=PERIODS[period]).astype(str).to_numpy(object)
+    return [np.where(o != NAT, np.searchsorted(occurring, o), -1) for o in ordinals], labels

@@ -106,14 +106,11 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
     window_start = facts.as_of - window_days * DAY
     history_start = window_start - history_weeks * 7 * DAY
     sin, sout = facts.sell_in, facts.sell_out
-    def per_store(rows: pd.DataFrame) -> pd.Series:
-        return rows.groupby("store").size().reindex(frame.index, fill_value=0)
-
-    frame["sell_in"] = per_store(sin)
-    frame["sell_in_window"] = per_store(sin[sin["ts"] > window_start])
-    frame["diverted_in"] = per_store(sin[sin["diverted"]])
-    frame["sell_out"] = per_store(sout)
-    frame["sell_out_window"] = per_store(sout[sout["ts"] > window_start])
+    frame["sell_in"] = _per_store(sin["store"], frame.index)
+    frame["sell_in_window"] = _per_store(sin["store"], frame.index, sin["ts"] > window_start)
+    frame["diverted_in"] = _per_store(sin["store"], frame.index, sin["diverted"])
+    frame["sell_out"] = _per_store(sout["store"], frame.index)
+    frame["sell_out_window"] = _per_store(sout["store"], frame.index, sout["ts"] > window_start)
 
     by_region = frame.groupby("peer_region", dropna=False)[["sell_in", "sell_out"]].transform("sum")
     rate = (by_region["sell_out"] / by_region["sell_in"].where(by_region["sell_in"] > 0)).clip(upper=1.0)
@@ -138,22 +135,21 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
                         z=round(float(z), 2), reason=f"{metric.replace('_', ' ')} {value:.2f} far {'above' if z > 0 else 'below'} "
                         f"its {len(group)} peers in {group['peer_region'].iloc[0]} (median {median:.2f}, z {z:+.1f})"))
     weeks = window_days / 7
-    history = sout[(sout["ts"] > history_start) & (sout["ts"] <= window_start)]
-    week_of = ((history["ts"] - history_start) // (7 * DAY)).astype(int)
-    weekly = pd.crosstab(history["store"], week_of).reindex(columns=range(history_weeks), fill_value=0)
-    for store_id, row in weekly.iterrows():
-        counts = row.to_numpy(float)
-        if store_id not in frame.index or not counts.all():
-            continue
-        median = float(np.median(counts))
-        scale = max(1.4826 * float(np.median(np.abs(counts - median))), math.sqrt(median), 1.0) / math.sqrt(weeks)
-        current = frame.at[store_id, "sell_out_window"] / weeks
-        z = (current - median) / scale
-        if abs(z) >= z_threshold:
+    in_history = (sout["ts"] > history_start) & (sout["ts"] <= window_start)
+    week_of = ((sout["ts"] - history_start) // (7 * DAY)).where(in_history, -1).to_numpy(np.int64)
+    weekly = np.stack([_per_store(sout["store"], frame.index, week_of == week).to_numpy(float)
+                       for week in range(history_weeks)], axis=1) if history_weeks else np.zeros((len(frame), 0))
+    established = weekly.all(axis=1) if history_weeks else np.zeros(len(frame), bool)  # sold every week
+    median = np.median(weekly[established], axis=1)
+    spread = np.maximum(np.maximum(1.4826 * np.median(np.abs(weekly[established] - median[:, None]), axis=1), np.sqrt(median)), 1.0)
+    current = frame["sell_out_window"].to_numpy(float)[established] / weeks
+    z = (current - median) / (spread / math.sqrt(weeks))
+    for store_id, value, baseline, score in zip(frame.index[established], current, median, z):
+        if abs(score) >= z_threshold:
             flags[store_id].append(StoreFlag(
-                basis="history", metric="weekly_sell_out", direction="high" if z > 0 else "low", value=round(current, 3),
-                baseline=median, z=round(z, 2), reason=f"weekly sell-out {current:.1f} far {'above' if z > 0 else 'below'} "
-                f"its own last {history_weeks} weeks (median {median:.1f}, z {z:+.1f})"))
+                basis="history", metric="weekly_sell_out", direction="high" if score > 0 else "low", value=round(value, 3),
+                baseline=float(baseline), z=round(score, 2), reason=f"weekly sell-out {value:.1f} far "
+                f"{'above' if score > 0 else 'below'} its own last {history_weeks} weeks (median {baseline:.1f}, z {score:+.1f})"))
     share = frame["diverted_in"] / frame["sell_in"].where(frame["sell_in"] > 0)
     for store_id in frame.index[(share >= sink_share) & (frame["diverted_in"] >= 3)]:
         flags[store_id].append(StoreFlag(
@@ -163,21 +159,29 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
 
     if region is not None:
         frame = frame[facts.under(frame["region_id"], region)]
-    out = []
-    for store_id, row in frame.iterrows():
-        found = flags[store_id]
-        if abnormal_only and not found:
-            continue
-        cover = None if pd.isna(row["days_of_cover"]) else round(float(row["days_of_cover"]), 1)
-        out.append(StoreHealth(
-            store_id=store_id, name=text(stores.at[store_id, "name"]), region_id=text(row["region_id"]),
-            peer_region=text(row["peer_region"]), distributor=text(stores.at[store_id, "upstream_id"]),
-            sell_in=int(row["sell_in"]), sell_in_window=int(row["sell_in_window"]), sell_out=int(row["sell_out"]),
-            sell_out_window=int(row["sell_out_window"]),
-            scan_rate=None if pd.isna(row["scan_rate"]) else round(float(row["scan_rate"]), 4),
-            daily_sales=round(float(row["daily_sales"]), 3), stock=round(float(row["stock"]), 1), days_of_cover=cover,
-            next_purchase_date=iso(facts.as_of + cover * DAY) if cover is not None else None,
-            next_purchase_qty=math.ceil(float(row["daily_sales"]) * window_days - 1e-9),
-            diverted_in=int(row["diverted_in"]), abnormal=bool(found), flags=found))
+    if abnormal_only:
+        frame = frame[np.array([bool(flags[s]) for s in frame.index], bool)]
+    info = stores.reindex(frame.index)
+    cover = [None if pd.isna(days) else round(float(days), 1) for days in frame["days_of_cover"]]
+    out = [StoreHealth(
+        store_id=store_id, name=text(name), region_id=text(region_id), peer_region=text(peer), distributor=text(upstream),
+        sell_in=int(sell_in), sell_in_window=int(sell_in_window), sell_out=int(sell_out), sell_out_window=int(sell_out_window),
+        scan_rate=None if pd.isna(rate) else round(float(rate), 4), daily_sales=round(float(daily), 3),
+        stock=round(float(stock), 1), days_of_cover=days,
+        next_purchase_date=None if days is None else iso(facts.as_of + days * DAY),
+        next_purchase_qty=math.ceil(float(daily) * window_days - 1e-9), diverted_in=int(diverted),
+        abnormal=bool(flags[store_id]), flags=flags[store_id])
+        for store_id, name, region_id, peer, upstream, sell_in, sell_in_window, sell_out, sell_out_window, rate, daily, stock,
+        days, diverted in zip(
+            frame.index, info["name"], frame["region_id"], frame["peer_region"], info["upstream_id"], frame["sell_in"],
+            frame["sell_in_window"], frame["sell_out"], frame["sell_out_window"], frame["scan_rate"], frame["daily_sales"],
+            frame["stock"], cover, frame["diverted_in"])]
     return sorted(out, key=lambda s: (not s.abnormal, s.store_id))
 
+
+def _per_store(column: pd.Series, stores: pd.Index, where: pd.Series | np.ndarray | None = None) -> pd.Series:
+    """Rows (where `where` holds) per store of a categorical store column, for each of `stores`."""
+    codes = column.cat.codes.to_numpy()
+    keep = codes >= 0 if where is None else (codes >= 0) & np.asarray(where, bool)
+    counts = np.bincount(codes[keep], minlength=len(column.cat.categories))
+    return pd.Series(counts, index=column.cat.categories).reindex(stores, fill_value=0)
