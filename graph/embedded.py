@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
 from graph.timeline import Timeline, encode, ranges
-from loaders.keys import positions, sort_order
+from loaders.keys import StringKeys, positions
 from loaders.validate import TS_TYPE, Validated
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ def empty_table(name: str) -> pa.Table:
         fields = [pa.field("task_id", pa.string())]
     table = pa.schema(fields).empty_table()
     if name == "codes":
-        return _with_code_links(table)
+        return _with_code_links(table)[0]
     if name == "scans":
-        return _sorted_scans(table, empty_table("codes").column("code"), empty_table("retractions"))
+        return _sorted_scans(table, lambda values: np.full(len(values), -1), empty_table("retractions"))
     return table
 
 
@@ -184,8 +184,8 @@ class EmbeddedStore:
         unit_table = pa.table({
             "code": pc.take(codes.column("code"), pa.array(unit_rows)),
             "case": pc.take(codes.column("code"), pa.array(case, mask=case < 0)),
-            "sku": _inherited(codes.column("sku"), lineage),
-            "batch": _inherited(codes.column("batch"), lineage),
+            "sku": _inherited(codes.column("sku"), lineage, self._numpy_valid("codes", "sku")),
+            "batch": _inherited(codes.column("batch"), lineage, self._numpy_valid("codes", "batch")),
         })
         return Timeline(unit[rows].astype(np.int32), event[rows], unit_table, scans)
 
@@ -214,6 +214,11 @@ class EmbeddedStore:
         """A derived numeric column of the live version as one numpy array (cached)."""
         return self._cached(f"_np:{table}.{column}",
                             lambda: self.table(table).column(column).to_numpy())
+
+    def _numpy_valid(self, table: str, column: str) -> np.ndarray:
+        """Which rows of a live column are not null, as one numpy array (cached)."""
+        return self._cached(f"_valid:{table}.{column}",
+                            lambda: self.table(table).column(column).is_valid().to_numpy(zero_copy_only=False))
 
     def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -303,13 +308,12 @@ class EmbeddedStore:
     def _new_tables(self, validated: Validated) -> Iterator[tuple[str, pa.Table]]:
         """The tables of the new version, one by one, with their derived columns."""
         retractions = self._merged("retractions", validated)
-        codes = _with_code_links(self._merged("codes", validated))
-        code_keys = codes.column("code")
+        codes, code_rows = _with_code_links(self._merged("codes", validated))
         for name in TABLES:
             if name == "codes":
                 table, codes = codes, None
             elif name == "scans":
-                table = _sorted_scans(self._merged("scans", validated), code_keys, retractions)
+                table = _sorted_scans(self._merged("scans", validated), code_rows, retractions)
             elif name == "retractions":
                 table = retractions
             else:
@@ -398,9 +402,11 @@ def _children_index(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.searchsorted(parent[order], np.arange(len(parent) + 1)), order
 
 
-def _inherited(column: pa.ChunkedArray, lineage: list[np.ndarray]) -> pa.Array:
-    """Per unit, the value of `column` on the unit or else its nearest ancestor."""
-    present = column.is_valid().to_numpy(zero_copy_only=False)
+def _inherited(column: pa.ChunkedArray, lineage: list[np.ndarray], present: np.ndarray | None = None) -> pa.Array:
+    """Per unit, the value of `column` on the unit or else its nearest ancestor.
+    `present`: the column's validity as a numpy array, when the caller has it."""
+    if present is None:
+        present = column.is_valid().to_numpy(zero_copy_only=False)
     source = np.full(len(lineage[0]), -1, np.int64)
     for rows in lineage:  # nearest first
         found = (source < 0) & (rows >= 0)
@@ -453,10 +459,20 @@ def _one_chunk(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=table.schema)
 
 
-def _with_code_links(codes: pa.Table) -> pa.Table:
-    """Sort codes by code and add parent_idx and unit_count."""
-    codes = codes.take(pa.array(sort_order(codes.column("code"))))
-    parent_idx = positions(codes.column("parent_code"), codes.column("code")).astype(np.int32)
+def _with_code_links(codes: pa.Table) -> tuple[pa.Table, Callable[[pa.ChunkedArray], np.ndarray]]:
+    """Codes sorted by code with parent_idx and unit_count added, and a function giving
+    the row in that table of each of some codes (-1 for unknown ones)."""
+    index = StringKeys(codes.column("code"))
+    order = index.order()
+    row_of = np.empty(len(order), np.int64)  # sorted row of each input row
+    row_of[order] = np.arange(len(order))
+
+    def code_rows(values: pa.ChunkedArray) -> np.ndarray:
+        at = index.positions(values)
+        return np.where(at >= 0, row_of[np.maximum(at, 0)], -1)
+
+    parent_idx = code_rows(codes.column("parent_code"))[order].astype(np.int32)
+    codes = codes.take(pa.array(order))
     is_unit = pc.equal(codes.column("level"), LEVELS[0]).to_numpy(zero_copy_only=False)
     units = is_unit.astype(np.int64)
     walker = np.flatnonzero(is_unit)
@@ -466,21 +482,31 @@ def _with_code_links(codes: pa.Table) -> pa.Table:
         if not len(walker):
             break
         units += np.bincount(walker, minlength=len(units))
-    return codes.append_column("parent_idx", pa.array(parent_idx, pa.int32())).append_column(
+    codes = codes.append_column("parent_idx", pa.array(parent_idx, pa.int32())).append_column(
         "unit_count", pa.array(units, pa.int64()))
+    return codes, code_rows
 
 
-def _sorted_scans(scans: pa.Table, codes: pa.ChunkedArray, retractions: pa.Table) -> pa.Table:
-    """Attach code_idx (row of the code in `codes`, the sorted code column), event_order
-    (global rank by ts, action rank, event_id) and retracted (an errorDeclaration names
-    the event), and sort by (code_idx, event_order)."""
+def _sorted_scans(scans: pa.Table, code_rows: Callable[[pa.ChunkedArray], np.ndarray], retractions: pa.Table) -> pa.Table:
+    """Attach code_idx (`code_rows` of the codes), event_order (global rank by ts, action
+    rank, event_id) and retracted (an errorDeclaration names the event), and sort by
+    (code_idx, event_order)."""
     scans = scans.drop_columns([c for c in DERIVED_COLUMNS if c in scans.column_names])
     n = scans.num_rows
-    code_idx = positions(scans.column("code"), codes)
+    code_idx = code_rows(scans.column("code"))
     rank = pc.index_in(scans.column("action"), value_set=pa.array(ACTIONS)).to_numpy(zero_copy_only=False)
     ts = scans.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    by_id = sort_order(scans.column("event_id"))  # then a stable sort by (ts, action rank)
-    by_time = by_id[np.argsort((ts * len(ACTIONS) + rank)[by_id], kind="stable")]
+    when = ts * len(ACTIONS) + rank
+    by_time = np.argsort(when, kind="stable")
+    tied = np.zeros(n, bool)  # events at the same time and action rank: ordered by event_id
+    same = when[by_time][1:] == when[by_time][:-1]
+    tied[1:] |= same
+    tied[:-1] |= same
+    if tied.any():
+        rows = by_time[tied]
+        by_id = pc.sort_indices(pa.table({"when": when[rows], "id": scans.column("event_id").take(pa.array(rows))}),
+                                [("when", "ascending"), ("id", "ascending")]).to_numpy()
+        by_time[tied] = rows[by_id]
     event_order = np.empty(n, np.int64)
     event_order[by_time] = np.arange(n, dtype=np.int64)
     retracted = pc.is_in(scans.column("event_id"), value_set=retractions.column("event_id"))

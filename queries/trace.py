@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from graph.errors import NotFound
 from graph.model import LEVELS
 from queries.common import iso, judging_context
-from queries.diversion import DiversionFinding, Findings, Hop, judge, unit_paths
+from queries.diversion import DiversionFinding, Findings, Hop, Judgement, judge, unit_paths
 
 
 class ChildrenSummary(BaseModel):
@@ -61,14 +61,14 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
     if descendants is not None:
         units += [d for d, level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
                   if level == LEVELS[0]]
-    else:
-        units += _case_siblings(store, info, ancestors)  # the k rule looks at the whole case
-    timeline = store.timelines(units)
-    parties, regions = judging_context(store, timeline)
-    judgement = judge(timeline, parties, regions, k=k)
-    me = timeline.units.column("code").to_pylist().index(code)
-    finding = Findings.of(judgement, units=np.array([me])).models()
-    path = finding[0].path if finding else unit_paths(judgement, np.array([me]))[me]
+    judgement, me = _judged(store, units, code, k)
+    suspected = judgement.findings.loc[judgement.findings["unit"] == me, "severity"].eq("suspected").any()
+    if descendants is None and suspected:  # the k rule looks at the whole case: it may confirm this one
+        judgement, me = _judged(store, units + _case_siblings(store, info, ancestors), code, k)
+    timeline = judgement.timeline
+    diverted = bool((judgement.findings["unit"].to_numpy() == me).any())
+    finding = Findings.of(judgement, units=np.array([me])).models()[0] if diverted else None
+    path = finding.path if finding else unit_paths(judgement, np.array([me]))[me]
     assigned = judgement.unit_assignment()[me]
     party_ids = judgement.parties.column("party_id").to_pylist()
     events = [{**row, "ts": iso(row["ts"])} for row in
@@ -79,7 +79,7 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
         batch=timeline.units.column("batch")[me].as_py(), ancestors=ancestors,
         assigned_distributor=party_ids[assigned] if assigned >= 0 else None,
         untracked=bool(np.isin(me, judgement.untracked)), path=path, events=events,
-        diversion=finding[0] if finding else None)
+        diversion=finding)
     if descendants is not None:
         unit_rows = np.arange(1, timeline.units.num_rows)
         verdicts = judgement.findings[judgement.findings["unit"] != me]
@@ -89,6 +89,13 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
             suspected=int((verdicts["severity"] == "suspected").sum()),
             untracked_units=int(np.isin(judgement.untracked, unit_rows).sum()))
     return result
+
+
+def _judged(store, units: list[str], code: str, k: int) -> tuple[Judgement, int]:  # noqa: ANN001
+    """The judgement of these units' timelines, and the position of `code` in it."""
+    timeline = store.timelines(units)
+    parties, regions = judging_context(store, timeline)
+    return judge(timeline, parties, regions, k=k), timeline.units.column("code").to_pylist().index(code)
 
 
 def _ancestors(store, info: dict) -> list[str]:  # noqa: ANN001
