@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +13,7 @@ import orjson
 from graph.errors import StoreError
 from graph.model import LOAD_ORDER
 from graph.store import Store
-from loaders.readers import RawTable, Reject, discover, read_source
+from loaders.readers import RawTable, Reject, Source, discover, read_source
 from loaders.validate import validate_dataset
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,42 @@ def read_dataset(dataset: Path, progress: Progress | None = None, *, known: Stor
     return raw
 
 
+class _ReadOnDemand:
+    """The tables of a dataset without EPCIS documents, each read when validation takes it
+    out (`pop`), so one table's raw rows are in memory at a time rather than all."""
+
+    def __init__(self, sources: list[Source], progress: Progress | None):
+        self._sources: dict[str, list[Source]] = {}
+        for source in sources:
+            self._sources.setdefault(source.table, []).append(source)
+        self._progress, self._done, self._total = progress, 0, len(sources)
+
+    def __contains__(self, table: object) -> bool:
+        return table in self._sources
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._sources))
+
+    def pop(self, table: str, default: list[RawTable] | None = None) -> list[RawTable] | None:
+        if table not in self._sources:
+            return default
+        tables = []
+        for source in self._sources.pop(table):
+            tables.append(read_source(source))
+            self._done += 1
+            if self._progress:
+                self._progress(f"read {source.path.name}", self._done, self._total)
+        return tables
+
+
 def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Progress | None = None) -> LoadReport:
     """Load every table of `dataset` into `store`. Bad rows become reject records in a
     JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
-    raw = read_dataset(Path(dataset), progress, known=store)
+    sources = discover(Path(dataset))
+    if any(source.table == "epcis" for source in sources):
+        raw = read_dataset(Path(dataset), progress, known=store)
+    else:
+        raw = _ReadOnDemand(sources, progress)
     read = set(raw)
     if progress:
         progress("validate", 0, 1)

@@ -65,8 +65,8 @@ class _Encoded:
                 self.words.append(word)
         self.long = np.flatnonzero(self.lengths > DENSE_BYTES)
         h = self.lengths.astype(np.uint64) * _MULTIPLIER
-        for word in self.words:
-            h = _mix(h ^ word)
+        for j, word in enumerate(self.words):  # only a string's own words: the hash does not depend on `width`
+            h = np.where(self.lengths > 8 * j, _mix(h ^ word), h)
         rows, at = self.long, DENSE_BYTES
         eights = np.ndarray((len(raw) + 1,), ">u8", padded, 0, (1,))  # 8 bytes from every byte offset
         while len(rows):
@@ -80,15 +80,15 @@ class _Encoded:
         """The 8 bytes at `starts + at`, of which `left` (1..) belong to the string."""
         return eights[starts + at].astype(np.uint64) & _KEEP[np.minimum(left, 8)]
 
-    def same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Whether the strings at rows `a` and rows `b` are equal (pairwise)."""
-        equal = self.lengths[a] == self.lengths[b]
-        for word in self.words:
-            equal &= word[a] == word[b]
-        long = np.flatnonzero(equal & (self.lengths[a] > DENSE_BYTES))
+    def same(self, rows: np.ndarray, other: _Encoded, other_rows: np.ndarray) -> np.ndarray:
+        """Whether the strings at `rows` equal those at `other_rows` of `other` (pairwise)."""
+        equal = self.lengths[rows] == other.lengths[other_rows]
+        for word, other_word in zip(self.words, other.words):  # equal lengths: missing words are zero
+            equal &= word[rows] == other_word[other_rows]
+        long = np.flatnonzero(equal & (self.lengths[rows] > DENSE_BYTES))
         if len(long):
-            equal[long] = pc.equal(self.values.take(pa.array(a[long])),
-                                   self.values.take(pa.array(b[long]))).to_numpy(zero_copy_only=False)
+            equal[long] = pc.equal(self.values.take(pa.array(rows[long])),
+                                   other.values.take(pa.array(other_rows[long]))).to_numpy(zero_copy_only=False)
         return equal
 
 
@@ -111,51 +111,78 @@ def _hash_runs(h: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return order, run_start
 
 
+class StringKeys:
+    """A string column prepared once for many exact lookups and its sort order."""
+
+    def __init__(self, keys: pa.Array | pa.ChunkedArray):
+        self.keys = string_array(keys)
+        self._encoded = _Encoded(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def positions(self, values: pa.Array | pa.ChunkedArray, *, among: np.ndarray | None = None) -> np.ndarray:
+        """Row of each value among the keys (the first, if a key repeats; only rows where
+        `among` is true count), -1 when absent or null."""
+        values = string_array(values)
+        out = np.full(len(values), -1, np.int64)
+        n = len(self.keys)
+        if not len(values) or not n:
+            return out
+        keys, asked = self._encoded, _Encoded(values)
+        usable = keys.valid if among is None else keys.valid & among
+        rows = np.concatenate([np.flatnonzero(usable), n + np.flatnonzero(asked.valid)])
+        order, run_start = _hash_runs(np.concatenate([keys.hash, asked.hash]), rows)
+        first = order[run_start]  # a run lists its keys first: they have the lower rows
+        hit = (order >= n) & (first < n)
+        value_rows, match = order[hit] - n, first[hit]
+        same = asked.same(value_rows, keys, match)
+        out[value_rows[same]] = match[same]
+        if not same.all():  # different strings that share their hash's high bits: decided exactly
+            members = order[np.isin(run_start, np.unique(run_start[hit][~same]))]
+            subset_values, subset_keys = members[members >= n] - n, members[members < n]
+            found = pc.index_in(values.take(pa.array(subset_values)), value_set=self.keys.take(pa.array(subset_keys)))
+            found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+            out[subset_values] = np.where(found >= 0, subset_keys[np.maximum(found, 0)], -1)
+        return out
+
+    def first_rows(self, *, among: np.ndarray | None = None) -> np.ndarray:
+        """For each row, the first row holding the same string (itself when first); -1 for
+        null rows and rows outside `among`."""
+        encoded = self._encoded
+        usable = encoded.valid if among is None else encoded.valid & among
+        order, run_start = _hash_runs(encoded.hash, np.flatnonzero(usable))
+        out = np.full(len(self.keys), -1, np.int64)
+        out[order] = order[run_start]
+        later = np.flatnonzero(run_start != np.arange(len(order)))
+        same = encoded.same(order[later], encoded, order[run_start[later]])
+        if not same.all():  # different strings that share their hash's high bits: decided exactly
+            members = np.sort(order[np.isin(run_start, np.unique(run_start[later[~same]]))])
+            dictionary = pc.dictionary_encode(self.keys.take(pa.array(members)))
+            ids = dictionary.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            first = np.full(len(dictionary.dictionary), len(self.keys), np.int64)
+            np.minimum.at(first, ids, members)
+            out[members] = first[ids]
+        return out
+
+    def order(self) -> np.ndarray:
+        """Row order sorting the strings bytewise (Unicode code point order), stable, nulls last."""
+        encoded = self._encoded
+        if len(encoded.long):
+            return pc.sort_indices(pa.table({"v": self.keys}), [("v", "ascending", "at_end")]).to_numpy()
+        return np.lexsort([encoded.lengths, *reversed(encoded.words), ~encoded.valid])
+
+
 def positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Row in `keys` of each value (the first, if a key repeats), -1 when absent or null."""
-    values, keys = string_array(values), string_array(keys)
-    out = np.full(len(values), -1, np.int64)
-    if not len(values) or not len(keys):
-        return out
-    both = _Encoded(pa.concat_arrays([keys, values]))
-    order, run_start = _hash_runs(both.hash, np.flatnonzero(both.valid))
-    first = order[run_start]  # a run lists its keys first: they have the lower rows
-    hit = (order >= len(keys)) & (first < len(keys))
-    rows, match = order[hit], first[hit]
-    same = both.same(rows, match)
-    out[rows[same] - len(keys)] = match[same]
-    if not same.all():  # different strings that share their hash's high bits: decided exactly
-        members = order[np.isin(run_start, np.unique(run_start[hit][~same]))]
-        subset_values = members[members >= len(keys)] - len(keys)
-        subset_keys = members[members < len(keys)]
-        found = pc.index_in(values.take(pa.array(subset_values)), value_set=keys.take(pa.array(subset_keys)))
-        found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        out[subset_values] = np.where(found >= 0, subset_keys[np.maximum(found, 0)], -1)
-    return out
+    return StringKeys(keys).positions(values)
 
 
 def first_rows(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """For each row, the first row holding the same string (itself when first); -1 for null."""
-    encoded = _Encoded(string_array(values))
-    order, run_start = _hash_runs(encoded.hash, np.flatnonzero(encoded.valid))
-    out = np.full(len(encoded.values), -1, np.int64)
-    out[order] = order[run_start]
-    later = np.flatnonzero(run_start != np.arange(len(order)))
-    same = encoded.same(order[later], order[run_start[later]])
-    if not same.all():  # different strings that share their hash's high bits: decided exactly
-        members = np.sort(order[np.isin(run_start, np.unique(run_start[later[~same]]))])
-        dictionary = pc.dictionary_encode(encoded.values.take(pa.array(members)))
-        ids = dictionary.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        first = np.full(len(dictionary.dictionary), len(encoded.values), np.int64)
-        np.minimum.at(first, ids, members)
-        out[members] = first[ids]
-    return out
+    return StringKeys(values).first_rows()
 
 
 def sort_order(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Row order sorting the strings bytewise (Unicode code point order), stable, nulls last."""
-    values = string_array(values)
-    encoded = _Encoded(values)
-    if len(encoded.long):
-        return pc.sort_indices(pa.table({"v": values}), [("v", "ascending", "at_end")]).to_numpy()
-    return np.lexsort([encoded.lengths, *reversed(encoded.words), ~encoded.valid])
+    return StringKeys(values).order()

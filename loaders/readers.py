@@ -124,14 +124,31 @@ def _finish(table: str, path: Path, columns: dict[str, pa.Array], lines: pa.Arra
 
 
 def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """String values without surrounding white space; empty ones null."""
+    """String values without surrounding white space; empty ones null. Copies the text
+    only when some value may have white space at an end."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    trimmed = pc.utf8_trim_whitespace(values.cast(pa.string()))
-    present = pc.and_(pc.is_valid(trimmed), pc.greater(pc.binary_length(trimmed), 0))
-    if present.null_count == 0 and pc.all(present).as_py():
-        return trimmed
-    return pc.if_else(present, trimmed, pa.scalar(None, pa.string()))
+    values = values.cast(pa.string())
+    if _may_have_white_space(values):
+        values = pc.utf8_trim_whitespace(values)
+    present = pc.and_(pc.is_valid(values), pc.greater(pc.binary_length(values), 0))
+    if pc.all(present).as_py() is not False:
+        return values
+    if values.offset:
+        return pc.if_else(present, values, pa.scalar(None, pa.string()))
+    return pa.Array.from_buffers(pa.string(), len(values), [present.buffers()[1], *values.buffers()[1:]])
+
+
+def _may_have_white_space(values: pa.Array) -> bool:
+    """False when no value starts or ends with a byte of a white space character (any
+    byte up to space, or of a non-ASCII character)."""
+    if len(values) == 0 or values.buffers()[2] is None:
+        return False
+    offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+    text = np.frombuffer(values.buffers()[2], np.uint8)
+    nonempty = offsets[1:] > offsets[:-1]
+    first, last = text[offsets[:-1][nonempty]], text[offsets[1:][nonempty] - 1]
+    return bool(((first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80)).any())
 
 
 # ---------------------------------------------------------------- CSV

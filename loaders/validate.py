@@ -8,6 +8,7 @@ what the store already holds (`Known`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
-from loaders.keys import first_rows, positions, sort_order, string_array
+from loaders.keys import StringKeys, first_rows, positions, sort_order, string_array
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
@@ -230,15 +231,22 @@ class _TableValidation:
         self.typed = _typed_columns(self.rows)
         self.extras = _extras(self.rows)
         self.duplicate = np.zeros(self.rows.n, bool)
+        self._index: StringKeys | None = None
 
     def key(self) -> pa.Array:
         return self.typed[self.spec.key[0]]
+
+    def index(self) -> StringKeys:
+        """The key column prepared for lookups (rebuilt if the key column was replaced)."""
+        if self._index is None or self._index.keys is not string_array(self.key()):
+            self._index = StringKeys(self.key())
+        return self._index
 
     def dedupe_input(self, *, conflicts_rejected: bool) -> None:
         """Rows repeating an earlier valid row's key: identical ones are duplicates; others
         are rejected (`conflicts_rejected`) or also counted as duplicates (event ids)."""
         name = self.spec.key[0]
-        first = first_rows(pc.if_else(pa.array(self.rows.ok), self.key(), None))
+        first = self.index().first_rows(among=self.rows.ok)
         idx = np.flatnonzero((first >= 0) & (first != np.arange(self.rows.n)))
         if not len(idx):
             return
@@ -255,13 +263,15 @@ class _TableValidation:
         """(live rows whose key is stored, their rows in `stored`, stored): the stored rows
         with the keys of the live input rows."""
         live = self.rows.ok & ~self.duplicate
-        keys = self.key()
-        stored = self.known.stored(self.spec.name, pc.filter(keys, pa.array(live)))
+        stored = self.known.stored(self.spec.name, pc.filter(self.key(), pa.array(live)))
         if stored.num_rows == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), stored
-        at = positions(keys, stored.column(self.spec.key[0]))
-        rows = np.flatnonzero((at >= 0) & live)
-        return rows, at[rows], stored
+        rows = self.index().positions(stored.column(self.spec.key[0]), among=live)  # live keys are unique
+        found = np.flatnonzero(rows >= 0)
+        found = found[np.argsort(rows[found], kind="stable")]
+        first = np.ones(len(found), bool)  # the first stored row of a key, should one repeat
+        first[1:] = rows[found][1:] != rows[found][:-1]
+        return rows[found][first], found[first], stored
 
     def compare_with_store(self) -> None:
         """Marks rows identical to the stored row as duplicates."""
@@ -290,7 +300,8 @@ def _concat_raw(tables: list[pa.Table]) -> pa.Table:
 
 def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
     """Validate every table of a load, in reference order, against this load and `known`.
-    Takes each table's raw rows out of `raw` as it validates them, so they can be freed."""
+    Takes each table's raw rows out of `raw` (`raw.pop`) as it validates them, so they can
+    be freed (and a lazy mapping can read each table only then)."""
     out: dict[str, TableOutcome] = {}
     regions = _validate_regions(raw.pop("regions", []), known)
     out["regions"] = regions
@@ -298,11 +309,10 @@ def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
     region_ids = _all_keys(known.regions().column("region_id"), regions.accepted, "region_id")
     parties = _validate_parties(raw.pop("parties", []), known, region_ids)
     out["parties"] = parties
-    codes = _validate_codes(raw.pop("codes", []), known)
-    out["codes"] = codes
-    scans, implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, parties, codes)
+    out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known)
+    scans, implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, parties, loaded_code)
     out["scans"] = scans
-    referrals, implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids, parties, codes)
+    referrals, implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids, parties, loaded_code)
     out["referrals"] = referrals
     out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
@@ -400,7 +410,8 @@ def _validate_parties(raws: list[RawTable], known: Known, region_ids: pa.Array) 
     return v.outcome()
 
 
-def _validate_codes(raws: list[RawTable], known: Known) -> TableOutcome:
+def _validate_codes(raws: list[RawTable], known: Known) -> tuple[TableOutcome, Callable[[pa.Array], np.ndarray]]:
+    """The outcome, and a test of whether values are codes of this load."""
     v = _TableValidation("codes", raws, known)
     rows = v.rows
     v.dedupe_input(conflicts_rejected=True)
@@ -413,7 +424,7 @@ def _validate_codes(raws: list[RawTable], known: Known) -> TableOutcome:
     stored_rank = pc.index_in(stored_parents.column("level"), value_set=ranks).to_numpy(zero_copy_only=False)
     # A parent is the first valid input row with its code (later ones are duplicates or
     # rejected), else the stored code. Rejecting a row only ever removes parents.
-    parent_row = positions(parent, pc.if_else(pa.array(rows.ok), codes, None))
+    parent_row = v.index().positions(parent, among=rows.ok)
     stored_at = positions(parent, stored_parents.column("code"))
     while True:
         live = rows.ok & ~v.duplicate
@@ -442,7 +453,8 @@ def _validate_codes(raws: list[RawTable], known: Known) -> TableOutcome:
                         "a parent must be a higher level")
         rows.fail(inverted, texts)
     _check_immutable_codes(v)
-    return v.outcome()
+    index, valid = v.index(), rows.ok.copy()  # valid rows: accepted, or the same as a stored or earlier row
+    return v.outcome(), lambda values: index.positions(values, among=valid) >= 0
 
 
 def _packaging_cycles(codes: pa.Array, parent: pa.Array, suspicious: np.ndarray) -> dict[str, str]:
@@ -486,12 +498,11 @@ def _check_immutable_codes(v: _TableValidation) -> None:
 
 
 def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: pa.Array,
-                     parties: TableOutcome, codes: TableOutcome) -> tuple[TableOutcome, list[pa.Table]]:
+                     parties: TableOutcome, loaded_code: Callable[[pa.Array], np.ndarray]) -> tuple[TableOutcome, list[pa.Table]]:
     """Scans and referrals: references, implicit consumers, ids and de-duplication."""
     v = _TableValidation(name, raws, known)
     rows, typed = v.rows, v.typed
     new_parties = parties.accepted.column("party_id").combine_chunks() if parties.accepted is not None else pa.array([], pa.string())
-    new_codes = codes.accepted.column("code").combine_chunks() if codes.accepted is not None else pa.array([], pa.string())
 
     def known_party(values: pa.Array) -> np.ndarray:
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
@@ -501,9 +512,8 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
 
     code = typed["code"]
     has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
-    stored_codes = known.stored("codes", pc.drop_null(code)).column("code").combine_chunks()
-    code_pool = pa.concat_arrays([new_codes.cast(pa.string()), stored_codes.cast(pa.string())])
-    rows.fail_values(has_code & (positions(code, code_pool) < 0), "unknown code {!r}", "code")
+    stored_codes = known.stored("codes", pc.drop_null(code)).column("code")
+    rows.fail_values(has_code & ~loaded_code(code) & (positions(code, stored_codes) < 0), "unknown code {!r}", "code")
     region = typed.get("region_id")
     if region is not None:
         bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
@@ -531,7 +541,8 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
     live = rows.ok & ~v.duplicate
     stored_ids = known.stored(name, pc.filter(typed[id_col], pa.array(live))).column(id_col)
     if len(stored_ids):
-        v.duplicate |= live & (positions(typed[id_col], stored_ids) >= 0)
+        stored_rows = v.index().positions(stored_ids, among=live)  # the live row of each stored id
+        v.duplicate[stored_rows[stored_rows >= 0]] = True
     live = rows.ok & ~v.duplicate
     implicit = []
     for c in implicit_cols:
