@@ -1,6 +1,9 @@
 """Small helpers shared by the analyses."""
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import TypeVar
 
@@ -14,6 +17,8 @@ from pydantic import BaseModel
 from graph.timeline import Timeline
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def iso(value: object) -> str | None:
@@ -69,3 +74,17 @@ def judging_context(store, timeline: Timeline, *, all_events: bool = False) -> t
              for name in ("party_id", "counterparty_id")]
     ids = pc.unique(pa.concat_arrays([pc.drop_null(column).combine_chunks() for column in named]))
     return store.stored("parties", ids), store.regions()
+
+
+def parallel_map(work: Callable[[T], R], items: Iterable[T], *, workers: int = 2) -> Iterator[R]:
+    """`work` of each item, in order, on `workers` threads while the caller's thread
+    produces the next item; at most `workers` items wait or run at a time, so memory
+    stays bounded. Pays off for work that releases the GIL (numpy, Arrow)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from graph.model import ACTIONS, KINDS
 from loaders.validate import TS_TYPE
 from graph.timeline import Timeline, encode, ranges
-from queries.common import iso_column, judging_context, trusted_models
+from queries.common import R, iso_column, judging_context, parallel_map, trusted_models
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
@@ -70,7 +70,9 @@ class Territories:
             chain.append(np.where(chain[-1] >= 0, parent[np.maximum(chain[-1], 0)], -1))
         ancestors = np.stack(chain, axis=1)
         rows = np.flatnonzero(pc.equal(parties.column("kind"), "distributor").to_numpy(zero_copy_only=False))
-        self.slot = np.full(parties.num_rows, -1, np.int64)
+        # slot[party row] = its row in `matrix`; the last row (no distributor) and the last
+        # column (no region) are all False, so -1 needs no masking (numpy wraps it to the last)
+        self.slot = np.full(parties.num_rows + 1, len(rows), np.int64)
         self.slot[rows] = np.arange(len(rows))
         distributors = parties.take(pa.array(rows, pa.int64())).select(["party_id", "territory", "region_id"])
         self.declared: dict[str, list[str]] = {
@@ -78,19 +80,16 @@ class Territories:
             zip(*(distributors.column(name).to_pylist() for name in distributors.column_names))}
         owner = np.repeat(np.arange(len(rows)), [len(roots) for roots in self.declared.values()])
         roots = [root for roots in self.declared.values() for root in roots]
-        member = np.zeros((len(rows), len(region_ids) + 1), bool)  # the extra column stands for -1
+        member = np.zeros((len(rows) + 1, len(region_ids) + 1), bool)
         root_rows = encode(pa.array(roots, pa.string()), region_ids)
         known = root_rows >= 0
         member[owner[known], root_rows[known]] = True
-        self.matrix = member[:, ancestors].any(axis=2)
+        self.matrix = np.zeros_like(member)
+        self.matrix[:, :-1] = member[:, ancestors].any(axis=2)  # ancestors' -1 hits the False column
 
     def contains(self, distributor: np.ndarray, region: np.ndarray) -> np.ndarray:
         """Per pair: region inside the distributor's territory (False when either is unknown)."""
-        slot = np.where(distributor >= 0, self.slot[np.maximum(distributor, 0)], -1)
-        ok = (slot >= 0) & (region >= 0)
-        out = np.zeros(len(distributor), bool)
-        out[ok] = self.matrix[slot[ok], region[ok]]
-        return out
+        return self.matrix[self.slot[distributor], region]
 
 
 def _territory_list(territory: str | None, home: str | None) -> list[str]:
@@ -385,7 +384,7 @@ def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray |
     crossed = np.isin(rows, crossing) if crossing is not None else np.zeros(len(rows), bool)
     party_ids, kinds = judgement.parties.column("party_id"), judgement.parties.column("kind")
     region_ids = judgement.regions.column("region_id")
-    events = tl.events.take(pa.array(tl.event[rows]))
+    events = tl.events.select(["ts", "event_id", "action", "code", "counterparty_id"]).take(pa.array(tl.event[rows]))
     party = judgement.party[rows]
     hops = pa.table({
         "party_id": _take(party_ids, party), "kind": _take(kinds, party),
@@ -405,15 +404,21 @@ def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray 
     return {u: models[bounds[i]:bounds[i + 1]] for i, u in enumerate(np.unique(np.asarray(units, np.int64)).tolist())}
 
 
-def judge_store(store, *, k: int = 3) -> Iterator[Judgement]:  # noqa: ANN001 - any Store
-    """Judgements covering every unit the store could find diverted, one per timeline batch
-    (each batch holds whole cases). Batches over one events table share one encoding."""
-    facts: EventFacts | None = None
-    for timeline in store.timeline_batches():
-        if facts is None or facts.events is not timeline.events:
-            parties, regions = judging_context(store, timeline, all_events=True)
-            facts = EventFacts.of(timeline.events, parties, regions)
-        yield judge(timeline, parties, regions, k=k, facts=facts)
+def judged_batches(store, then: Callable[[Judgement], R], *, k: int = 3,  # noqa: ANN001 - any Store
+                   workers: int = 2) -> Iterator[R]:
+    """`then` of the judgements covering every unit the store could find diverted, one per
+    timeline batch (each batch holds whole cases); judged on `workers` threads while the
+    next batch is built. Batches over one events table share one `EventFacts`."""
+
+    def batches() -> Iterator[tuple]:
+        facts: EventFacts | None = None
+        for timeline in store.timeline_batches():
+            if facts is None or facts.events is not timeline.events:
+                parties, regions = judging_context(store, timeline, all_events=True)
+                facts = EventFacts.of(timeline.events, parties, regions)
+            yield timeline, parties, regions, facts
+
+    return parallel_map(lambda batch: then(judge(*batch[:3], k=k, facts=batch[3])), batches(), workers=workers)
 
 
 def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
@@ -425,8 +430,8 @@ def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa
     cutoff = None if since is None else pd.Timestamp(since)
     if cutoff is not None:
         cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
-    parts = []
-    for judgement in judge_store(store, k=k):
+
+    def kept(judgement: Judgement) -> Findings:
         frame = judgement.findings
         keep = np.ones(len(frame), bool)
         if severity:
@@ -434,8 +439,9 @@ def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa
         if cutoff is not None and len(frame):
             ts = pc.take(judgement.timeline.events.column("ts"), pa.array(judgement.timeline.event[frame["row"].to_numpy()]))
             keep &= pc.greater_equal(ts, pa.scalar(cutoff.to_pydatetime(), ts.type)).to_numpy(zero_copy_only=False)
-        parts.append(Findings.of(judgement, units=frame["unit"].to_numpy()[keep]))
-    return Findings.concat(parts)
+        return Findings.of(judgement, units=frame["unit"].to_numpy()[keep])
+
+    return Findings.concat(list(judged_batches(store, kept, k=k)))
 
 
 def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
