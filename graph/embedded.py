@@ -177,8 +177,10 @@ class EmbeddedStore:
             lineage.append(full)
         unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int64)
         event = np.concatenate(event_parts) if event_parts else np.zeros(0, np.int64)
-        live = ~self._numpy("scans", "retracted")[event]
-        unit, event = unit[live], event[live]
+        retracted = self._numpy("scans", "retracted")
+        if self._cached("_any_retracted", lambda: bool(retracted.any())):
+            live = ~retracted[event]
+            unit, event = unit[live], event[live]
         order = self._numpy("scans", "event_order")
         rows = np.argsort(unit.astype(np.int64) * max(scans.num_rows, 1) + order[event], kind="stable")
         unit_table = pa.table({
@@ -208,6 +210,8 @@ class EmbeddedStore:
         level = self.table("codes").column("level")
         if rows is None:
             return self._cached("_levels", lambda: encode(level, pa.array(LEVELS)))
+        if "_levels" in self._cache:
+            return self._cache["_levels"][rows]
         return encode(pc.take(level, pa.array(rows)), pa.array(LEVELS))
 
     def _numpy(self, table: str, column: str) -> np.ndarray:
