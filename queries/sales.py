@@ -53,6 +53,7 @@ SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 STORE = KINDS.index("store")
 LEVELS = {"country": 0, "province": 1, "city": 2, "district": 3}  # depth in the region tree
 FACT_FRAMES = ("sell_in", "sell_out", "opened", "findings")
+CACHED_FACTS = 4  # facts cache entries kept per store version (one per k and as_of asked for; the newest)
 CATEGORICAL = {"sku", "store", "consumer", "region_id", "severity", "party", "responsible", "exit_via",
                "from_region", "to_region"}  # columns of the fact frames
 
@@ -154,8 +155,11 @@ def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Frames of the same columns one after another; categorical columns stay categorical
     (their categories united)."""
+    def strings(column: pd.Series) -> pd.Series:  # no categories at all come back from Arrow as objects
+        return column if len(column.cat.categories) else column.astype(pd.CategoricalDtype(pd.Index([], dtype="str")))
+
     return pd.DataFrame({
-        name: union_categoricals([f[name] for f in frames]) if frames[0][name].dtype == "category"
+        name: union_categoricals([strings(f[name]) for f in frames]) if frames[0][name].dtype == "category"
         else pd.concat([f[name] for f in frames], ignore_index=True)
         for name in frames[0].columns})
 
@@ -224,6 +228,19 @@ def _write_facts(folder: Path, facts: tuple) -> None:
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _evict(derived, keep=CACHED_FACTS)
+
+
+def _evict(derived: Path, *, keep: int) -> None:
+    """Remove all but the `keep` newest cache entries (other processes may be removing them too)."""
+    entries = []
+    for entry in derived.glob("sales-facts-*"):
+        try:
+            entries.append((entry.stat().st_mtime_ns, entry))
+        except FileNotFoundError:
+            continue
+    for _, entry in sorted(entries)[:-keep]:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _read_facts(folder: Path) -> tuple:
@@ -359,9 +376,15 @@ def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
 
 
 def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
-    """dictionary[rows] dictionary-encoded (a pandas categorical), null where a row is negative."""
-    rows = np.asarray(rows, np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(rows, mask=rows < 0), dictionary)
+    """dictionary[rows] dictionary-encoded over the values used (a pandas categorical), null
+    where a row is negative."""
+    rows = np.asarray(rows, np.int64)
+    used = np.zeros(len(dictionary) + 1, bool)
+    used[rows] = True  # a negative row marks the extra last slot
+    position = np.cumsum(used) - 1
+    position[-1] = -1
+    indices = position[rows].astype(np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
 
 
 def _frame(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from loaders.ingest import load_dataset
 from queries.consumers import lifecycle
 from queries.rebates import load_policy, rebates
 from queries.regions import region_sell_through
-from queries.sales import FACT_FRAMES, sales_facts
+from queries.sales import CACHED_FACTS, FACT_FRAMES, sales_facts
 from queries.stores import store_health
 from tests.conftest import _wipe_neo4j
 from tests.worlds import channel_world, write_world
@@ -163,7 +163,7 @@ def test_cached_facts_equal_built_ones_and_a_load_invalidates_them(tmp_path: Pat
     store = EmbeddedStore(path)
     assert len(list((store.version / "derived").iterdir())) == 3
     with monkeypatch.context() as patched:
-        patched.setattr(EmbeddedStore, "timeline_batches", lambda self: pytest.fail("facts rebuilt, not read from the cache"))
+        _forbid_rebuilds(patched)
         for as_of, facts in built.items():
             _facts_equal(sales_facts(store, as_of=as_of), facts)
         _facts_equal(sales_facts(store, k=2), built_k2)
@@ -176,6 +176,30 @@ def test_cached_facts_equal_built_ones_and_a_load_invalidates_them(tmp_path: Pat
     assert len(after.sell_out) == len(built[None].sell_out) + 1
     shutil.rmtree(store.version / "derived")
     _facts_equal(sales_facts(EmbeddedStore(path)), after)
+
+
+def _forbid_rebuilds(monkeypatch) -> None:
+    from graph.embedded import EmbeddedStore
+
+    def rebuilt(self):
+        raise AssertionError("facts rebuilt, not read from the cache")
+    monkeypatch.setattr(EmbeddedStore, "timeline_batches", rebuilt)
+
+
+def test_the_facts_cache_keeps_its_newest_entries(tmp_path: Path, monkeypatch):
+    from graph.embedded import EmbeddedStore
+
+    path = tmp_path / "store"
+    load_dataset(EmbeddedStore(path), write_world(channel_world(), tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    times = [None, *(f"2024-02-{day:02d}T00:00:00Z" for day in range(2, 2 + CACHED_FACTS))]
+    for as_of in times:
+        sales_facts(EmbeddedStore(path), as_of=as_of)
+    assert len(list((EmbeddedStore(path).version / "derived").iterdir())) == CACHED_FACTS
+    _forbid_rebuilds(monkeypatch)
+    for as_of in times[1:]:
+        sales_facts(EmbeddedStore(path), as_of=as_of)
+    with pytest.raises(AssertionError, match="rebuilt"):
+        sales_facts(EmbeddedStore(path), as_of=times[0])
 
 
 def test_a_damaged_facts_cache_is_rebuilt(tmp_path: Path):
