@@ -146,9 +146,11 @@ def _may_have_white_space(values: pa.Array) -> bool:
         return False
     offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
     text = np.frombuffer(values.buffers()[2], np.uint8)
-    nonempty = offsets[1:] > offsets[:-1]
-    first, last = text[offsets[:-1][nonempty]], text[offsets[1:][nonempty] - 1]
-    return bool(((first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80)).any())
+    if len(text) == 0:
+        return False
+    first, last = text[np.minimum(offsets[:-1], len(text) - 1)], text[np.maximum(offsets[1:] - 1, 0)]
+    edge = (first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80)
+    return bool((edge & (offsets[1:] > offsets[:-1])).any())
 
 
 # ---------------------------------------------------------------- CSV

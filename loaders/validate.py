@@ -223,10 +223,12 @@ class _TableValidation:
     """Shared steps: typing, de-duplication by key, and comparison with stored rows."""
 
     def __init__(self, name: str, raws: list[RawTable], known: Known):
+        """Takes the tables out of `raws` (so their memory goes with this validation's)."""
         self.spec = TABLES[name]
         self.known = known
         data = _concat_raw([r.data for r in raws]) if raws else None
         self.pre_rejects = [rej for r in raws for rej in r.rejects]
+        raws.clear()
         self.rows = _Rows(self.spec, data if data is not None else pa.table({"_file": pa.array([], pa.string()), "_line": pa.array([], pa.int64())}))
         self.typed = _typed_columns(self.rows)
         self.extras = _extras(self.rows)
@@ -280,14 +282,23 @@ class _TableValidation:
         self.duplicate[rows[same]] = True
 
     def outcome(self) -> TableOutcome:
+        """The accepted rows, the rejects and the counts; ends the validation. Each raw
+        column is let go once its accepted rows are copied, so the raw and the accepted
+        rows are never both held whole."""
         keep = self.rows.ok & ~self.duplicate
+        rejects = self.pre_rejects + self.rows.rejects()
+        n, duplicates = self.rows.n, int((self.rows.ok & self.duplicate).sum())
         columns = {**self.typed, **self.extras}
-        accepted = pa.table(columns) if self.rows.n else None
-        if accepted is not None and not keep.all():
-            accepted = accepted.filter(pa.array(keep))
-        return TableOutcome(accepted=accepted, rejects=self.pre_rejects + self.rows.rejects(),
-                            duplicates=int((self.rows.ok & self.duplicate).sum()),
-                            read=self.rows.n + len(self.pre_rejects))
+        self.rows.raw, self.typed, self.extras, self._index = None, {}, {}, None
+        accepted = None
+        if n:
+            mask = None if keep.all() else pa.array(keep)
+            names, filtered = list(columns), []
+            for name in names:
+                column = columns.pop(name)
+                filtered.append(column if mask is None else column.filter(mask))
+            accepted = pa.table(dict(zip(names, filtered)))
+        return TableOutcome(accepted=accepted, rejects=rejects, duplicates=duplicates, read=n + len(self.pre_rejects))
 
 
 def _concat_raw(tables: list[pa.Table]) -> pa.Table:

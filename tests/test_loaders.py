@@ -162,6 +162,19 @@ def test_csv_irregular_rows_bom_crlf_and_bad_utf8(tmp_path):
     assert [(r["line"], r["reason"][:20]) for r in rejects] == [(n + 2, "expected 3 columns, "), (n + 3, "invalid UTF-8 text (")]
 
 
+def test_values_are_trimmed_and_empty_ones_missing(tmp_path):
+    data = tmp_path / "d"
+    write_world(channel_world(), data)
+    with (data / "products.csv").open("a", encoding="utf-8") as f:
+        f.write('"  P5 ","\u3000Gift box\u3000",""\n"P4","\t",7\n')
+    store = EmbeddedStore(tmp_path / "s")
+    report = load(store, data, tmp_path)
+    assert report.rejected["products"] == 0
+    rows = {r["sku"]: r for r in store.stored("products", pa.array(["P5", "P4"])).to_pylist()}
+    assert (rows["P5"]["name"], rows["P5"]["unit_price"]) == ("Gift box", None)
+    assert (rows["P4"]["name"], rows["P4"]["unit_price"]) == (None, 7.0)
+
+
 def test_jsonl_bad_lines_are_rejected_with_line_numbers(tmp_path):
     data = write_world(channel_world(), tmp_path / "d", "jsonl")
     with (data / "products.jsonl").open("a") as f:
