@@ -67,13 +67,6 @@ class Timeline:
         first = np.r_[True, self.unit[1:] != self.unit[:-1]]
         return np.maximum.accumulate(np.where(first, np.arange(len(self.unit)), 0))
 
-    def encoded(self, name: str, dictionary: pa.Array) -> np.ndarray:
-        """Per row, the position of its event's `name` in `dictionary` (-1 absent or null).
-        Encodes each distinct event once when the timeline covers most of `events`."""
-        if len(self.event) < self.events.num_rows:
-            return encode(pc.take(self.events.column(name), pa.array(self.event)), dictionary)
-        return encode(self.events.column(name), dictionary)[self.event]
-
     def event_column(self, name: str) -> np.ndarray:
         """Column `name` of the events table, one value per timeline row."""
         return pc.take(self.events.column(name), pa.array(self.event)).to_numpy(zero_copy_only=False)
