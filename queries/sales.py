@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,8 +44,8 @@ from graph.embedded import EmbeddedStore
 from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
 from queries import diversion
-from queries.common import iso_column
-from queries.diversion import judge
+from queries.common import iso_column, parallel_map
+from queries.diversion import EventFacts, judge
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,17 @@ def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
 def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
                          cutoff: pd.Timestamp | None) -> tuple:
     """The facts from every unit's timeline (the embedded store), batch by batch when the
-    store offers batches of whole packages (memory stays bounded; the k rule sees whole cases)."""
-    batches = store.timeline_batches() if hasattr(store, "timeline_batches") else [store.timelines()]
-    parts = [_facts_of(store, timeline, parties_t, regions_t, k=k, cutoff=cutoff) for timeline in batches]
+    store offers batches of whole packages (memory stays bounded; the k rule sees whole cases),
+    two batches at a time; batches over one events table share one `EventFacts`."""
+    def batches() -> Iterator[tuple[Timeline, EventFacts]]:
+        facts = None
+        for timeline in store.timeline_batches() if hasattr(store, "timeline_batches") else [store.timelines()]:
+            if facts is None or facts.events is not timeline.events:
+                facts = EventFacts.of(timeline.events, parties_t, regions_t)
+            yield timeline, facts
+
+    parts = list(parallel_map(lambda batch: _facts_of(store, batch[0], parties_t, regions_t, k=k, cutoff=cutoff,
+                                                      facts=batch[1]), batches()))
     if len(parts) == 1:
         return parts[0]
     if not parts:
@@ -289,14 +297,15 @@ def _at_or_after(ts: pd.Series, rank: pd.Series, event_id: pd.Series, crossing: 
 
 
 def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
-              cutoff: pd.Timestamp | None) -> tuple:
-    """sell_in, sell_out, opened and findings of the units of one timeline, and its latest event time."""
+              cutoff: pd.Timestamp | None, facts: EventFacts | None = None) -> tuple:
+    """sell_in, sell_out, opened and findings of the units of one timeline, and its latest
+    event time (`facts`: of the timeline's events table, see `judge`)."""
     ts = pd.to_datetime(timeline.event_column("ts"), utc=True) if len(timeline) else pd.DatetimeIndex([], tz="UTC")
     if cutoff is not None:
         keep = np.asarray(ts <= cutoff)
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
     latest = ts.max() if len(ts) else None
-    j = judge(timeline, parties_t, regions_t, k=k)
+    j = judge(timeline, parties_t, regions_t, k=k, facts=facts)
     party_ids, region_ids = parties_t.column("party_id").combine_chunks(), regions_t.column("region_id").combine_chunks()
     codes = timeline.units.column("code")
     skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())
