@@ -476,7 +476,9 @@ def _with_code_links(codes: pa.Table) -> tuple[pa.Table, Callable[[pa.ChunkedArr
         return np.where(at >= 0, row_of[np.maximum(at, 0)], -1)
 
     parent_idx = code_rows(codes.column("parent_code"))[order].astype(np.int32)
-    codes = codes.take(pa.array(order))
+    columns = dict(zip(codes.column_names, codes.columns))
+    del codes
+    codes = _taken(columns, order)
     is_unit = pc.equal(codes.column("level"), LEVELS[0]).to_numpy(zero_copy_only=False)
     units = is_unit.astype(np.int64)
     walker = np.flatnonzero(is_unit)
@@ -518,6 +520,21 @@ def _sorted_scans(scans: pa.Table, code_rows: Callable[[pa.ChunkedArray], np.nda
     packed = (np.where(code_idx >= 0, code_idx, np.iinfo(np.int32).max).astype(np.int64) << 32) | event_order
     packed.sort()
     order = by_time[packed & 0xFFFFFFFF]
-    scans = scans.append_column("code_idx", pa.array(code_idx.astype(np.int32), mask=code_idx < 0))
-    scans = scans.append_column("event_order", pa.array(event_order)).append_column("retracted", retracted)
-    return _one_chunk(scans.take(pa.array(order)))
+    columns = dict(zip(scans.column_names, scans.columns))
+    del scans
+    columns["code_idx"] = pa.chunked_array([pa.array(code_idx.astype(np.int32), mask=code_idx < 0)])
+    columns["event_order"] = pa.chunked_array([pa.array(event_order)])
+    columns["retracted"] = retracted
+    return _taken(columns, order)
+
+
+def _taken(columns: dict[str, pa.ChunkedArray], rows: np.ndarray) -> pa.Table:
+    """The table of `columns` in the order of `rows`, built column by column; takes the
+    columns out of `columns`, so each can be freed once its copy exists."""
+    indices = pa.array(rows)
+    names = list(columns)
+    taken = []
+    for name in names:
+        column = columns.pop(name)
+        taken.append(_one_chunk(pa.table({name: column.take(indices)})).column(0))
+    return pa.table(dict(zip(names, taken)))
