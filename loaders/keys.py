@@ -134,12 +134,15 @@ class StringKeys:
         rows = np.concatenate([np.flatnonzero(usable), n + np.flatnonzero(asked.valid)])
         order, run_start = _hash_runs(np.concatenate([keys.hash, asked.hash]), rows)
         first = order[run_start]  # a run lists its keys first: they have the lower rows
-        hit = (order >= n) & (first < n)
-        value_rows, match = order[hit] - n, first[hit]
-        same = asked.same(value_rows, keys, match)
-        out[value_rows[same]] = match[same]
+        hit = np.flatnonzero((order >= n) & (first < n))
+        out[order[hit] - n] = first[hit]
+        value_rows = np.flatnonzero(out >= 0)  # checked in row order: fewer scattered reads
+        same = asked.same(value_rows, keys, out[value_rows])
         if not same.all():  # different strings that share their hash's high bits: decided exactly
-            members = order[np.isin(run_start, np.unique(run_start[hit][~same]))]
+            sorted_at = np.empty(len(values), np.int64)
+            sorted_at[order[hit] - n] = hit
+            out[value_rows[~same]] = -1
+            members = order[np.isin(run_start, np.unique(run_start[sorted_at[value_rows[~same]]]))]
             subset_values, subset_keys = members[members >= n] - n, members[members < n]
             found = pc.index_in(values.take(pa.array(subset_values)), value_set=self.keys.take(pa.array(subset_keys)))
             found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
