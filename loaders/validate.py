@@ -130,11 +130,8 @@ def _parse_ts(values: pa.Array) -> pa.Array:
     """ISO 8601 with or without offset (no offset = UTC) -> timestamp[us, UTC]; bad -> null.
     A column that repeats its values (production hours, say) is parsed value by value."""
     if len(values) > 65_536 and pc.count_distinct(values.slice(0, 8192)).as_py() < 4096:
-        first = first_rows(values)
-        distinct = np.flatnonzero(first == np.arange(len(values)))
-        parsed = _parse_ts(values.take(pa.array(distinct)))
-        at = np.searchsorted(distinct, np.maximum(first, 0))
-        return parsed.take(pa.array(at, mask=first < 0))
+        encoded = pc.dictionary_encode(values)  # few distinct values: a small, fast hash table
+        return _parse_ts(encoded.dictionary).take(encoded.indices)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
     return pa.array(parsed.astype("datetime64[us, UTC]"), type=TS_TYPE, from_pandas=True)
