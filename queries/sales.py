@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -210,8 +209,8 @@ def _code_digest() -> str:
     """A digest of the source of every module that decides the facts, so facts cached by
     other code are never read."""
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], diversion, timeline_module, embedded):
-        digest.update(Path(module.__file__).read_bytes())
+    for source in (__file__, diversion.__file__, timeline_module.__file__, embedded.__file__):
+        digest.update(Path(source).read_bytes())
     return digest.hexdigest()
 
 
