@@ -170,8 +170,8 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
         totals=trusted_models(RebateTotal, {
             "month": table["month"].tolist(), "role": table["role"].tolist(),
             "party_id": table["party_id"].astype(object).where(table["party_id"].notna(), None).tolist(),
-            "scans": table["scans"].tolist(), "owed": table["owed"].round(2).tolist(),
-            "withheld": table["withheld"].round(2).tolist()}),
+            "scans": table["scans"].tolist(), **{name: [round(value, 2) for value in table[name].tolist()]
+                                                 for name in ("owed", "withheld")}}),
         withheld_lines=_lines(sales, order[withheld[order]], months, shares),
         lines=_lines(sales, order, months, shares) if lines else None)
 

@@ -114,7 +114,7 @@ def region_sell_through(store, *, level: str = "province", period: str = "month"
         "region_id": regions.to_numpy(object)[r].tolist(), "name": [text(v) for v in names.to_numpy(object)[r]],
         "period": labels[c].tolist(), **{name: counts[name][r, c].tolist() for name, _ in keys if name != "active_stores"},
         "stores": n.tolist(), "active_stores": active.tolist(),
-        "active_ratio": [round(a / s, 4) if s else None for a, s in zip(active.tolist(), n.tolist())]})
+        "active_ratio": [ratio if s else None for ratio, s in zip(np.round(active / np.maximum(n, 1), 4).tolist(), n.tolist())]})
     pairs = pd.DataFrame({"from_region": facts.ancestor(f["from_region"], level).to_numpy(object),
                           "to_region": facts.ancestor(f["to_region"], level).to_numpy(object)})
     matrix = pairs.fillna("?").groupby(["from_region", "to_region"]).size().sort_values(ascending=False, kind="stable")
