@@ -37,7 +37,10 @@ class LoadReport:
 def read_dataset(dataset: Path, progress: Progress | None = None, *, known: Store | None = None) -> dict[str, list[RawTable]]:
     """Every source of `dataset` as raw tables, by canonical table name. EPCIS documents are
     made consistent with this load and with `known` (see `loaders.epcis.combine_epcis`)."""
-    sources = discover(dataset)
+    return _read_all(discover(dataset), progress, known)
+
+
+def _read_all(sources: list[Source], progress: Progress | None, known: Store | None) -> dict[str, list[RawTable]]:
     raw: dict[str, list[RawTable]] = {}
     epcis: list[list[RawTable]] = []
     for done, source in enumerate(sources, start=1):
@@ -78,10 +81,12 @@ class _ReadOnDemand:
             return default
         tables = []
         for source in self._sources.pop(table):
-            tables.append(read_source(source))
-            self._done += 1
             if self._progress:
                 self._progress(f"read {source.path.name}", self._done, self._total)
+            tables.append(read_source(source))
+            self._done += 1
+        if self._progress:
+            self._progress(f"validate {table}", self._done, self._total)
         return tables
 
 
@@ -90,11 +95,11 @@ def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Pr
     JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
     sources = discover(Path(dataset))
     if any(source.table == "epcis" for source in sources):
-        raw = read_dataset(Path(dataset), progress, known=store)
+        raw = _read_all(sources, progress, store)
     else:
         raw = _ReadOnDemand(sources, progress)
     read = set(raw)
-    if progress:
+    if progress and isinstance(raw, dict):
         progress("validate", 0, 1)
     validated = validate_dataset(raw, store)  # empties `raw`: each table is freed once validated
     rejects = [r for outcome in validated.tables.values() for r in outcome.rejects]
