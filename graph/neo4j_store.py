@@ -9,12 +9,10 @@ Graph model (Cypher sketch; `cg_*` properties and `Pending*` labels are internal
     (:Distributor)-[:AUTHORISED_FOR]->(:Region)  // one per territory region
     (:Party)-[:UPSTREAM]->(:Party)               // upstream_id
     (:Product {sku, name, unit_price})
-    (:Code {code, level, parent_code, sku, batch, produced_at, cg_units})
+    (:Code {code, level, parent_code, sku, batch, produced_at})
     (:Code)-[:PACKED_IN]->(:Code)                // parent_code
-    (:Code)-[:OF_PRODUCT]->(:Product)            // sku (not inherited)
     (:Event {event_id, code, action, party_id, counterparty_id, ts, region_id, lat, lon})
     (:Event)-[:ON]->(:Code)  (:Event)-[:BY]->(:Party)  (:Event)-[:TO]->(:Party)
-    (:Event)-[:AT]->(:Region)                    // only when region_id is given
     (:Party)-[:REFERRED {referral_id, ts, channel, code}]->(:Party)
     (:Task {task_id, ...})
     (:Party)-[:FLOW {units}]->(:Party)           // derived after each load from ship events
@@ -24,18 +22,22 @@ Graph model (Cypher sketch; `cg_*` properties and `Pending*` labels are internal
 Timestamps are Neo4j DateTimes in UTC with microsecond precision and are read back as
 epoch microseconds, so they round-trip exactly. Unknown input columns are string
 properties (a name starting with `cg_` is stored as `cg_x_<name>`). `cg_seq` keeps the
-insertion order of the embedded store; `cg_units` is the number of unit codes packed in
-a code (1 for a unit).
+insertion order of the embedded store. A SKU and a region are properties of codes and
+events, not relationships (no query walks them, and product and region nodes would be the
+densest in the graph).
 
 Loading. Validation (`loaders.validate`) is shared with the embedded store; `apply` then
 writes the accepted rows in batches of `settings.neo4j_batch_size` with
 `UNWIND $rows AS row MERGE ...` in managed write transactions (retried on transient
 errors). Master rows (regions, products, parties, codes) are upserts in which a null new
-value keeps the stored one. A load is not one transaction: a `(:Load)` node stays
-`running` until the load is complete, and nodes whose relationships or derived counts are
-still to be written carry `PendingLinks` / `PendingCount` labels, so the next `apply`
-finishes an interrupted load; running the same load again converges to one clean load.
-Concurrent loads into one database are not supported.
+value keeps the stored one. Codes are written parents first, each batch's nodes and
+PACKED_IN relationships in one transaction; events are new by validation (a stored
+event_id is a duplicate), so each batch CREATEs its events with their ON/BY/TO
+relationships in one transaction. A load is not one transaction: a `(:Load)` node stays
+`running` until the load is complete, and region and party nodes whose relationships are
+still to be written carry a `PendingLinks` label (their targets may come later in the
+load), so the next `apply` finishes an interrupted load; running the same load again
+converges to one clean load. Concurrent loads into one database are not supported.
 
 Everything goes through Bolt (bolt://, neo4j://, neo4j+s://): no local files, no APOC, no
 GDS. Only this module imports `neo4j`; results leave it as pyarrow tables, Python lists
@@ -49,10 +51,10 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -68,6 +70,7 @@ from graph.timeline import EVENT_COLUMNS, UNIT_COLUMNS, Timeline
 from loaders.validate import TS_TYPE, Validated
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ---------------------------------------------------------------- allow-lists
 
@@ -152,7 +155,7 @@ UPSERT_PRODUCTS = """
 UNWIND $rows AS row
 MERGE (n:Product {sku: row.sku})
 SET n.name = coalesce(row.name, n.name), n.unit_price = coalesce(row.unit_price, n.unit_price),
-    n.cg_seq = row.seq, n:PendingLinks
+    n.cg_seq = row.seq
 SET n += row.extra
 """
 _UPSERT_PARTIES = """
@@ -171,37 +174,52 @@ UPSERT_PARTIES = {kind: _UPSERT_PARTIES.format(all_kinds=":".join(KIND_LABELS.va
                   for kind, label in KIND_LABELS.items()}
 CREATE_CONSUMERS = f"""
 UNWIND $rows AS row
-MERGE (n:Party {{party_id: row.party_id}})
-ON CREATE SET n.kind = 'consumer', n.region_id = row.region_id, n.cg_seq = row.seq,
-    n:{KIND_LABELS['consumer']}:PendingLinks
+CREATE (n:Party:{KIND_LABELS['consumer']} {{party_id: row.party_id, kind: 'consumer', region_id: row.region_id,
+                                          cg_seq: row.seq}})
+WITH n, row
+CALL (n, row) {{ MATCH (g:Region {{region_id: row.region_id}}) CREATE (n)-[:LOCATED_IN]->(g) }}
 """
 UPSERT_CODES = f"""
 UNWIND $rows AS row
 MERGE (n:Code {{code: row.code}})
 SET n.level = row.level, n.parent_code = coalesce(row.parent_code, n.parent_code),
     n.sku = coalesce(row.sku, n.sku), n.batch = coalesce(row.batch, n.batch),
-    n.produced_at = {_TS.format('produced_at', 'n.produced_at')},
-    n.cg_units = CASE WHEN row.level = 'unit' THEN 1 ELSE coalesce(n.cg_units, 0) END,
-    n.cg_seq = row.seq, n:PendingLinks
+    n.produced_at = {_TS.format('produced_at', 'n.produced_at')}, n.cg_seq = row.seq
 SET n += row.extra
 """
-MERGE_EVENTS = f"""
+# A batch of codes is one transaction: STORED_CODES, then CREATE_CODES for the new codes
+# and UPSERT_CODES + LINK_CODE_PARENTS for the stored ones. A parent is stored or earlier
+# in the load (codes are written parents first).
+STORED_CODES = "UNWIND $keys AS key MATCH (n:Code {code: key}) RETURN n.code AS code"
+CREATE_CODES = f"""
 UNWIND $rows AS row
-MERGE (e:Event {{event_id: row.event_id}})
-SET e.code = row.code, e.action = row.action, e.party_id = row.party_id,
-    e.counterparty_id = row.counterparty_id, e.ts = {_TS.format('ts', 'null')},
-    e.region_id = row.region_id, e.lat = row.lat, e.lon = row.lon
-SET e += row.extra
-WITH e, row
-OPTIONAL MATCH (c:Code {{code: row.code}})
-OPTIONAL MATCH (p:Party {{party_id: row.party_id}})
-OPTIONAL MATCH (q:Party {{party_id: row.counterparty_id}})
-OPTIONAL MATCH (g:Region {{region_id: row.region_id}})
-FOREACH (_ IN CASE WHEN c IS NULL THEN [] ELSE [1] END | MERGE (e)-[:ON]->(c))
-FOREACH (_ IN CASE WHEN p IS NULL THEN [] ELSE [1] END | MERGE (e)-[:BY]->(p))
-FOREACH (_ IN CASE WHEN q IS NULL THEN [] ELSE [1] END | MERGE (e)-[:TO]->(q))
-FOREACH (_ IN CASE WHEN g IS NULL THEN [] ELSE [1] END | MERGE (e)-[:AT]->(g))
+CREATE (n:Code {{code: row.code, level: row.level, parent_code: row.parent_code, sku: row.sku, batch: row.batch,
+                produced_at: {_TS.format('produced_at', 'null')}, cg_seq: row.seq}})
+WITH n, row
+CALL (n, row) {{ MATCH (p:Code {{code: row.parent_code}}) CREATE (n)-[:PACKED_IN]->(p) }}
 """
+LINK_CODE_PARENTS = """
+UNWIND $rows AS row
+MATCH (n:Code {code: row.code})
+MATCH (p:Code {code: row.parent_code})
+MERGE (n)-[:PACKED_IN]->(p)
+"""
+# Events are new (validation counts a stored event_id as a duplicate) and their code and
+# parties are stored: each batch is one CREATE_EVENTS transaction.
+CREATE_EVENTS = f"""
+UNWIND $rows AS row
+CREATE (e:Event {{event_id: row.event_id, code: row.code, action: row.action, party_id: row.party_id,
+                 counterparty_id: row.counterparty_id, ts: {_TS.format('ts', 'null')},
+                 region_id: row.region_id, lat: row.lat, lon: row.lon}})
+WITH e, row
+CALL (e, row) {{ MATCH (c:Code {{code: row.code}}) CREATE (e)-[:ON]->(c) }}
+CALL (e, row) {{ MATCH (p:Party {{party_id: row.party_id}}) CREATE (e)-[:BY]->(p) }}
+CALL (e, row) {{ MATCH (q:Party {{party_id: row.counterparty_id}}) CREATE (e)-[:TO]->(q) }}
+"""
+# Unknown input columns of created nodes, in the same transaction and only when there are
+# any (a map SET in a CREATE statement makes its plan Eager).
+SET_EXTRAS = {label: f"UNWIND $rows AS row MATCH (n:{label} {{{key}: row.{key}}}) SET n += row.extra"
+              for label, key in (("Code", "code"), ("Event", "event_id"))}
 MERGE_REFERRALS = f"""
 UNWIND $rows AS row
 MATCH (a:Party {{party_id: row.referrer_id}})
@@ -242,7 +260,7 @@ def _upsert(table: str) -> str:
 UPSERT_EPCIS_EVENTS = _upsert("epcis_events")
 UPSERT_RETRACTIONS = _upsert("retractions")
 WRITES = {"regions": UPSERT_REGIONS, "products": UPSERT_PRODUCTS, "codes": UPSERT_CODES,
-          "scans": MERGE_EVENTS, "referrals": MERGE_REFERRALS, "tasks": MERGE_TASKS,
+          "scans": CREATE_EVENTS, "referrals": MERGE_REFERRALS, "tasks": MERGE_TASKS,
           "epcis_events": UPSERT_EPCIS_EVENTS, "retractions": UPSERT_RETRACTIONS}
 
 # Second pass: relationships of master nodes written above (their targets may come later
@@ -273,42 +291,16 @@ CALL (n) {
 }
 RETURN count(n) AS done
 """
-LINK_CODES = f"""
-MATCH (n:Code:PendingLinks) WITH n LIMIT $limit
-REMOVE n:PendingLinks
-WITH n
-CALL (n) {{ MATCH (p:Code {{code: n.parent_code}}) MERGE (n)-[:PACKED_IN]->(p) }}
-CALL (n) {{ MATCH (p:Product {{sku: n.sku}}) MERGE (n)-[:OF_PRODUCT]->(p) }}
-CALL (n) {{ MATCH (n)-[:PACKED_IN*1..{MAX_HOPS}]->(a:Code) SET a:PendingCount }}
-RETURN count(n) AS done
-"""
-LINK_PRODUCTS = """
-MATCH (n:Product:PendingLinks) WITH n LIMIT $limit
-REMOVE n:PendingLinks
-WITH n
-CALL (n) {
-  MATCH (c:Code {sku: n.sku}) WHERE NOT (c)-[:OF_PRODUCT]->(n)
-  MERGE (c)-[:OF_PRODUCT]->(n)
-}
-RETURN count(n) AS done
-"""
-COUNT_UNITS = f"""
-MATCH (n:Code:PendingCount) WITH n LIMIT $limit
-REMOVE n:PendingCount
-SET n.cg_units = CASE WHEN n.level = 'unit' THEN 1
-    ELSE COUNT {{ (u:Code)-[:PACKED_IN*1..{MAX_HOPS}]->(n) WHERE u.level = 'unit' }} END
-RETURN count(n) AS done
-"""
-LINKS = (("regions", LINK_REGIONS), ("parties", LINK_PARTIES), ("codes", LINK_CODES),
-         ("products", LINK_PRODUCTS), ("codes", COUNT_UNITS))
+LINKS = (LINK_REGIONS, LINK_PARTIES)
 CLEAR_FLOWS = "MATCH ()-[f:FLOW]->() WITH f LIMIT $limit DELETE f RETURN count(f) AS done"
-WRITE_FLOWS = """
+WRITE_FLOWS = f"""
 MATCH (e:Event)-[:TO]->(q:Party)
 WHERE e.action = 'ship'
 MATCH (e)-[:BY]->(p:Party)
 MATCH (e)-[:ON]->(c:Code)
-WITH p, q, sum(coalesce(c.cg_units, 0)) AS units
-CREATE (p)-[:FLOW {units: units}]->(q)
+WITH p, q, c, count(e) AS times
+WITH p, q, sum(times * COUNT {{ (u:Code)-[:PACKED_IN*0..{MAX_HOPS}]->(c) WHERE u.level = 'unit' }}) AS units
+CREATE (p)-[:FLOW {{units: units}}]->(q)
 """
 
 # ---------------------------------------------------------------- Cypher: reads
@@ -575,9 +567,18 @@ class Neo4jStore:
         with self._errors("reading"), self._driver.session(database=self.database) as session:
             return session.execute_read(work)
 
-    def _write(self, query: str, **params: Any) -> list[list[Any]]:
+    def _write(self, query: str, *then: tuple[str, dict[str, Any]], **params: Any) -> list[list[Any]]:
+        """Records of `query`, run in one managed write transaction with the statements of
+        `then` (query, parameters) after it."""
         def work(tx: ManagedTransaction) -> list[list[Any]]:
-            return [record.values() for record in tx.run(query, params)]
+            records = [record.values() for record in tx.run(query, params)]
+            for statement, values in then:
+                tx.run(statement, values).consume()
+            return records
+        return self._write_transaction(work)
+
+    def _write_transaction(self, work: Callable[[ManagedTransaction], T]) -> T:
+        """`work` in a managed write transaction (retried on transient errors)."""
         with self._errors("writing"), self._driver.session(database=self.database) as session:
             return session.execute_write(work)
 
@@ -758,7 +759,7 @@ class Neo4jStore:
                 written = self._write_table(name, accepted, base)
             if implicit is not None and implicit.num_rows:
                 self._write_consumers(implicit, accepted, base + written)
-        for _, query in LINKS:
+        for query in LINKS:
             self._drain(query)
         self._drain(CLEAR_FLOWS)
         self._write(WRITE_FLOWS)
@@ -775,15 +776,38 @@ class Neo4jStore:
         master = name in MASTER_TABLES
         # an upsert drops stored unknown columns that this load lacks (as the embedded store)
         removals = {_property_of(c): None for c in known if c not in new_extras} if master else {}
+        if name == "codes":  # parents first, so a batch's parents are stored when it is linked
+            rank = pc.index_in(table.column("level"), value_set=pa.array(LEVELS))
+            table = table.take(pc.sort_indices(pa.table({"rank": rank}), [("rank", "descending")]))
         for start in range(0, table.num_rows, self.batch_size):
             chunk = table.slice(start, self.batch_size)
             rows = _payload(name, chunk, canonical, new_extras, base + start, removals, drop_nulls=master)
             if name == "parties":
                 for kind, group in _by_kind(rows).items():
                     self._write(UPSERT_PARTIES[kind], rows=group)
+            elif name == "codes":
+                self._write_codes(rows, bool(new_extras))
+            elif name == "scans":
+                extras = [(SET_EXTRAS["Event"], {"rows": rows})] if new_extras else []
+                self._write(CREATE_EVENTS, *extras, rows=rows)
             else:
                 self._write(WRITES[name], rows=rows)
         return table.num_rows
+
+    def _write_codes(self, rows: list[dict[str, Any]], extras: bool) -> None:
+        """One transaction: new codes are created with their PACKED_IN, stored ones upserted."""
+        def work(tx: ManagedTransaction) -> None:
+            stored = {record[0] for record in tx.run(STORED_CODES, keys=[r["code"] for r in rows])}
+            new = [r for r in rows if r["code"] not in stored]
+            old = [r for r in rows if r["code"] in stored]
+            if new:
+                tx.run(CREATE_CODES, rows=new).consume()
+                if extras:
+                    tx.run(SET_EXTRAS["Code"], rows=new).consume()
+            if old:
+                tx.run(UPSERT_CODES, rows=old).consume()
+                tx.run(LINK_CODE_PARENTS, rows=[r for r in old if r["parent_code"] is not None]).consume()
+        self._write_transaction(work)
 
     def _write_consumers(self, implicit: pa.Table, accepted: pa.Table | None, base: int) -> None:
         if accepted is not None and accepted.num_rows:

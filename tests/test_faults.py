@@ -193,10 +193,10 @@ def test_neo4j_load_killed_at_any_write_resumes_to_one_clean_load(datasets, neo4
         return Neo4jStore.connect(Settings(neo4j=neo4j_uri, neo4j_password=None, neo4j_batch_size=4))
 
     _wipe_neo4j(neo4j_uri)
-    total = calls_in_load(neo4j, world, "neo4j._write", rejects, monkeypatch)
+    total = calls_in_load(neo4j, world, "neo4j._write_transaction", rejects, monkeypatch)
     for n in kill_points(total, 5, seed=8):
         _wipe_neo4j(neo4j_uri)
-        assert load_killed_at(neo4j, world, "neo4j._write", n, rejects) == -signal.SIGKILL
+        assert load_killed_at(neo4j, world, "neo4j._write_transaction", n, rejects) == -signal.SIGKILL
         store = neo4j()
         try:
             load_dataset(store, world, rejects_dir=rejects)
@@ -256,7 +256,7 @@ def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
     env = {"CHANNELGRAPH_NEO4J_BATCH_SIZE": "4", "CHANNELGRAPH_NEO4J_RETRY_SECONDS": "2", "FAULT_HOME": str(home)}
 
     stopped = run_cli("load", str(world), "--neo4j", uri, "--rejects", str(tmp_path / "rejects"),
-                      env={**env, "FAULT_TARGET": "_write", "FAULT_AT": "6"})
+                      env={**env, "FAULT_TARGET": "_write_transaction", "FAULT_AT": "6"})
     assert_one_line_error(stopped, uri, "writing failed")
     start(home=home, port=port, heap="512m", pagecache="128m")
     store = Neo4jStore.connect(Settings(neo4j=uri, neo4j_password=None))

@@ -197,18 +197,18 @@ def test_an_interrupted_load_run_again_ends_as_one_clean_load(world: Path, neo4j
     embedded = EmbeddedStore(tmp_path / "embedded")
     load_dataset(embedded, world, rejects_dir=tmp_path / "r")
     calls = {"n": 0}
-    real = Neo4jStore._write
+    real = Neo4jStore._write_transaction
 
-    def flaky(self, query, **params):  # noqa: ANN001, ANN202
+    def flaky(self, work):  # noqa: ANN001, ANN202
         calls["n"] += 1
         if calls["n"] == 12:
             raise StoreError("simulated crash")
-        return real(self, query, **params)
+        return real(self, work)
 
-    monkeypatch.setattr(Neo4jStore, "_write", flaky)
+    monkeypatch.setattr(Neo4jStore, "_write_transaction", flaky)
     with pytest.raises(StoreError, match="simulated"):
         load_dataset(neo4j_store, world, rejects_dir=tmp_path / "r")
-    monkeypatch.setattr(Neo4jStore, "_write", real)
+    monkeypatch.setattr(Neo4jStore, "_write_transaction", real)
     assert neo4j_store._read("MATCH (l:Load {status: 'running'}) RETURN count(l)")[0][0] == 1
     load_dataset(neo4j_store, world, rejects_dir=tmp_path / "r")
     assert neo4j_store._read("MATCH (l:Load) RETURN l.status ORDER BY l.number") == [["interrupted"], ["done"]]
