@@ -173,7 +173,12 @@ class StringKeys:
         encoded = self._encoded
         if len(encoded.long):
             return pc.sort_indices(pa.table({"v": self.keys}), [("v", "ascending", "at_end")]).to_numpy()
-        return np.lexsort([encoded.lengths, *reversed(encoded.words), ~encoded.valid])
+        keys = [encoded.lengths, *reversed(encoded.words), ~encoded.valid]  # last key sorts first
+        if encoded.valid.all():
+            keys.pop()
+        if len(keys) > 1 and (encoded.lengths == encoded.lengths[0]).all():
+            keys.pop(0)  # strings of one length: the words decide
+        return np.lexsort(keys) if keys else np.arange(len(self.keys))
 
 
 def positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
