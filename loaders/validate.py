@@ -325,10 +325,10 @@ def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
     parties = _validate_parties(raw.pop("parties", []), known, region_ids)
     out["parties"] = parties
     out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known)
-    scans, implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, parties, loaded_code)
-    out["scans"] = scans
-    referrals, implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids, parties, loaded_code)
-    out["referrals"] = referrals
+    out["referrals"], implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids, parties, loaded_code)
+    handed_over = [loaded_code]  # the scans are the last to look codes up: they let the index go
+    del loaded_code
+    out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, parties, handed_over.pop())
     out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
         if name in raw:
@@ -529,6 +529,7 @@ def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: 
     has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
     stored_codes = known.stored("codes", pc.drop_null(code)).column("code")
     rows.fail_values(has_code & ~loaded_code(code) & (positions(code, stored_codes) < 0), "unknown code {!r}", "code")
+    del loaded_code  # may hold the last reference to the index of every loaded code
     region = typed.get("region_id")
     if region is not None:
         bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
