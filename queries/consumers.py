@@ -188,7 +188,7 @@ def _latest(purchases: pd.DataFrame, referrals: pd.DataFrame) -> pd.Timestamp:
 def _micros(ts: pd.Series | pd.Timestamp) -> np.ndarray | int:
     """UTC times as integer microseconds since the epoch (NaT: the smallest int64)."""
     if isinstance(ts, pd.Timestamp):
-        return ts.value // 1_000  # .value is in nanoseconds whatever the unit
+        return int(ts.as_unit("us").asm8.view(np.int64))
     return ts.dt.as_unit("us").array.asi8
 
 

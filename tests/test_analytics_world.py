@@ -93,6 +93,15 @@ def test_consumer_stages_and_next_actions(world_store):
         lifecycle(world_store, stage="loyalist")
 
 
+def test_lifecycle_at_times_far_from_the_data(world_store):
+    """Any ISO time is a valid analysis time (the API passes them through): year 1 is before
+    every purchase, year 9999 after all of them."""
+    early = lifecycle(world_store, as_of="0001-01-01T00:00:00Z")
+    assert {c.stage for c in early} == {"acquired"} and {c.segment for c in early} == {"prospect"}
+    late, now = ({c.party_id: c.stage for c in lifecycle(world_store, as_of=t)} for t in ("9999-12-31T00:00:00Z", None))
+    assert late == now and set(now.values()) != {"acquired"}
+
+
 def test_stage_funnel_by_month(world_store):
     funnel = stage_funnel(world_store, period="month")
     assert [row["period"] for row in funnel] == ["2024-02", "2024-03"]
