@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 DENSE_BYTES = 32  # bytes of each string kept as words; longer strings are compared as strings
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
-_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 _KEEP = np.array([0] + [((1 << (8 * k)) - 1) << (64 - 8 * k) for k in range(1, 9)], np.uint64)  # first k bytes
 
 
