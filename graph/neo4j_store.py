@@ -52,6 +52,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -79,6 +80,10 @@ TABLE_LABELS = {"regions": "Region", "products": "Product", "parties": "Party", 
                 "scans": "Event", "tasks": "Task", "epcis_events": "EpcisEvent", "retractions": "Retraction"}
 TABLE_KEYS = {name: (spec.key[0] if spec.key else "task_id") for name, spec in TABLES.items()}
 MASTER_TABLES = ("regions", "products", "parties", "codes", "epcis_events", "retractions")  # upserts
+# Batches of these tables are independent within a load step (codes: within a level), so
+# WRITERS sessions write them concurrently.
+PARALLEL_TABLES = ("codes", "scans")
+WRITERS = 2
 MAX_HOPS = len(LEVELS) - 1  # a unit is at most this many PACKED_IN hops below the top code
 INTERNAL_PREFIX = "cg_"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -503,11 +508,13 @@ def _cause(exc: BaseException) -> str:
 class Neo4jStore:
     """The store in a Neo4j 5 database; answers exactly as `EmbeddedStore` does."""
 
-    def __init__(self, driver: Driver, *, uri: str, database: str | None = None, batch_size: int = 10_000):
+    def __init__(self, driver: Driver, *, uri: str, database: str | None = None, batch_size: int = 10_000,
+                 writers: int = WRITERS):
         self._driver = driver
         self.uri = uri
         self.database = database
         self.batch_size = max(1, int(batch_size))
+        self.writers = max(1, int(writers))
         self._schema_ready = False
 
     @classmethod
@@ -776,11 +783,8 @@ class Neo4jStore:
         master = name in MASTER_TABLES
         # an upsert drops stored unknown columns that this load lacks (as the embedded store)
         removals = {_property_of(c): None for c in known if c not in new_extras} if master else {}
-        if name == "codes":  # parents first, so a batch's parents are stored when it is linked
-            rank = pc.index_in(table.column("level"), value_set=pa.array(LEVELS))
-            table = table.take(pc.sort_indices(pa.table({"rank": rank}), [("rank", "descending")]))
-        for start in range(0, table.num_rows, self.batch_size):
-            chunk = table.slice(start, self.batch_size)
+
+        def write(start: int, chunk: pa.Table) -> None:
             rows = _payload(name, chunk, canonical, new_extras, base + start, removals, drop_nulls=master)
             if name == "parties":
                 for kind, group in _by_kind(rows).items():
@@ -792,7 +796,30 @@ class Neo4jStore:
                 self._write(CREATE_EVENTS, *extras, rows=rows)
             else:
                 self._write(WRITES[name], rows=rows)
+
+        parts = [table]
+        if name == "codes":  # level by level from the top: a batch's parents are stored when it is written
+            rank = pc.index_in(table.column("level"), value_set=pa.array(LEVELS)).to_numpy(zero_copy_only=False)
+            order = np.argsort(-rank, kind="stable")
+            bounds = np.flatnonzero(np.diff(rank[order])) + 1
+            parts = [table.take(pa.array(idx)) for idx in np.split(order, bounds)]
+        offset = 0
+        for part in parts:
+            self._each(write, [(offset + s, part.slice(s, self.batch_size)) for s in range(0, part.num_rows, self.batch_size)],
+                       parallel=name in PARALLEL_TABLES)
+            offset += part.num_rows
         return table.num_rows
+
+    def _each(self, write: Callable[..., None], batches: list[tuple[Any, ...]], *, parallel: bool) -> None:
+        """`write(*batch)` for every batch, by `self.writers` concurrent sessions if `parallel`;
+        returns when all are done and raises the first batch's error."""
+        if not parallel or self.writers < 2 or len(batches) < 2:
+            for batch in batches:
+                write(*batch)
+            return
+        with ThreadPoolExecutor(self.writers) as pool:
+            for _ in pool.map(lambda batch: write(*batch), batches):
+                pass
 
     def _write_codes(self, rows: list[dict[str, Any]], extras: bool) -> None:
         """One transaction: new codes are created with their PACKED_IN, stored ones upserted."""
@@ -815,8 +842,8 @@ class Neo4jStore:
                                                           value_set=accepted.column("party_id").combine_chunks())))
         ids, regions = implicit.column("party_id").to_pylist(), implicit.column("region_id").to_pylist()
         rows = [{"party_id": p, "region_id": r, "seq": base + i} for i, (p, r) in enumerate(zip(ids, regions))]
-        for start in range(0, len(rows), self.batch_size):
-            self._write(CREATE_CONSUMERS, rows=rows[start:start + self.batch_size])
+        self._each(lambda batch: self._write(CREATE_CONSUMERS, rows=batch),
+                   [(rows[start:start + self.batch_size],) for start in range(0, len(rows), self.batch_size)], parallel=True)
 
 
 # ---------------------------------------------------------------- conversions
