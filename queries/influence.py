@@ -167,8 +167,8 @@ def influencers(store, *, top: int | None = 10, percent: float | None = None,  #
     chosen = table.iloc[order]
     ids = chosen["party_id"].tolist()
     kinds = _kinds(store, ids)
-    columns = {name: chosen[name].tolist() for name in Influencer.model_fields if name != "kind"}
-    return trusted_models(Influencer, {**columns, "kind": [kinds.get(i) for i in ids]})
+    return trusted_models(Influencer, {name: [kinds.get(i) for i in ids] if name == "kind" else chosen[name].tolist()
+                                       for name in Influencer.model_fields})
 
 
 def referrer_metrics(store) -> pd.DataFrame:  # noqa: ANN001 - any Store
