@@ -128,6 +128,15 @@ def test_influencer_metrics(world_store):
     assert len(influencers(world_store, percent=50, by="revenue")) == 3  # 6 referrers
 
 
+def test_documents_list_fields_in_model_order(world_store):
+    """JSON and CSV columns follow the models' field order (the CLI contract's order)."""
+    influencer = influencers(world_store, top=1)[0]
+    assert list(influencer.model_dump()) == list(type(influencer).model_fields)
+    finding = find_diversions(world_store)[0]
+    assert list(finding.model_dump()) == list(type(finding).model_fields)
+    assert list(finding.model_dump()["path"][0]) == list(type(finding.path[0]).model_fields)
+
+
 def test_cascade_export(world_store):
     nodes = cascade(world_store, "C1")
     assert [(n.party_id, n.depth, n.referrer_id) for n in nodes] == [
