@@ -264,9 +264,9 @@ class _History:
         first_ts, last_ts = (pd.Series(pd.to_datetime(np.where(buyers, t, np.iinfo(np.int64).min).view("datetime64[us]"),
                                                       utc=True), index=table.index) for t in (first, last))
         table["recency_days"] = ((as_of - last_ts) / pd.Timedelta(days=1)).round(2)
-        table["r"] = _quintile(-table.loc[buyers, "recency_days"])
-        table["f"] = _quintile(table.loc[buyers, "purchases"])
-        table["m"] = _quintile(table.loc[buyers, "monetary"])
+        for key, values in (("r", -table["recency_days"]), ("f", table["purchases"]), ("m", table["monetary"])):
+            table[key] = np.nan  # for non-buyers; set by position, not by aligning the index
+            table.loc[buyers, key] = _quintile(values[buyers]).to_numpy(float)
         table["segment"] = NO_PURCHASE
         r, fm = table["r"].fillna(0), (table["f"].fillna(0) + table["m"].fillna(0)) / 2
         assigned = ~buyers
