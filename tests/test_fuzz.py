@@ -10,6 +10,8 @@ region tree has no cycle); and the store stays loadable and queryable afterwards
 """
 from __future__ import annotations
 
+import copy
+
 import csv
 import io
 import json
@@ -324,7 +326,8 @@ XML_EXAMPLES = sorted(p.name for p in EPCIS_EXAMPLES.glob("*.xml")) if EPCIS_EXA
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False), st.text(max_size=8),
                  st.just([]), st.just({}), st.just({"@id": 1}), st.just([None, {"epc": []}]),
                  st.sampled_from(["urn:epc:id:sgtin:x", "2024-13-45T99:00:00Z", "ADD", "DELETE", "OBSERVE",
-                                  "https://id.gs1.org/00/", "bizstep:shipping"]))
+                                  "https://id.gs1.org/00/", "bizstep:shipping"])
+                 ).map(copy.deepcopy)  # st.just gives one object every time: a mutation could make it contain itself
 
 
 @st.composite
