@@ -4,6 +4,7 @@ Layout of a store folder::
 
     CURRENT            name of the live version folder (replaced atomically)
     v000007/           one file per table: regions.arrow, parties.arrow, ...
+    v000007/derived/   caches of analyses of that version (queries/sales.py), rebuilt when missing
     rejects/           reject records of each load (JSON lines)
     .lock              held while a load writes
 
