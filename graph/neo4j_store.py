@@ -28,8 +28,8 @@ densest in the graph).
 
 Loading. Validation (`loaders.validate`) is shared with the embedded store; `apply` then
 writes the accepted rows in batches of `settings.neo4j_batch_size` with
-`UNWIND $rows AS row MERGE ...` in managed write transactions (retried on transient
-errors). Master rows (regions, products, parties, codes) are upserts in which a null new
+`UNWIND $rows AS row ...` in managed write transactions (retried on transient errors);
+code, event and consumer batches go through `WRITERS` concurrent sessions. Master rows (regions, products, parties, codes) are upserts in which a null new
 value keeps the stored one. Codes are written parents first, each batch's nodes and
 PACKED_IN relationships in one transaction; events are new by validation (a stored
 event_id is a duplicate), so each batch CREATEs its events with their ON/BY/TO
