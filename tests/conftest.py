@@ -32,9 +32,13 @@ def neo4j_available() -> str | None:
 
 def unavailable(reason: str) -> None:
     """A test's real dependency is missing: fail in CI (CI=true), skip locally."""
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
+    (pytest.fail if IN_CI else pytest.skip)(reason)
+
+
+def needs(available: bool, reason: str) -> pytest.MarkDecorator:
+    """Mark a test whose real dependency may be missing: skipped locally when it is, always
+    run in CI (CI=true), where the missing dependency makes it fail."""
+    return pytest.mark.skipif(not available and not IN_CI, reason=reason)
 
 
 @pytest.fixture(scope="session")

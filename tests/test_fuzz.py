@@ -34,7 +34,7 @@ from loaders.ingest import LoadReport, load_dataset
 from loaders.readers import table_of
 from queries.diversion import find_diversions
 from queries.influence import influencers
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, needs
 from tests.worlds import channel_world, write_world
 
 FUZZ = settings(max_examples=20, deadline=None, derandomize=IN_CI, print_blob=True,
@@ -360,7 +360,7 @@ def broken_json(draw: st.DrawFn, document: Any) -> Any:
     return document
 
 
-@pytest.mark.skipif(not JSON_EXAMPLES, reason="needs ../shared/epcis-examples")
+@needs(bool(JSON_EXAMPLES), "needs ../shared/epcis-examples")
 @settings(max_examples=25, deadline=None, derandomize=IN_CI, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_broken_epcis_documents_never_crash(data):
@@ -389,7 +389,7 @@ def test_broken_epcis_documents_never_crash(data):
         assert_usable(tmp / "store", tmp)
 
 
-@pytest.mark.skipif(not JSON_EXAMPLES, reason="needs ../shared/epcis-examples")
+@needs(bool(JSON_EXAMPLES), "needs ../shared/epcis-examples")
 def test_epcis_event_with_a_huge_integer_is_a_reject_record(tmp_path):
     """A value orjson cannot write (an integer beyond 64 bits) once crashed writing rejects."""
     document = json.loads((EPCIS_EXAMPLES / "ObjectEvent.json").read_bytes())

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from graph.neo4j_server import ServerStatus, start, status, stop
+from tests.conftest import needs
 
-needs_jdk = pytest.mark.skipif(shutil.which("java") is None or shutil.which("mvn") is None,
-                               reason="needs java and mvn on PATH")
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+needs_jdk = needs(shutil.which("java") is not None and shutil.which("mvn") is not None, "needs java and mvn on PATH")
+linux_only = needs(sys.platform.startswith("linux"), "reads /proc")
 
 
 def free_port() -> int:
