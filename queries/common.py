@@ -21,13 +21,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def utc(moment: datetime | str | None) -> pd.Timestamp | None:
+    """A moment as a UTC pandas Timestamp (a time without offset is UTC)."""
+    if moment is None:
+        return None
+    ts = pd.Timestamp(moment)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
 def iso(value: object) -> str | None:
     """A UTC instant as ISO 8601 with `Z` (microseconds only when non-zero)."""
     if value is None or (not isinstance(value, datetime) and pd.isna(value)):
         return None
-    ts = pd.Timestamp(value)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    moment = ts.to_pydatetime().astimezone(timezone.utc).replace(tzinfo=None)
+    moment = utc(value).to_pydatetime().astimezone(timezone.utc).replace(tzinfo=None)
     return moment.isoformat(timespec="microseconds" if moment.microsecond else "seconds") + "Z"
 
 
@@ -36,6 +42,12 @@ def iso_column(values: pa.Array | pa.ChunkedArray) -> list[str | None]:
     text = pc.strftime(values, format="%Y-%m-%dT%H:%M:%S")  # %S carries the fraction: 05.000000
     text = pc.replace_substring_regex(text, pattern=r"\.0+$", replacement="")
     return pc.binary_join_element_wise(text, "Z", "").to_pylist()
+
+
+def take_rows(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
+    """values[rows], null where a row is negative."""
+    rows = np.asarray(rows, np.int64)
+    return pc.take(values, pa.array(rows, mask=rows < 0))
 
 
 def trusted_models(model: type[M], columns: dict[str, list]) -> list[M]:

@@ -31,9 +31,9 @@ from pydantic import BaseModel
 
 from graph.errors import NotFound
 from graph.timeline import encode
-from queries.common import iso, trusted_models
+from queries.common import iso, trusted_models, utc
 from queries.influence import attribute
-from queries.sales import iso_times, sales_facts, text, utc
+from queries.sales import iso_times, sales_facts, text
 
 STAGES = ("acquired", "activated", "retained", "revenue", "related", "referral")
 NEXT_ACTION = {"acquired": "first purchase", "activated": "repurchase", "retained": "bulk purchase",

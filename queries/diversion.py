@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from graph.model import ACTIONS, KINDS
 from loaders.validate import TS_TYPE
 from graph.timeline import Timeline, encode, ranges
-from queries.common import R, iso_column, judging_context, parallel_map, trusted_models
+from queries.common import R, iso_column, judging_context, parallel_map, take_rows, trusted_models, utc
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
@@ -239,8 +239,9 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     last_inside = np.maximum.accumulate(np.where(inside_after, pos, -1)) if n else pos
 
     units = timeline.unit
-    confirmed_unit, confirmed_row = _first_per_unit(units, confirmed_evidence)
-    consumer_unit, consumer_row = _first_per_unit(units, consumer_evidence)
+    confirmed_row = timeline.first_per_unit(np.flatnonzero(confirmed_evidence))
+    consumer_row = timeline.first_per_unit(np.flatnonzero(consumer_evidence))
+    confirmed_unit, consumer_unit = units[confirmed_row].astype(np.int64), units[consumer_row].astype(np.int64)
     is_confirmed = np.zeros(timeline.units.num_rows, bool)
     is_confirmed[confirmed_unit] = True
     alone = ~is_confirmed[consumer_unit]
@@ -259,14 +260,6 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     findings = pd.DataFrame({"unit": unit, "row": crossing, "severity": severity, "exit_via": exit_via})
     return Judgement(timeline, parties, regions, territories, action, party, holder, location, after, governing,
                      distributor, findings, np.flatnonzero(~tracked))
-
-
-def _first_per_unit(units: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unit, row) of the first row of each unit where `mask` holds."""
-    rows = np.flatnonzero(mask)
-    hit = units[rows]  # timeline rows are grouped by unit, in unit order
-    first = np.r_[True, hit[1:] != hit[:-1]] if len(hit) else np.zeros(0, bool)
-    return hit[first].astype(np.int64), rows[first]
 
 
 def _k_rule(timeline: Timeline, units: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
@@ -319,7 +312,7 @@ class Findings:
         party_ids = judgement.parties.column("party_id")
         region_ids = judgement.regions.column("region_id")
         unit_rows, event_rows = pa.array(unit), pa.array(tl.event[row])
-        responsible = _take(party_ids, judgement.distributor[row])
+        responsible = take_rows(party_ids, judgement.distributor[row])
         declared = judgement.territories.declared
         table = pa.table({
             "code": pc.take(tl.units.column("code"), unit_rows),
@@ -330,9 +323,9 @@ class Findings:
             "severity": pa.array(frame["severity"].to_numpy(object), TEXT),
             "crossing_event_id": pc.take(tl.events.column("event_id"), event_rows),
             "crossing_ts": pc.take(tl.events.column("ts"), event_rows),
-            "crossing_party": _take(party_ids, judgement.party[row]),
-            "crossing_region": _take(region_ids, judgement.after[row]),
-            "exit_via": _take(party_ids, frame["exit_via"].to_numpy(np.int64)),
+            "crossing_party": take_rows(party_ids, judgement.party[row]),
+            "crossing_region": take_rows(region_ids, judgement.after[row]),
+            "exit_via": take_rows(party_ids, frame["exit_via"].to_numpy(np.int64)),
             "case": pc.take(tl.units.column("case"), unit_rows),
         }, schema=FINDING_SCHEMA)
         hops, counts = path_hops(judgement, unit, crossing=row)
@@ -369,11 +362,6 @@ def _python_columns(table: pa.Table) -> dict[str, list]:
             for name, column in zip(table.column_names, table.columns)}
 
 
-def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
-    """values[row] per row, null where the row is -1."""
-    return pc.take(values, pa.array(rows, pa.int64(), mask=rows < 0))
-
-
 def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
     """Custody paths (all effective events as hops, HOP_SCHEMA) of the given unit positions
     in ascending order, one after another, and the number of hops of each."""
@@ -388,11 +376,11 @@ def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray |
     events = tl.events.select(["ts", "event_id", "action", "code", "counterparty_id"]).take(pa.array(tl.event[rows]))
     party = judgement.party[rows]
     hops = pa.table({
-        "party_id": _take(party_ids, party), "kind": _take(kinds, party),
-        "region_id": _take(region_ids, judgement.location[rows]), "ts": events.column("ts"),
+        "party_id": take_rows(party_ids, party), "kind": take_rows(kinds, party),
+        "region_id": take_rows(region_ids, judgement.location[rows]), "ts": events.column("ts"),
         "event_id": events.column("event_id"), "action": events.column("action"), "crossed": crossed,
         "code": events.column("code"), "counterparty_id": events.column("counterparty_id"),
-        "to_region_id": _take(region_ids, judgement.after[rows]),
+        "to_region_id": take_rows(region_ids, judgement.after[rows]),
     }, schema=HOP_SCHEMA)
     return hops, counts
 
@@ -405,21 +393,25 @@ def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray 
     return {u: models[bounds[i]:bounds[i + 1]] for i, u in enumerate(np.unique(np.asarray(units, np.int64)).tolist())}
 
 
+def batches_with_facts(store, context: Callable[[Timeline], tuple[pa.Table, pa.Table]]  # noqa: ANN001 - any Store
+                       ) -> Iterator[tuple[Timeline, pa.Table, pa.Table, EventFacts]]:
+    """The store's timeline batches (each holds whole cases), each with its judging tables
+    `context(timeline)` (parties, regions) and the EventFacts of its events table, derived
+    once per events table."""
+    facts: EventFacts | None = None
+    for timeline in store.timeline_batches():
+        if facts is None or facts.events is not timeline.events:
+            parties, regions = context(timeline)
+            facts = EventFacts.of(timeline.events, parties, regions)
+        yield timeline, parties, regions, facts
+
+
 def judged_batches(store, then: Callable[[Judgement], R], *, k: int = 3,  # noqa: ANN001 - any Store
                    workers: int = 2) -> Iterator[R]:
     """`then` of the judgements covering every unit the store could find diverted, one per
-    timeline batch (each batch holds whole cases); judged on `workers` threads while the
-    next batch is built. Batches over one events table share one `EventFacts`."""
-
-    def batches() -> Iterator[tuple]:
-        facts: EventFacts | None = None
-        for timeline in store.timeline_batches():
-            if facts is None or facts.events is not timeline.events:
-                parties, regions = judging_context(store, timeline, all_events=True)
-                facts = EventFacts.of(timeline.events, parties, regions)
-            yield timeline, parties, regions, facts
-
-    return parallel_map(lambda batch: then(judge(*batch[:3], k=k, facts=batch[3])), batches(), workers=workers)
+    timeline batch; judged on `workers` threads while the next batch is built."""
+    batches = batches_with_facts(store, lambda timeline: judging_context(store, timeline, all_events=True))
+    return parallel_map(lambda batch: then(judge(*batch[:3], k=k, facts=batch[3])), batches, workers=workers)
 
 
 def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
@@ -428,9 +420,7 @@ def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa
     crossing time (>= since; a time without offset is UTC)."""
     if severity is not None and severity not in SEVERITIES:
         raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
-    cutoff = None if since is None else pd.Timestamp(since)
-    if cutoff is not None:
-        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    cutoff = utc(since)
 
     def kept(judgement: Judgement) -> Findings:
         frame = judgement.findings

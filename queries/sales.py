@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,8 +43,8 @@ from graph.embedded import EmbeddedStore
 from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
 from queries import diversion
-from queries.common import iso_column, parallel_map
-from queries.diversion import EventFacts, judge
+from queries.common import iso_column, parallel_map, take_rows, utc
+from queries.diversion import EventFacts, batches_with_facts, judge
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,6 @@ def iso_times(times: pd.Series) -> list[str | None]:
     return iso_column(pa.array(times.dt.as_unit("us"), from_pandas=True))
 
 
-def utc(moment: datetime | str | None) -> pd.Timestamp | None:
-    """A moment as a UTC pandas Timestamp (a time without offset is UTC)."""
-    if moment is None:
-        return None
-    ts = pd.Timestamp(moment)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:
     """The facts of every unit as known at `as_of` (events after it are ignored; default:
     the latest event). The embedded store's are read from its facts cache when present."""
@@ -142,15 +134,8 @@ def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: 
     """The facts from every unit's timeline (the embedded store), batch by batch when the
     store offers batches of whole packages (memory stays bounded; the k rule sees whole cases),
     two batches at a time; batches over one events table share one `EventFacts`."""
-    def batches() -> Iterator[tuple[Timeline, EventFacts]]:
-        facts = None
-        for timeline in store.timeline_batches() if hasattr(store, "timeline_batches") else [store.timelines()]:
-            if facts is None or facts.events is not timeline.events:
-                facts = EventFacts.of(timeline.events, parties_t, regions_t)
-            yield timeline, facts
-
-    parts = list(parallel_map(lambda batch: _facts_of(store, batch[0], parties_t, regions_t, k=k, cutoff=cutoff,
-                                                      facts=batch[1]), batches()))
+    batches = batches_with_facts(store, lambda _: (parties_t, regions_t))
+    parts = list(parallel_map(lambda batch: _facts_of(store, *batch[:3], k=k, cutoff=cutoff, facts=batch[3]), batches))
     if len(parts) == 1:
         return parts[0]
     if not parts:
@@ -318,7 +303,7 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
 
     def at(rows: np.ndarray, values: pa.ChunkedArray) -> pa.Array:
         """values of the events of timeline rows (null where row < 0)."""
-        return _take(values, np.where(rows >= 0, timeline.event[np.maximum(rows, 0)], -1))
+        return take_rows(values, np.where(rows >= 0, timeline.event[np.maximum(rows, 0)], -1))
 
     def party(rows: np.ndarray) -> pa.DictionaryArray:
         return _coded(party_ids, rows)
@@ -339,24 +324,24 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
 
     rows = np.flatnonzero(store_row)
     rows = rows[~pd.Series(unit[rows] * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
-    sell_in = _frame(code=_take(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
+    sell_in = _frame(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
                      ts=at(rows, times), diverted=diverted[rows])
 
-    rows = _first_per_unit(np.flatnonzero(j.action == SCAN), unit)
+    rows = timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
     seller = last_store[rows]
     sold = sku(unit[rows])
     products = store.stored("products", skus.dictionary)
-    price_of = _take(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
-    price = pc.fill_null(_take(price_of, sku_of[unit[rows]]), 0.0)
+    price_of = take_rows(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
+    price = pc.fill_null(take_rows(price_of, sku_of[unit[rows]]), 0.0)
     sell_out = _frame(
-        event_id=at(rows, event_ids), code=_take(codes, unit[rows]), sku=sold, unit_price=price,
+        event_id=at(rows, event_ids), code=take_rows(codes, unit[rows]), sku=sold, unit_price=price,
         consumer=party(j.party[rows]), ts=at(rows, times), region_id=_coded(region_ids, j.location[rows]),
         store=party(np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
         finding=at(np.where(diverted[rows], crossing[unit[rows]], -1), event_ids),
         severity=_coded(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
 
-    rows = _first_per_unit(np.flatnonzero(j.action == OPEN), unit)
-    opened = _frame(code=_take(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
+    rows = timeline.first_per_unit(np.flatnonzero(j.action == OPEN))
+    opened = _frame(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
                     region_id=_coded(region_ids, j.location[rows]))
 
     f = j.findings
@@ -364,23 +349,11 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     exit_via = f["exit_via"].to_numpy(np.int64)
     home = encode(parties_t.column("region_id"), region_ids)
     findings = _frame(
-        code=_take(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
+        code=take_rows(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
         exit_via=party(exit_via), from_region=_coded(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
         to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[f["unit"].to_numpy(np.int64)]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
-
-
-def _first_per_unit(rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """The first of `rows` (ascending timeline rows) of each unit."""
-    units = unit[rows]
-    return rows[np.r_[True, units[1:] != units[:-1]]] if len(rows) else rows
-
-
-def _take(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
-    """values[rows], null where a row is negative."""
-    rows = np.asarray(rows, np.int64)
-    return pc.take(values, pa.array(rows, mask=rows < 0))
 
 
 def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
