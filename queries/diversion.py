@@ -145,6 +145,7 @@ class EventFacts:
     other: np.ndarray  # who receives (ship), else the party: the assignee of an assignment
     evidence: np.ndarray  # NO_, STORE_ or DISTRIBUTOR_EVIDENCE
     holds_store: np.ndarray  # the holder after the event is a store
+    by_store: np.ndarray  # the performing party is a store
 
     @classmethod
     def of(cls, events: pa.Table, parties: pa.Table, regions: pa.Table) -> EventFacts:
@@ -188,7 +189,7 @@ class EventFacts:
             evidence=np.where((is_ship & (cp_kind == STORE)) | (held & (party_kind == STORE)), STORE_EVIDENCE,
                               np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (held & (party_kind == DISTRIBUTOR)),
                                        DISTRIBUTOR_EVIDENCE, NO_EVIDENCE)).astype(np.int8),
-            holds_store=of(kind, holder) == STORE)
+            holds_store=of(kind, holder) == STORE, by_store=party_kind == STORE)
 
 
 def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3,
@@ -229,7 +230,11 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     out_of_hands[maybe] = per_row(facts.other, maybe) != distributor[maybe]
     confirmed_evidence = outside_after & out_of_hands & ~assigns
 
+    # a store inside handled the goods: it holds them there after the event, or it acted
+    # there (a store's ship to a consumer has a consumer as the holder)
+    by_store = np.flatnonzero(judged & per_row(facts.by_store) & (location >= 0))
     store_inside = inside_after & per_row(facts.holds_store)
+    store_inside[by_store] |= territories.contains(distributor[by_store], location[by_store])
     handled = np.cumsum(store_inside)
     g = np.maximum(governing, 0)
     handled_before = judged & ((handled - (handled[g] - store_inside[g])) > 0)

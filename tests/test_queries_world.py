@@ -54,6 +54,27 @@ def test_severity_and_since_filters(world_store):
         find_diversions(world_store, severity="maybe")
 
 
+def test_a_store_inside_that_ships_a_unit_on_has_handled_it(store, tmp_path: Path):
+    """DOMAIN.md §3: a consumer scan outside after a store inside handled the unit is
+    travel. The Xihu store ships a bottle to a consumer (its receive is missing): the
+    store handled it inside, so the consumer's scan in Nanjing is travel; the same scan
+    without the store's ship is a suspected diversion."""
+    tables = channel_world()
+    tables["codes"] += [{"code": "CX", "level": "case"}, {"code": "X1", "level": "unit", "parent_code": "CX"},
+                        {"code": "X2", "level": "unit", "parent_code": "CX"}]
+    tables["scans"] += [
+        {"event_id": "x1", "code": "CX", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
+        {"event_id": "x2", "code": "X1", "action": "ship", "party_id": "S1", "counterparty_id": "C1", "ts": "2024-02-03T00:00:00Z"},
+        {"event_id": "x3", "code": "X1", "action": "scan", "party_id": "wx-x1", "ts": "2024-02-04T00:00:00Z", "region_id": "NJ"},
+        {"event_id": "x4", "code": "X2", "action": "scan", "party_id": "wx-x2", "ts": "2024-02-04T00:00:00Z", "region_id": "NJ"},
+    ]
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    by_code = {f.code: f for f in find_diversions(store)}
+    assert "X1" not in by_code
+    assert (by_code["X2"].severity, by_code["X2"].crossing_event_id) == ("suspected", "x4")
+    assert trace(store, "X1").diversion is None
+
+
 def test_views_rank_repeat_offenders(world_store):
     findings = find_diversions(world_store)
     by_responsible = diversion_view(findings, "responsible")
