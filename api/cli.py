@@ -239,7 +239,7 @@ def diversions(
 
 @app.command()
 def influencers(
-    top: Annotated[int, typer.Option(help="How many to list.")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="How many to list.")] = 10,
     percent: Annotated[float | None, typer.Option(help="List the top P% of referrers instead of --top.")] = None,
     by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
     cascade: Annotated[str | None, typer.Option(help="Export the referral cascade of this party instead.")] = None,
@@ -341,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place errors become one line
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        # a usage error (recent typer raises those of the click it bundles: TyperExceptions)
+        if isinstance(exc, (click.ClickException, getattr(typer, "TyperException", click.ClickException))):
+            message = " ".join(exc.format_message().split())
+            if message:  # none after the help that no arguments print
+                print(f"channelgraph: error: {message}", file=sys.stderr)
             return exc.exit_code
         if os.environ.get("CHANNELGRAPH_DEBUG"):
             raise

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     neo4j_retry_seconds: float = 30.0  # how long a transaction is retried while Neo4j is unavailable
     api_key: SecretStr | None = None
     api_max_body_bytes: int = 64 << 20  # larger request bodies get 413
-    k: int = 3  # consumer scans per case that confirm a suspected diversion
+    k: int = Field(default=3, ge=1)  # consumer scans per case that confirm a suspected diversion
     rebate_policy: Path | None = None  # rebate policy file (TOML) for the API's rebates view
 
     @field_validator("neo4j")
