@@ -1,0 +1,564 @@
+"""An independent reference ("oracle") for the answers of DOMAIN.md §3 and §4.
+
+Written straight from the specification (`../shared/DOMAIN.md` §2-§4; `docs/design.md`
+only where DOMAIN.md is silent: the order of events at equal times, the order referral
+rows are taken in) in plain dicts and loops. It shares no code with `loaders/` or
+`queries/`: it reads the dataset folder itself, keeps the rows the contract allows, and
+answers per unit by walking its events one by one. Slow on purpose; for small datasets.
+
+    data = read_dataset(folder)
+    diversions(data)        # {unit code: finding dict}, the `diversions --format json` fields
+    trace(data, code)       # the `trace CODE --format json` fields
+    influencers(data)       # {party_id: metrics}, the `influencers --format json` fields
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import networkx as nx
+import pyarrow.parquet as pq
+
+TABLES = ("regions", "parties", "products", "codes", "scans", "referrals")
+KINDS = ("factory", "distributor", "store", "consumer", "salesperson")
+LEVELS = ("unit", "box", "case", "pallet")  # lowest first
+ACTIONS = ("ship", "receive", "open", "scan")  # also the order of events at one time
+CHANNELS = ("share", "store", "salesperson")
+REQUIRED = {
+    "regions": ("region_id",), "parties": ("party_id", "kind"), "products": ("sku",),
+    "codes": ("code", "level"), "scans": ("code", "action", "party_id", "ts"),
+    "referrals": ("referrer_id", "referee_id", "ts"),
+}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _rows_of(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return [{k: _text(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [{k: _text(v) for k, v in json.loads(line).items()} for line in f if line.strip()]
+    if path.suffix == ".parquet":
+        return [{k: _text(v) for k, v in row.items()} for row in pq.read_table(path).to_pylist()]
+    return []
+
+
+def parse_ts(text: str | None) -> datetime | None:
+    """ISO 8601 to an aware UTC datetime (a time without offset is UTC); None if bad."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    """`2024-03-01T08:00:00Z` (microseconds only when non-zero), as the CLI prints times."""
+    plain = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return plain.isoformat(timespec="microseconds" if plain.microsecond else "seconds") + "Z"
+
+
+@dataclass
+class Dataset:
+    """The rows of one load that the contract accepts, with what was rejected."""
+
+    regions: dict[str, str | None] = field(default_factory=dict)  # region -> parent
+    parties: dict[str, dict] = field(default_factory=dict)
+    prices: dict[str, float | None] = field(default_factory=dict)  # sku -> unit_price
+    codes: dict[str, dict] = field(default_factory=dict)
+    scans: list[dict] = field(default_factory=list)  # unique events, ts parsed
+    referrals: list[dict] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)  # table -> rows
+    duplicates: Counter = field(default_factory=Counter)
+    implicit_consumers: int = 0
+
+    def __post_init__(self) -> None:
+        self._on_code: dict[str, list[dict]] | None = None
+
+    # ------------------------------------------------------------ the world
+
+    def parent(self, code: str) -> str | None:
+        return self.codes[code]["parent_code"]
+
+    def lineage(self, code: str) -> list[str]:
+        """The code and every code it is packed in, innermost first."""
+        chain = [code]
+        while self.parent(chain[-1]) is not None:
+            chain.append(self.parent(chain[-1]))
+        return chain
+
+    def inherited(self, code: str, column: str) -> str | None:
+        """A code's own value of `column`, else the nearest packed-in code's."""
+        for c in self.lineage(code):
+            if self.codes[c].get(column) is not None:
+                return self.codes[c][column]
+        return None
+
+    def case_of(self, code: str) -> str | None:
+        return next((c for c in self.lineage(code) if self.codes[c]["level"] == "case"), None)
+
+    def effective_events(self, code: str) -> list[dict]:
+        """Events on the code and on every code it is packed in, in event order."""
+        if self._on_code is None:
+            self._on_code = defaultdict(list)
+            for event in self.scans:
+                self._on_code[event["code"]].append(event)
+        events = [e for c in self.lineage(code) for e in self._on_code.get(c, [])]
+        return sorted(events, key=lambda e: (e["ts"], ACTIONS.index(e["action"]), e["event_id"]))
+
+    def kind(self, party: str | None) -> str | None:
+        return self.parties[party]["kind"] if party in self.parties else None
+
+    def home(self, party: str | None) -> str | None:
+        return self.parties[party].get("region_id") if party in self.parties else None
+
+    def territory(self, distributor: str) -> list[str]:
+        declared = self.parties[distributor].get("territory")
+        roots = [r.strip() for r in declared.split("|") if r.strip()] if declared else []
+        return roots or [self.home(distributor)]
+
+    def inside(self, distributor: str, region: str) -> bool:
+        roots = set(self.territory(distributor))
+        while region is not None:
+            if region in roots:
+                return True
+            region = self.regions.get(region)
+        return False
+
+
+def read_dataset(folder: Path) -> Dataset:
+    """Read and validate every table file of `folder` (`scans.csv`, `scans_2.jsonl`, ...)."""
+    raw: dict[str, list[dict]] = {t: [] for t in TABLES}
+    for path in sorted(Path(folder).iterdir()):
+        stem = path.name[: -len(path.suffix)]
+        table = next((t for t in TABLES if stem == t or stem.startswith(t + "_")), None)
+        if table:
+            raw[table] += _rows_of(path)
+    data = Dataset()
+    for table in TABLES:
+        rows = []
+        for row in raw[table]:
+            if any(row.get(c) is None for c in REQUIRED[table]):
+                data.rejected[table] += 1
+            else:
+                rows.append(row)
+        raw[table] = rows
+    _regions(data, raw["regions"])
+    _products(data, raw["products"])
+    _parties(data, raw["parties"])
+    _codes(data, raw["codes"])
+    implicit: dict[str, tuple] = {}
+    _referrals(data, raw["referrals"], implicit)
+    _scans(data, raw["scans"], implicit)
+    for party, (_, region) in implicit.items():
+        data.parties[party] = {"party_id": party, "kind": "consumer", "region_id": region}
+    data.implicit_consumers = len(implicit)
+    return data
+
+
+def _unique(data: Dataset, table: str, rows: list[dict], key: str) -> list[dict]:
+    """First row of each key; identical repeats are duplicates, differing ones rejected."""
+    seen: dict[str, dict] = {}
+    for row in rows:
+        if row[key] not in seen:
+            seen[row[key]] = row
+        elif seen[row[key]] == row:
+            data.duplicates[table] += 1
+        else:
+            data.rejected[table] += 1
+    return list(seen.values())
+
+
+def _regions(data: Dataset, rows: list[dict]) -> None:
+    rows = {r["region_id"]: r.get("parent_id") for r in _unique(data, "regions", rows, "region_id")}
+    while True:  # a parent must exist, and no region may be its own ancestor
+        bad = set()
+        for region in rows:
+            seen, at = {region}, rows[region]
+            while at is not None and at in rows and at not in seen:
+                seen.add(at)
+                at = rows[at]
+            if at is not None:  # unknown parent, or a cycle
+                bad.add(region)
+        if not bad:
+            break
+        for region in bad:
+            del rows[region]
+            data.rejected["regions"] += 1
+    data.regions = rows
+
+
+def _products(data: Dataset, rows: list[dict]) -> None:
+    for row in _unique(data, "products", rows, "sku"):
+        price = row.get("unit_price")
+        try:
+            value = float(price) if price is not None else None
+        except ValueError:
+            value = -1.0
+        if value is not None and not (0 <= value < float("inf")):
+            data.rejected["products"] += 1
+            continue
+        data.prices[row["sku"]] = value
+
+
+def _parties(data: Dataset, rows: list[dict]) -> None:
+    good = []
+    for row in rows:
+        region, kind = row.get("region_id"), row["kind"]
+        territory = [t.strip() for t in (row.get("territory") or "").split("|") if t.strip()]
+        if (kind not in KINDS or (kind in ("distributor", "store") and region is None)
+                or (region is not None and region not in data.regions)
+                or any(t not in data.regions for t in territory)):
+            data.rejected["parties"] += 1
+        else:
+            good.append(row)
+    parties = {r["party_id"]: r for r in _unique(data, "parties", good, "party_id")}
+    while True:
+        bad = [p for p, r in parties.items() if r.get("upstream_id") is not None and r["upstream_id"] not in parties]
+        if not bad:
+            break
+        for p in bad:
+            del parties[p]
+            data.rejected["parties"] += 1
+    data.parties = parties
+
+
+def _codes(data: Dataset, rows: list[dict]) -> None:
+    good = []
+    for row in rows:
+        if row["level"] not in LEVELS:
+            data.rejected["codes"] += 1
+        else:
+            good.append(row)
+    codes = {r["code"]: r for r in _unique(data, "codes", good, "code")}
+    for row in codes.values():
+        row.setdefault("parent_code", None)
+    while True:  # a parent must exist and be of a higher level (so no cycle either)
+        bad = [c for c, r in codes.items() if r["parent_code"] is not None and (
+            r["parent_code"] not in codes
+            or LEVELS.index(codes[r["parent_code"]]["level"]) <= LEVELS.index(r["level"]))]
+        if not bad:
+            break
+        for c in bad:
+            del codes[c]
+            data.rejected["codes"] += 1
+    data.codes = codes
+
+
+def _register(implicit: dict[str, tuple], party: str, ts: datetime, region: str | None) -> None:
+    """An unknown id that a scan or referral names becomes a consumer; its region from
+    its earliest scan that names one."""
+    seen = implicit.get(party)
+    if seen is None:
+        implicit[party] = (ts if region else None, region)
+    elif region and (seen[0] is None or ts < seen[0]):
+        implicit[party] = (ts, region)
+
+
+def _referrals(data: Dataset, rows: list[dict], implicit: dict[str, tuple]) -> None:
+    seen = set()
+    for row in rows:
+        ts = parse_ts(row["ts"])
+        channel, code = row.get("channel"), row.get("code")
+        if ts is None or (channel is not None and channel not in CHANNELS) or (code is not None and code not in data.codes):
+            data.rejected["referrals"] += 1
+            continue
+        key = (row["referrer_id"], row["referee_id"], ts, channel, code)
+        if key in seen:
+            data.duplicates["referrals"] += 1
+            continue
+        seen.add(key)
+        for party in (row["referrer_id"], row["referee_id"]):
+            if party not in data.parties:
+                _register(implicit, party, ts, None)
+        data.referrals.append({**row, "ts": ts})
+
+
+def _scans(data: Dataset, rows: list[dict], implicit: dict[str, tuple]) -> None:
+    seen = set()
+    for row in rows:
+        ts, action, party = parse_ts(row["ts"]), row["action"], row["party_id"]
+        counterparty, region = row.get("counterparty_id"), row.get("region_id")
+        if (ts is None or action not in ACTIONS or row["code"] not in data.codes
+                or (party not in data.parties and action != "scan")
+                or (counterparty is not None and counterparty not in data.parties)
+                or (region is not None and region not in data.regions)):
+            data.rejected["scans"] += 1
+            continue
+        event_id = row.get("event_id") or "content:" + json.dumps(
+            [row["code"], action, party, counterparty, row["ts"], region])
+        if event_id in seen:
+            data.duplicates["scans"] += 1
+            continue
+        seen.add(event_id)
+        if party not in data.parties:
+            _register(implicit, party, ts, region)
+        data.scans.append({"event_id": event_id, "code": row["code"], "action": action, "party_id": party,
+                           "counterparty_id": counterparty, "ts": ts, "region_id": region})
+
+
+# ---------------------------------------------------------------- diversion (§3)
+
+
+def assignee(data: Dataset, event: dict) -> str | None:
+    """The distributor an event assigns the goods to: a factory's ship to a distributor,
+    or a distributor's receive from a factory."""
+    party, other = event["party_id"], event["counterparty_id"]
+    if event["action"] == "ship" and data.kind(party) == "factory" and data.kind(other) == "distributor":
+        return other
+    if event["action"] == "receive" and data.kind(party) == "distributor" and data.kind(other) == "factory":
+        return party
+    return None
+
+
+def location(data: Dataset, event: dict) -> str | None:
+    """Where the event happened: its region, else the performing party's."""
+    return event["region_id"] or data.home(event["party_id"])
+
+
+def location_after(data: Dataset, event: dict) -> str | None:
+    """Where the goods are after the event: a ship's receiver's registered region."""
+    if event["action"] == "ship" and event["counterparty_id"] is not None:
+        return data.home(event["counterparty_id"]) or location(data, event)
+    return location(data, event)
+
+
+def holder_after(event: dict) -> str:
+    return event["counterparty_id"] if event["action"] == "ship" and event["counterparty_id"] else event["party_id"]
+
+
+def _out_of_hands(data: Dataset, event: dict, assigned: str) -> bool:
+    """A ship to, a receive by or an open by a store or a distributor other than the
+    assigned one."""
+    if event["action"] == "ship":
+        who = event["counterparty_id"]
+    elif event["action"] in ("receive", "open"):
+        who = event["party_id"]
+    else:
+        return False
+    return data.kind(who) == "store" or (data.kind(who) == "distributor" and who != assigned)
+
+
+def _store_inside(data: Dataset, event: dict, assigned: str) -> bool:
+    """A store inside the territory handled the goods: a store performed the event, or
+    received the shipment, inside the territory."""
+    if data.kind(event["party_id"]) == "store":
+        where = location(data, event)
+    elif event["action"] == "ship" and data.kind(event["counterparty_id"]) == "store":
+        where = location_after(data, event)
+    else:
+        return False
+    return where is not None and data.inside(assigned, where)
+
+
+@dataclass
+class UnitVerdict:
+    unit: str
+    events: list[dict]
+    assigned: list[str | None]  # per event: the governing assignment
+    untracked: bool
+    crossing: int | None = None  # index into events
+    severity: str | None = None
+    exit_via: str | None = None
+    scan_region: str | None = None  # of a consumer-evidence crossing
+
+
+def judge_unit(data: Dataset, unit: str) -> UnitVerdict:
+    """One unit's events walked in order: its first confirmed evidence, else its first
+    consumer evidence (suspected until the k rule looks at its case)."""
+    events = data.effective_events(unit)
+    verdict = UnitVerdict(unit, events, [], untracked=True)
+    assigned, store_seen, last_inside = None, False, None
+    confirmed = consumer = None
+    for i, event in enumerate(events):
+        newly = assignee(data, event)
+        if newly is not None:
+            assigned, store_seen, last_inside, verdict.untracked = newly, False, None, False
+        verdict.assigned.append(assigned)
+        if assigned is None:
+            continue
+        after = location_after(data, event)
+        inside = after is not None and data.inside(assigned, after)
+        if (newly is None and confirmed is None and after is not None and not inside
+                and _out_of_hands(data, event, assigned)):
+            confirmed = (i, last_inside or assigned)
+        where = location(data, event)
+        if (event["action"] == "scan" and consumer is None and not store_seen and where is not None
+                and not data.inside(assigned, where)):
+            consumer = (i, last_inside or assigned)
+        store_seen = store_seen or _store_inside(data, event, assigned)
+        if inside:
+            last_inside = holder_after(event)
+    if confirmed is not None:
+        (verdict.crossing, verdict.exit_via), verdict.severity = confirmed, "confirmed"
+    elif consumer is not None:
+        (verdict.crossing, verdict.exit_via), verdict.severity = consumer, "suspected"
+        verdict.scan_region = location(data, events[consumer[0]])
+    return verdict
+
+
+def judge_all(data: Dataset, k: int = 3) -> dict[str, UnitVerdict]:
+    """Verdicts of every unit, the k rule applied: k units of one case with suspected
+    crossings in one region (same responsible distributor) are all confirmed."""
+    verdicts = {code: judge_unit(data, code) for code, row in data.codes.items() if row["level"] == "unit"}
+    groups: dict[tuple, list[UnitVerdict]] = defaultdict(list)
+    for v in verdicts.values():
+        case = data.case_of(v.unit)
+        if v.severity == "suspected" and case is not None:
+            groups[case, v.assigned[v.crossing], v.scan_region].append(v)
+    for group in groups.values():
+        if len(group) >= k:
+            for v in group:
+                v.severity = "confirmed"
+    return verdicts
+
+
+def hop(data: Dataset, event: dict, crossed: bool) -> dict:
+    return {"party_id": event["party_id"], "kind": data.kind(event["party_id"]), "region_id": location(data, event),
+            "ts": iso(event["ts"]), "event_id": event["event_id"], "action": event["action"], "crossed": crossed}
+
+
+def finding(data: Dataset, v: UnitVerdict) -> dict:
+    crossing = v.events[v.crossing]
+    responsible = v.assigned[v.crossing]
+    return {
+        "code": v.unit, "sku": data.inherited(v.unit, "sku"), "batch": data.inherited(v.unit, "batch"),
+        "responsible": responsible, "territory": data.territory(responsible), "severity": v.severity,
+        "crossing_event_id": crossing["event_id"], "crossing_ts": iso(crossing["ts"]),
+        "crossing_party": crossing["party_id"], "crossing_region": location_after(data, crossing),
+        "exit_via": v.exit_via,
+        "path": [hop(data, e, i == v.crossing) for i, e in enumerate(v.events)],
+    }
+
+
+def diversions(data: Dataset, k: int = 3) -> dict[str, dict]:
+    """One finding per diverted unit, by code."""
+    return {code: finding(data, v) for code, v in judge_all(data, k).items() if v.severity}
+
+
+def trace(data: Dataset, code: str, k: int = 3, verdicts: dict[str, UnitVerdict] | None = None) -> dict:
+    """The trace of one code: its custody path (events on it and its ancestors), the
+    distributor its latest assignment names, its finding (a case or pallet judged as one
+    unit, without the k rule) and, for a case or pallet, what it holds. `verdicts`:
+    `judge_all(data, k)` when already at hand."""
+    verdicts = judge_all(data, k) if verdicts is None else verdicts
+    v = verdicts[code] if code in verdicts else judge_unit(data, code)
+    out = {
+        "code": code, "level": data.codes[code]["level"], "sku": data.inherited(code, "sku"),
+        "batch": data.inherited(code, "batch"), "ancestors": data.lineage(code)[1:],
+        "assigned_distributor": next((a for a in reversed(v.assigned) if a), None), "untracked": v.untracked,
+        "path": [hop(data, e, i == v.crossing) for i, e in enumerate(v.events)],
+        "diversion": finding(data, v) if v.severity else None,
+    }
+    if code not in verdicts:
+        inside = [c for c in data.codes if code in data.lineage(c)[1:]]
+        units = [verdicts[c] for c in inside if c in verdicts]
+        out["children"] = {
+            "by_level": dict(Counter(data.codes[c]["level"] for c in inside)), "units": len(units),
+            "diverted_units": sum(1 for u in units if u.severity),
+            "confirmed": sum(1 for u in units if u.severity == "confirmed"),
+            "suspected": sum(1 for u in units if u.severity == "suspected"),
+            "untracked_units": sum(1 for u in units if u.untracked)}
+    return out
+
+
+# ---------------------------------------------------------------- influence (§4)
+
+
+@dataclass
+class Attribution:
+    parent: dict[str, str]  # referee -> its first-touch referrer
+    referred_at: dict[str, datetime]
+    ignored: Counter
+
+
+def attribute(data: Dataset) -> Attribution:
+    """First-touch attribution, rows in (ts, referrer, referee) order; self-referrals,
+    repeated pairs, referees already attributed and cycle-closing rows ignored."""
+    parent: dict[str, str] = {}
+    referred_at: dict[str, datetime] = {}
+    ignored: Counter = Counter()
+    pairs = set()
+    for row in sorted(data.referrals, key=lambda r: (r["ts"], r["referrer_id"], r["referee_id"])):
+        a, b = row["referrer_id"], row["referee_id"]
+        if a == b:
+            ignored["self"] += 1
+            continue
+        if (a, b) in pairs:
+            ignored["duplicate"] += 1
+            continue
+        pairs.add((a, b))
+        if b in parent:
+            ignored["late"] += 1
+            continue
+        up = a
+        while up in parent and up != b:
+            up = parent[up]
+        if up == b:
+            ignored["cycle"] += 1
+            continue
+        parent[b], referred_at[b] = a, row["ts"]
+    return Attribution(parent, referred_at, ignored)
+
+
+def purchases(data: Dataset) -> dict[str, list[tuple[datetime, float]]]:
+    """Per party: (time, unit_price) of each of its consumer `scan` events."""
+    out: dict[str, list] = defaultdict(list)
+    for event in data.scans:
+        if event["action"] == "scan":
+            price = data.prices.get(data.inherited(event["code"], "sku"))
+            out[event["party_id"]].append((event["ts"], price or 0.0))
+    return out
+
+
+def influencers(data: Dataset) -> dict[str, dict]:
+    """Every referrer with an attributed referee: direct, converted, cascade size and
+    depth, referred revenue, PageRank influence (credit flows referee -> referrer)."""
+    attribution = attribute(data)
+    parent, referred_at = attribution.parent, attribution.referred_at
+    bought = purchases(data)
+    children: dict[str, list[str]] = defaultdict(list)
+    for child, up in parent.items():
+        children[up].append(child)
+
+    def after_referral(member: str) -> list[float]:
+        return [price for ts, price in bought.get(member, []) if ts >= referred_at[member]]
+
+    graph = nx.DiGraph()
+    graph.add_edges_from((child, up) for child, up in parent.items())
+    rank = nx.pagerank(graph, alpha=0.85) if graph.number_of_edges() else {}
+    out = {}
+    for referrer in children:
+        cascade, depth, frontier = [], 0, children[referrer]
+        while frontier:
+            depth += 1
+            cascade += frontier
+            frontier = [c for member in frontier for c in children.get(member, [])]
+        out[referrer] = {
+            "party_id": referrer, "kind": data.kind(referrer), "direct": len(children[referrer]),
+            "converted": sum(1 for c in children[referrer] if after_referral(c)),
+            "cascade_size": len(cascade), "cascade_depth": depth,
+            "referred_revenue": round(sum(sum(after_referral(m)) for m in cascade), 2),
+            "influence": rank[referrer],
+        }
+    return out
