@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -219,6 +220,25 @@ def test_edge_world_k_rule_matches_the_oracle_at_other_k(edge):
     store, _, data = edge
     assert diversion_differences(data, store, k=2) == []
     assert diversion_differences(data, store, k=4) == []
+
+
+def test_edge_world_filters_and_views_match_the_oracle(edge):
+    store, _, data = edge
+    findings = oracle.diversions(data).values()
+    since = "2024-03-05T08:00:00+08:00"  # 00:00Z
+    got = cli("diversions", "--store", str(store), "--severity", "suspected", "--since", since)
+    assert sorted(f["code"] for f in got) == sorted(
+        f["code"] for f in findings if f["severity"] == "suspected" and f["crossing_ts"] >= "2024-03-05T00:00:00Z")
+    views = {"responsible": lambda f: (f["responsible"],), "sku": lambda f: (f["sku"],),
+             "region-pair": lambda f: ("|".join(f["territory"]), f["crossing_region"])}
+    for by, key in views.items():
+        rows = cli("diversions", "--store", str(store), "--by", by)
+        names = ["from_territory", "to_region"] if by == "region-pair" else [by]
+        got = {tuple(row[n] for n in names): (row["units"], row["confirmed"]) for row in rows}
+        want = Counter(key(f) for f in findings)
+        assert got == {k: (n, sum(1 for f in findings if key(f) == k and f["severity"] == "confirmed"))
+                       for k, n in want.items()}, by
+        assert [row["units"] for row in rows] == sorted((row["units"] for row in rows), reverse=True)
 
 
 def test_edge_world_traces_match_the_oracle(edge):
