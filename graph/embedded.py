@@ -233,16 +233,14 @@ class EmbeddedStore:
             self._cache[key] = compute()
         return self._cache[key]
 
-    def ancestors(self, code: str) -> pa.Table:
-        """The codes `code` is packed in, its parent first: code, level, parent_code."""
+    def lineage(self, code: str) -> pa.Table:
+        """`code` and every code it is packed in, parent before grandparent: code, level,
+        parent_code (no rows for an unknown code)."""
         parent = self._numpy("codes", "parent_idx")
-        rows, row = [], self.code_rows([code])[0]
-        for _ in range(len(LEVELS)):
-            row = parent[row] if row >= 0 else -1
-            if row < 0:
-                break
-            rows.append(row)
-        return self.table("codes").take(pa.array(rows, pa.int64())).select(["code", "level", "parent_code"])
+        rows = [row for row in self.code_rows([code]) if row >= 0]
+        while rows and parent[rows[-1]] >= 0 and len(rows) <= len(LEVELS):
+            rows.append(parent[rows[-1]])
+        return self.table("codes").select(["code", "level", "parent_code"]).take(pa.array(rows, pa.int64()))
 
     def descendants(self, code: str) -> pa.Table:
         """Every code packed (directly or not) inside `code`: code, level, parent_code."""
@@ -257,7 +255,7 @@ class EmbeddedStore:
                 break
             found.append(frontier)
         rows = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
-        return codes.take(pa.array(rows)).select(["code", "level", "parent_code"])
+        return codes.select(["code", "level", "parent_code"]).take(pa.array(rows))
 
     def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
         """Unit codes of a batch and/or SKU (inherited from packed-in codes); all if neither."""

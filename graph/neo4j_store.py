@@ -406,8 +406,8 @@ RETURN u.code AS code, e.party_id AS party, {_US.format('e.ts')} AS ts,
        coalesce(e.region_id, [(e)-[:BY]->(p) | p.region_id][0]) AS region_id
 """
 LATEST_UNIT_EVENT = f"{_UNIT_EVENTS} RETURN {_US.format('max(e.ts)')} AS ts"
-ANCESTORS = f"""
-MATCH path = (:Code {{code: $code}})-[:PACKED_IN*1..{MAX_HOPS}]->(a:Code)
+LINEAGE = f"""
+MATCH path = (:Code {{code: $code}})-[:PACKED_IN*0..{MAX_HOPS}]->(a:Code)
 RETURN a.code AS code, a.level AS level, a.parent_code AS parent_code
 ORDER BY length(path)
 """
@@ -700,9 +700,10 @@ class Neo4jStore:
         return Timeline.from_frames(pd.DataFrame(rows, columns=list(UNIT_COLUMNS), dtype=object), events_df,
                                     pd.DataFrame(pairs, columns=["code", "event_id"], dtype=object))
 
-    def ancestors(self, code: str) -> pa.Table:
-        """The codes `code` is packed in, its parent first: code, level, parent_code."""
-        return _code_links(self._read(ANCESTORS, code=code))
+    def lineage(self, code: str) -> pa.Table:
+        """`code` and every code it is packed in, parent before grandparent: code, level,
+        parent_code (no rows for an unknown code)."""
+        return _code_links(self._read(LINEAGE, code=code))
 
     def descendants(self, code: str) -> pa.Table:
         """Every code packed (directly or not) inside `code`: code, level, parent_code."""

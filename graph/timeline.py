@@ -65,13 +65,13 @@ class Timeline:
         """Row index where each row's unit group starts."""
         if not len(self.unit):
             return np.zeros(0, np.int64)
-        first = np.r_[True, self.unit[1:] != self.unit[:-1]]
+        first = np.concatenate(([True], self.unit[1:] != self.unit[:-1]))
         return np.maximum.accumulate(np.where(first, np.arange(len(self.unit)), 0))
 
     def first_per_unit(self, rows: np.ndarray) -> np.ndarray:
         """The first of `rows` (ascending timeline rows) of each unit."""
         units = self.unit[rows]
-        return rows[np.r_[True, units[1:] != units[:-1]]] if len(rows) else rows
+        return rows[np.concatenate(([True], units[1:] != units[:-1]))] if len(rows) else rows
 
     def event_column(self, name: str) -> np.ndarray:
         """Column `name` of the events table, one value per timeline row."""

@@ -40,9 +40,14 @@ def iso(value: object) -> str | None:
 
 def iso_column(values: pa.Array | pa.ChunkedArray) -> list[str | None]:
     """`iso` of every UTC timestamp in `values`, vectorised."""
-    text = pc.strftime(values, format="%Y-%m-%dT%H:%M:%S")  # %S carries the fraction: 05.000000
-    text = pc.replace_substring_regex(text, pattern=r"\.0+$", replacement="")
-    return pc.binary_join_element_wise(text, "Z", "").to_pylist()
+    text = pc.strftime(values, format="%Y-%m-%dT%H:%M:%SZ")  # %S carries the fraction: 05.000000Z
+    return pc.replace_substring_regex(text, pattern=r"\.0+Z$", replacement="Z").to_pylist()
+
+
+def python_columns(table: pa.Table) -> dict[str, list]:
+    """A table's columns as Python lists, timestamps as ISO 8601 text (`iso`)."""
+    return {name: iso_column(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
+            for name, column in zip(table.column_names, table.columns)}
 
 
 def take_rows(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from graph.model import ACTIONS, KINDS
 from loaders.validate import TS_TYPE
 from graph.timeline import Lookup, Timeline, encode, ranges
-from queries.common import R, iso_column, parallel_map, take_rows, trusted_models, utc
+from queries.common import R, parallel_map, python_columns, take_rows, trusted_models, utc
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
@@ -231,7 +231,7 @@ class EventFacts:
         shipped_to = is_ship & (counterparty >= 0)
         cp_home = of(home, counterparty)
         holder = np.where(shipped_to, counterparty, party)
-        held = np.isin(action, (RECEIVE, OPEN))
+        held = (action == RECEIVE) | (action == OPEN)
         return cls(
             events, action=action, party=party, holder=holder, location=location,
             after=np.where(shipped_to & (cp_home >= 0), cp_home, location),
@@ -299,9 +299,9 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
     alone = ~is_confirmed[consumer_unit]
     consumer_unit, consumer_row = consumer_unit[alone], consumer_row[alone]
     by_k = _k_rule(timeline, consumer_unit, distributor[consumer_row], location[consumer_row], k)
-    unit = np.r_[confirmed_unit, consumer_unit]
-    crossing = np.r_[confirmed_row, consumer_row]
-    severity = np.where(np.r_[np.ones(len(confirmed_unit), bool), by_k], "confirmed", "suspected").astype(object)
+    unit = np.concatenate((confirmed_unit, consumer_unit))  # not np.r_: 15 µs a call, per trace too
+    crossing = np.concatenate((confirmed_row, consumer_row))
+    severity = np.where(np.concatenate((np.ones(len(confirmed_unit), bool), by_k)), "confirmed", "suspected").astype(object)
     order = np.argsort(unit, kind="stable")
     unit, crossing, severity = unit[order], crossing[order], severity[order]
     before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
@@ -379,7 +379,7 @@ class Findings:
             "case": pc.take(tl.units.column("case"), unit_rows),
         }, schema=FINDING_SCHEMA)
         hops, counts = path_hops(judgement, unit, crossing=row)
-        return cls(table, hops, np.r_[0, np.cumsum(counts)])
+        return cls(table, hops, _bounds(counts))
 
     @classmethod
     def concat(cls, parts: list[Findings]) -> Findings:
@@ -388,7 +388,7 @@ class Findings:
             return cls(FINDING_SCHEMA.empty_table(), HOP_SCHEMA.empty_table(), np.zeros(1, np.int64))
         counts = np.concatenate([np.diff(part.starts) for part in parts])
         whole = cls(pa.concat_tables([part.table for part in parts]), pa.concat_tables([part.hops for part in parts]),
-                    np.r_[0, np.cumsum(counts)])
+                    _bounds(counts))
         return whole.take(pc.sort_indices(whole.table, [("code", "ascending")]).to_numpy())
 
     def take(self, rows: np.ndarray) -> Findings:
@@ -396,20 +396,19 @@ class Findings:
         counts = np.diff(self.starts)[rows]
         hop_rows = ranges(self.starts[:-1][rows], counts)
         return Findings(self.table.take(pa.array(rows, pa.int64())), self.hops.take(pa.array(hop_rows)),
-                        np.r_[0, np.cumsum(counts)])
+                        _bounds(counts))
 
     def models(self) -> list[DiversionFinding]:
-        hops = trusted_models(Hop, _python_columns(self.hops))
-        columns = _python_columns(self.table)
+        hops = trusted_models(Hop, python_columns(self.hops))
+        columns = python_columns(self.table)
         bounds = self.starts.tolist()
         columns["path"] = [hops[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return trusted_models(DiversionFinding, columns)
 
 
-def _python_columns(table: pa.Table) -> dict[str, list]:
-    """A table's columns as Python lists, timestamps as ISO 8601 text (`queries.common.iso`)."""
-    return {name: iso_column(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
-            for name, column in zip(table.column_names, table.columns)}
+def _bounds(counts: np.ndarray) -> np.ndarray:
+    """Where each of consecutive groups of `counts` rows starts, and the end."""
+    return np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
 
 
 def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
@@ -438,8 +437,8 @@ def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray |
 def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> dict[int, list[Hop]]:
     """Custody paths as Hop objects, by unit position."""
     hops, counts = path_hops(judgement, units, crossing=crossing)
-    models = trusted_models(Hop, _python_columns(hops))
-    bounds = np.r_[0, np.cumsum(counts)].tolist()
+    models = trusted_models(Hop, python_columns(hops))
+    bounds = _bounds(counts).tolist()
     return {u: models[bounds[i]:bounds[i + 1]] for i, u in enumerate(np.unique(np.asarray(units, np.int64)).tolist())}
 
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from graph.errors import NotFound
 from graph.model import LEVELS
 from graph.timeline import EVENT_COLUMNS
-from queries.common import iso
+from queries.common import python_columns
 from queries.diversion import DiversionFinding, Findings, Hop, Judgement, judge, judging_context, unit_paths
 
 
@@ -52,15 +52,15 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
     """The custody path of `code`: events on it and on every code it is packed in, the
     assigned distributor, its diversion finding if any; for a case or pallet, a summary
     of what it holds. Raises NotFound for an unknown code."""
-    level = store.stored("codes", pa.array([code], pa.string())).column("level").to_pylist()
-    if not level:
+    lineage = store.lineage(code)
+    if not lineage.num_rows:
         raise NotFound(f"unknown code {code!r}")
-    ancestors = store.ancestors(code)
-    descendants = store.descendants(code) if level[0] != LEVELS[0] else None
+    level, ancestors = lineage.column("level")[0].as_py(), lineage.slice(1)
+    descendants = store.descendants(code) if level != LEVELS[0] else None
     units = [code]
     if descendants is not None:
-        units += [d for d, level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
-                  if level == LEVELS[0]]
+        units += [d for d, of_level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
+                  if of_level == LEVELS[0]]
     judgement, me = _judged(store, units, code, k)
     mine = judgement.verdicts.unit == me
     if descendants is None and (judgement.verdicts.severity[mine] == "suspected").any():
@@ -71,15 +71,13 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
     finding = Findings.of(judgement, units=np.array([me])).models()[0] if mine.any() else None
     path = finding.path if finding else unit_paths(judgement, np.array([me]))[me]
     assigned = int(judgement.unit_assignment()[me])
-    events = timeline.events.select(list(EVENT_COLUMNS)).take(pa.array(timeline.event[timeline.unit == me])).to_pylist()
-    for event in events:
-        event["ts"] = iso(event["ts"])
+    columns = python_columns(timeline.events.select(list(EVENT_COLUMNS)).take(pa.array(timeline.event[timeline.unit == me])))
+    events = [dict(zip(columns, row)) for row in zip(*columns.values())]
     result = TraceResult(
-        code=code, level=level[0], sku=timeline.units.column("sku")[me].as_py(),
+        code=code, level=level, sku=timeline.units.column("sku")[me].as_py(),
         batch=timeline.units.column("batch")[me].as_py(), ancestors=ancestors.column("code").to_pylist(),
         assigned_distributor=context.party_ids[assigned].as_py() if assigned >= 0 else None,
-        untracked=bool(np.isin(me, judgement.untracked)), path=path, events=events,
-        diversion=finding)
+        untracked=bool((judgement.untracked == me).any()), path=path, events=events, diversion=finding)
     if descendants is not None:
         unit_rows = np.arange(1, timeline.units.num_rows)
         verdicts = judgement.verdicts[~mine]
