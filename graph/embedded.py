@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
-from graph.timeline import Timeline, encode, ranges
+from graph.timeline import Lookup, Timeline, encode, ranges
 from loaders.keys import StringKeys, positions
 from loaders.validate import TS_TYPE, Validated
 
@@ -49,6 +49,7 @@ MASTER_TABLES = ("regions", "products", "parties", "codes", "epcis_events", "ret
 DERIVED_COLUMNS = ("parent_idx", "unit_count", "code_idx", "event_order", "retracted")
 _TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": TS_TYPE}
 _FEW = 256  # up to this many keys are looked up one by one instead of by a hash join
+_LEVEL_RANKS = Lookup(pa.array(LEVELS))
 
 
 def empty_table(name: str) -> pa.Table:
@@ -112,7 +113,7 @@ class EmbeddedStore:
         if table == "codes":
             rows = self.code_rows(keys.to_pylist())
         else:
-            index = self._cached(f"_index:{table}", lambda: {k: i for i, k in enumerate(data.column(key).to_pylist())})
+            index = self.cached(f"_index:{table}", lambda: {k: i for i, k in enumerate(data.column(key).to_pylist())})
             rows = np.array([index.get(k, -1) for k in keys.to_pylist()], np.int64)
         return data.take(pa.array(np.unique(rows[rows >= 0])))
 
@@ -155,7 +156,7 @@ class EmbeddedStore:
         """Timelines of the units at these code rows (ascending)."""
         codes, scans = self.table("codes"), self.table("scans")
         parent = self._numpy("codes", "parent_idx")
-        starts = self._cached("_scan_starts", lambda: np.searchsorted(  # scans of code row r: starts[r]:starts[r+1]
+        starts = self.cached("_scan_starts", lambda: np.searchsorted(  # scans of code row r: starts[r]:starts[r+1]
             self._numpy("scans", "code_idx"), np.arange(codes.num_rows + 1)))
         unit_parts, event_parts = [], []
         positions, ancestor = np.arange(len(unit_rows)), unit_rows.copy()
@@ -179,7 +180,7 @@ class EmbeddedStore:
         unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int64)
         event = np.concatenate(event_parts) if event_parts else np.zeros(0, np.int64)
         retracted = self._numpy("scans", "retracted")
-        if self._cached("_any_retracted", lambda: bool(retracted.any())):
+        if self.cached("_any_retracted", lambda: bool(retracted.any())):
             live = ~retracted[event]
             unit, event = unit[live], event[live]
         order = self._numpy("scans", "event_order")
@@ -197,7 +198,7 @@ class EmbeddedStore:
         by binary search (the table is sorted by code), many by one hash join."""
         column = self.table("codes").column("code")
         if len(codes) <= _FEW:
-            index = self._cached("_code_search", lambda: _SortedStrings(column))
+            index = self.cached("_code_search", lambda: _SortedStrings(column))
             return np.array([index.find(code) for code in codes], np.int64)
         wanted = pa.array(list(codes), pa.string())
         hit = pc.fill_null(pc.index_in(column, value_set=wanted), -1).to_numpy(zero_copy_only=False)
@@ -210,30 +211,41 @@ class EmbeddedStore:
         """Packaging rank (index in LEVELS) of the given code rows, or of every code."""
         level = self.table("codes").column("level")
         if rows is None:
-            return self._cached("_levels", lambda: encode(level, pa.array(LEVELS)))
+            return self.cached("_levels", lambda: encode(level, pa.array(LEVELS)))
         if "_levels" in self._cache:
             return self._cache["_levels"][rows]
-        return encode(pc.take(level, pa.array(rows)), pa.array(LEVELS))
+        return _LEVEL_RANKS(pc.take(level, pa.array(rows)))
 
     def _numpy(self, table: str, column: str) -> np.ndarray:
         """A derived numeric column of the live version as one numpy array (cached)."""
-        return self._cached(f"_np:{table}.{column}",
-                            lambda: self.table(table).column(column).to_numpy())
+        return self.cached(f"_np:{table}.{column}",
+                           lambda: self.table(table).column(column).to_numpy())
 
     def _numpy_valid(self, table: str, column: str) -> np.ndarray:
         """Which rows of a live column are not null, as one numpy array (cached)."""
-        return self._cached(f"_valid:{table}.{column}",
-                            lambda: self.table(table).column(column).is_valid().to_numpy(zero_copy_only=False))
+        return self.cached(f"_valid:{table}.{column}",
+                           lambda: self.table(table).column(column).is_valid().to_numpy(zero_copy_only=False))
 
-    def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, kept under `key` while this object reads the same version (a load
+        forgets it): for values derived from the live tables, here and in the analyses."""
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def lineage(self, code: str) -> pa.Table:
+        """`code` and every code it is packed in, parent before grandparent: code, level,
+        parent_code (no rows for an unknown code)."""
+        parent = self._numpy("codes", "parent_idx")
+        rows = [row for row in self.code_rows([code]) if row >= 0]
+        while rows and parent[rows[-1]] >= 0 and len(rows) <= len(LEVELS):
+            rows.append(parent[rows[-1]])
+        return self.table("codes").select(["code", "level", "parent_code"]).take(pa.array(rows, pa.int64()))
+
     def descendants(self, code: str) -> pa.Table:
         """Every code packed (directly or not) inside `code`: code, level, parent_code."""
         codes = self.table("codes")
-        starts, order = self._cached("_children", lambda: _children_index(self._numpy("codes", "parent_idx")))
+        starts, order = self.cached("_children", lambda: _children_index(self._numpy("codes", "parent_idx")))
         frontier = self.code_rows([code])
         frontier = frontier[frontier >= 0]
         found = []
@@ -243,7 +255,7 @@ class EmbeddedStore:
                 break
             found.append(frontier)
         rows = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
-        return codes.take(pa.array(rows)).select(["code", "level", "parent_code"])
+        return codes.select(["code", "level", "parent_code"]).take(pa.array(rows))
 
     def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
         """Unit codes of a batch and/or SKU (inherited from packed-in codes); all if neither."""

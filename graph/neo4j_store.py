@@ -406,6 +406,11 @@ RETURN u.code AS code, e.party_id AS party, {_US.format('e.ts')} AS ts,
        coalesce(e.region_id, [(e)-[:BY]->(p) | p.region_id][0]) AS region_id
 """
 LATEST_UNIT_EVENT = f"{_UNIT_EVENTS} RETURN {_US.format('max(e.ts)')} AS ts"
+LINEAGE = f"""
+MATCH path = (:Code {{code: $code}})-[:PACKED_IN*0..{MAX_HOPS}]->(a:Code)
+RETURN a.code AS code, a.level AS level, a.parent_code AS parent_code
+ORDER BY length(path)
+"""
 DESCENDANTS = f"""
 MATCH (:Code {{code: $code}})<-[:PACKED_IN*1..{MAX_HOPS}]-(d:Code)
 RETURN DISTINCT d.code AS code, d.level AS level, d.parent_code AS parent_code
@@ -695,11 +700,14 @@ class Neo4jStore:
         return Timeline.from_frames(pd.DataFrame(rows, columns=list(UNIT_COLUMNS), dtype=object), events_df,
                                     pd.DataFrame(pairs, columns=["code", "event_id"], dtype=object))
 
+    def lineage(self, code: str) -> pa.Table:
+        """`code` and every code it is packed in, parent before grandparent: code, level,
+        parent_code (no rows for an unknown code)."""
+        return _code_links(self._read(LINEAGE, code=code))
+
     def descendants(self, code: str) -> pa.Table:
         """Every code packed (directly or not) inside `code`: code, level, parent_code."""
-        rows = self._read(DESCENDANTS, code=code)
-        columns = list(zip(*rows)) if rows else [(), (), ()]
-        table = pa.table({name: pa.array(values, pa.string()) for name, values in zip(("code", "level", "parent_code"), columns)})
+        table = _code_links(self._read(DESCENDANTS, code=code))
         return table.take(pc.sort_indices(table, [("code", "ascending")]))
 
     def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
@@ -879,6 +887,12 @@ def _payload(name: str, table: pa.Table, canonical: list[str], extras: list[str]
         for row in rows:
             row["extra"] = removals
     return rows
+
+
+def _code_links(rows: list[list[Any]]) -> pa.Table:
+    """Records of (code, level, parent_code) as a table."""
+    columns = list(zip(*rows)) if rows else [(), (), ()]
+    return pa.table({name: pa.array(values, pa.string()) for name, values in zip(("code", "level", "parent_code"), columns)})
 
 
 def _by_kind(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

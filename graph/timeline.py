@@ -19,6 +19,7 @@ from graph.model import ACTIONS
 
 UNIT_COLUMNS = ("code", "case", "sku", "batch")
 EVENT_COLUMNS = ("event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id")
+_FEW = 128  # up to this many values (plus one per 8 ids) are looked up by a dict
 
 
 @dataclass
@@ -64,13 +65,13 @@ class Timeline:
         """Row index where each row's unit group starts."""
         if not len(self.unit):
             return np.zeros(0, np.int64)
-        first = np.r_[True, self.unit[1:] != self.unit[:-1]]
+        first = np.concatenate(([True], self.unit[1:] != self.unit[:-1]))
         return np.maximum.accumulate(np.where(first, np.arange(len(self.unit)), 0))
 
     def first_per_unit(self, rows: np.ndarray) -> np.ndarray:
         """The first of `rows` (ascending timeline rows) of each unit."""
         units = self.unit[rows]
-        return rows[np.r_[True, units[1:] != units[:-1]]] if len(rows) else rows
+        return rows[np.concatenate(([True], units[1:] != units[:-1]))] if len(rows) else rows
 
     def event_column(self, name: str) -> np.ndarray:
         """Column `name` of the events table, one value per timeline row."""
@@ -87,3 +88,22 @@ def ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The concatenation of arange(first[i], first[i] + counts[i]) over i, vectorised."""
     counts = np.asarray(counts, np.int64)
     return np.repeat(np.asarray(first, np.int64) - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+
+
+class Lookup:
+    """Rows of values among distinct ids, -1 where absent or null (as `encode`):
+    a few values by a dict built on first use, many by one hash join of the ids. For ids
+    looked up again and again, such as every party of a store."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray):
+        self.ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        self._rows: dict | None = None
+
+    def __call__(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if len(values) > _FEW + len(self.ids) // 8:  # a dict costs more per value than the hash join
+            return encode(values, self.ids)
+        if self._rows is None:
+            ids = self.ids.to_pylist()
+            self._rows = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1)))  # the first row of an id
+        rows = self._rows
+        return np.array([rows.get(value, -1) for value in values.to_pylist()], np.int32)

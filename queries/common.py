@@ -14,8 +14,6 @@ import pyarrow.compute as pc
 
 from pydantic import BaseModel
 
-from graph.timeline import Timeline
-
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,15 +31,23 @@ def iso(value: object) -> str | None:
     """A UTC instant as ISO 8601 with `Z` (microseconds only when non-zero)."""
     if value is None or (not isinstance(value, datetime) and pd.isna(value)):
         return None
-    moment = utc(value).to_pydatetime().astimezone(timezone.utc).replace(tzinfo=None)
+    if type(value) is datetime:  # a plain datetime (as Arrow gives them) needs no pandas
+        moment = value.astimezone(timezone.utc).replace(tzinfo=None) if value.utcoffset() is not None else value
+    else:
+        moment = utc(value).to_pydatetime().astimezone(timezone.utc).replace(tzinfo=None)
     return moment.isoformat(timespec="microseconds" if moment.microsecond else "seconds") + "Z"
 
 
 def iso_column(values: pa.Array | pa.ChunkedArray) -> list[str | None]:
     """`iso` of every UTC timestamp in `values`, vectorised."""
-    text = pc.strftime(values, format="%Y-%m-%dT%H:%M:%S")  # %S carries the fraction: 05.000000
-    text = pc.replace_substring_regex(text, pattern=r"\.0+$", replacement="")
-    return pc.binary_join_element_wise(text, "Z", "").to_pylist()
+    text = pc.strftime(values, format="%Y-%m-%dT%H:%M:%SZ")  # %S carries the fraction: 05.000000Z
+    return pc.replace_substring_regex(text, pattern=r"\.0+Z$", replacement="Z").to_pylist()
+
+
+def python_columns(table: pa.Table) -> dict[str, list]:
+    """A table's columns as Python lists, timestamps as ISO 8601 text (`iso`)."""
+    return {name: iso_column(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
+            for name, column in zip(table.column_names, table.columns)}
 
 
 def take_rows(values: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
@@ -68,24 +74,6 @@ def trusted_models(model: type[M], columns: dict[str, list]) -> list[M]:
         object.__setattr__(instance, "__pydantic_private__", None)
         out.append(instance)
     return out
-
-
-def judging_context(store, timeline: Timeline, *, all_events: bool = False) -> tuple[pa.Table, pa.Table]:  # noqa: ANN001
-    """The parties named by the timeline's events (or by every row of `timeline.events`),
-    and the whole region tree."""
-    events = timeline.events
-    if all_events:
-        rows = None
-    elif len(timeline.event) < events.num_rows // 64:  # a few units: sort their events
-        rows = pa.array(np.unique(timeline.event))
-    else:  # most of the store: a mask is linear where np.unique is not
-        seen = np.zeros(events.num_rows, bool)
-        seen[timeline.event] = True
-        rows = pa.array(np.flatnonzero(seen))
-    named = [events.column(name) if rows is None else pc.take(events.column(name), rows)
-             for name in ("party_id", "counterparty_id")]
-    ids = pc.unique(pa.concat_arrays([pc.drop_null(column).combine_chunks() for column in named]))
-    return store.stored("parties", ids), store.regions()
 
 
 def parallel_map(work: Callable[[T], R], items: Iterable[T], *, workers: int = 2) -> Iterator[R]:

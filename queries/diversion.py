@@ -17,12 +17,13 @@ from pydantic import BaseModel
 
 from graph.model import ACTIONS, KINDS
 from loaders.validate import TS_TYPE
-from graph.timeline import Timeline, encode, ranges
-from queries.common import R, iso_column, judging_context, parallel_map, take_rows, trusted_models, utc
+from graph.timeline import Lookup, Timeline, encode, ranges
+from queries.common import R, parallel_map, python_columns, take_rows, trusted_models, utc
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
 SEVERITIES = ("confirmed", "suspected")
+ACTION_ROWS = Lookup(pa.array(ACTIONS))
 VIEWS = ("responsible", "region-pair", "case", "batch", "sku", "month")
 
 
@@ -97,14 +98,71 @@ def _territory_list(territory: str | None, home: str | None) -> list[str]:
     return roots or ([home] if home else [])
 
 
+class Context:
+    """What the judge knows besides timelines: the parties and the region tree (judgements
+    name them by row of these tables), and what follows from them alone: party kinds and
+    home regions, territories, id lookups. One context serves any number of judgements;
+    `judging_context` keeps one per embedded store version."""
+
+    def __init__(self, parties: pa.Table, regions: pa.Table):
+        self.parties, self.regions = parties, regions
+        self.party_ids = parties.column("party_id").combine_chunks()
+        self.region_ids = regions.column("region_id").combine_chunks()
+        self.party_rows, self.region_rows = Lookup(self.party_ids), Lookup(self.region_ids)
+        self.kind = encode(parties.column("kind"), pa.array(KINDS))
+        self.home = self.region_rows(parties.column("region_id"))
+        self.territories = Territories(parties, regions)
+
+
+def judging_context(store, timeline: Timeline | None = None, *, all_events: bool = False) -> Context:  # noqa: ANN001
+    """The context to judge `timeline` in. A store that keeps values per version (`cached`,
+    the embedded store) builds one of every party once; others read the parties the
+    timeline's events name (or every row of `timeline.events`; every party without a
+    timeline) and the region tree, each time."""
+    cached = getattr(store, "cached", None)
+    if cached is not None:
+        return cached("queries.diversion.Context", lambda: Context(store.parties(), store.regions()))
+    if timeline is None:
+        return Context(store.parties(), store.regions())
+    events = timeline.events
+    if all_events:
+        rows = None
+    elif len(timeline.event) < events.num_rows // 64:  # a few units: sort their events
+        rows = pa.array(np.unique(timeline.event))
+    else:  # most of the store: a mask is linear where np.unique is not
+        seen = np.zeros(events.num_rows, bool)
+        seen[timeline.event] = True
+        rows = pa.array(np.flatnonzero(seen))
+    named = [events.column(name) if rows is None else pc.take(events.column(name), rows)
+             for name in ("party_id", "counterparty_id")]
+    ids = pc.unique(pa.concat_arrays([pc.drop_null(column).combine_chunks() for column in named]))
+    return Context(store.stored("parties", ids), store.regions())
+
+
+@dataclass
+class Verdicts:
+    """The diverted units of a judgement, ascending: the crossing (timeline row), severity
+    ("confirmed" or "suspected") and exit_via (party row)."""
+
+    unit: np.ndarray
+    row: np.ndarray
+    severity: np.ndarray
+    exit_via: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.unit)
+
+    def __getitem__(self, keep: np.ndarray) -> Verdicts:
+        """The verdicts at `keep` (a mask or positions)."""
+        return Verdicts(self.unit[keep], self.row[keep], self.severity[keep], self.exit_via[keep])
+
+
 @dataclass
 class Judgement:
     """Per-row facts of a timeline and the verdicts derived from them."""
 
     timeline: Timeline
-    parties: pa.Table
-    regions: pa.Table
-    territories: Territories
+    context: Context
     action: np.ndarray
     party: np.ndarray
     holder: np.ndarray
@@ -112,7 +170,7 @@ class Judgement:
     after: np.ndarray  # where the goods are after the event
     governing: np.ndarray  # row of the governing assignment, -1 before any
     distributor: np.ndarray  # party row of the assigned distributor, -1 if none
-    findings: pd.DataFrame  # unit, row (crossing), severity, exit_via (party row); by unit
+    verdicts: Verdicts
     untracked: np.ndarray  # unit positions without any assignment
 
     def unit_assignment(self) -> np.ndarray:
@@ -132,7 +190,7 @@ NO_EVIDENCE, STORE_EVIDENCE, DISTRIBUTOR_EVIDENCE = 0, 1, 2
 @dataclass
 class EventFacts:
     """What single events say, whichever unit they apply to: one value per row of `events`
-    (or per timeline row, see `of_timeline`); parties and regions are rows of the judging
+    (or per timeline row, see `of_timeline`); parties and regions are rows of the context's
     tables, -1 where absent or unknown."""
 
     events: pa.Table
@@ -148,27 +206,22 @@ class EventFacts:
     by_store: np.ndarray  # the performing party is a store
 
     @classmethod
-    def of(cls, events: pa.Table, parties: pa.Table, regions: pa.Table) -> EventFacts:
+    def of(cls, events: pa.Table, context: Context) -> EventFacts:
         """Facts of every row of `events`."""
-        party_ids = parties.column("party_id").combine_chunks()
-        return cls.derive(events, parties, regions, encode(events.column("action"), pa.array(ACTIONS)),
-                          encode(events.column("party_id"), party_ids), encode(events.column("counterparty_id"), party_ids),
-                          encode(events.column("region_id"), regions.column("region_id").combine_chunks()))
+        return cls.of_rows(events, events, context)
 
     @classmethod
-    def of_timeline(cls, timeline: Timeline, parties: pa.Table, regions: pa.Table) -> EventFacts:
+    def of_timeline(cls, timeline: Timeline, context: Context) -> EventFacts:
         """Facts per timeline row (cheaper than `of` when the timeline covers few events)."""
-        party_ids = parties.column("party_id").combine_chunks()
         rows = timeline.events.select(["action", "party_id", "counterparty_id", "region_id"]).take(pa.array(timeline.event))
-        return cls.derive(timeline.events, parties, regions, encode(rows.column("action"), pa.array(ACTIONS)),
-                          encode(rows.column("party_id"), party_ids), encode(rows.column("counterparty_id"), party_ids),
-                          encode(rows.column("region_id"), regions.column("region_id").combine_chunks()))
+        return cls.of_rows(timeline.events, rows, context)
 
     @classmethod
-    def derive(cls, events: pa.Table, parties: pa.Table, regions: pa.Table, action: np.ndarray, party: np.ndarray,
-               counterparty: np.ndarray, own_region: np.ndarray) -> EventFacts:
-        kind = encode(parties.column("kind"), pa.array(KINDS))
-        home = encode(parties.column("region_id"), regions.column("region_id").combine_chunks())
+    def of_rows(cls, events: pa.Table, rows: pa.Table, context: Context) -> EventFacts:
+        """Facts of `rows` (action, party_id, counterparty_id and region_id of events)."""
+        action, party = ACTION_ROWS(rows.column("action")), context.party_rows(rows.column("party_id"))
+        counterparty, own_region = context.party_rows(rows.column("counterparty_id")), context.region_rows(rows.column("region_id"))
+        kind, home = context.kind, context.home
 
         def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
             return np.where(who >= 0, values[np.maximum(who, 0)], -1)
@@ -179,7 +232,7 @@ class EventFacts:
         shipped_to = is_ship & (counterparty >= 0)
         cp_home = of(home, counterparty)
         holder = np.where(shipped_to, counterparty, party)
-        held = np.isin(action, (RECEIVE, OPEN))
+        held = (action == RECEIVE) | (action == OPEN)
         return cls(
             events, action=action, party=party, holder=holder, location=location,
             after=np.where(shipped_to & (cp_home >= 0), cp_home, location),
@@ -192,18 +245,17 @@ class EventFacts:
             holds_store=of(kind, holder) == STORE, by_store=party_kind == STORE)
 
 
-def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 3,
-          facts: EventFacts | None = None) -> Judgement:
+def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts | None = None) -> Judgement:
     """Apply the diversion rules to every unit of `timeline`.
 
-    `parties` must hold every party the events name; `regions` the whole region tree;
-    `facts`, when given, are `EventFacts.of(timeline.events, parties, regions)` (shared by
-    the batches of one events table). Units sharing a case must be judged together for
-    the k rule to see them all.
+    `context` must hold every party the events name and the whole region tree; `facts`,
+    when given, are `EventFacts.of(timeline.events, context)` (shared by the batches of
+    one events table). Units sharing a case must be judged together for the k rule to see
+    them all.
     """
     n = len(timeline)
     if facts is None:
-        facts, event = EventFacts.of_timeline(timeline, parties, regions), np.arange(n)
+        facts, event = EventFacts.of_timeline(timeline, context), np.arange(n)
     else:
         event = timeline.event
 
@@ -221,7 +273,7 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     judged = governing >= 0
     distributor = np.where(judged, per_row(facts.other, np.maximum(governing, 0)), -1)
 
-    territories = Territories(parties, regions)
+    territories = context.territories
     inside_after = judged & (after >= 0) & territories.contains(distributor, after)
     outside_after = judged & (after >= 0) & ~inside_after
     evidence = per_row(facts.evidence)
@@ -252,9 +304,9 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     alone = ~is_confirmed[consumer_unit]
     consumer_unit, consumer_row = consumer_unit[alone], consumer_row[alone]
     by_k = _k_rule(timeline, consumer_unit, distributor[consumer_row], location[consumer_row], k)
-    unit = np.r_[confirmed_unit, consumer_unit]
-    crossing = np.r_[confirmed_row, consumer_row]
-    severity = np.where(np.r_[np.ones(len(confirmed_unit), bool), by_k], "confirmed", "suspected").astype(object)
+    unit = np.concatenate((confirmed_unit, consumer_unit))  # not np.r_: 15 µs a call, per trace too
+    crossing = np.concatenate((confirmed_row, consumer_row))
+    severity = np.where(np.concatenate((np.ones(len(confirmed_unit), bool), by_k)), "confirmed", "suspected").astype(object)
     order = np.argsort(unit, kind="stable")
     unit, crossing, severity = unit[order], crossing[order], severity[order]
     before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
@@ -262,9 +314,8 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     exit_via = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
     tracked = np.zeros(timeline.units.num_rows, bool)
     tracked[units[assigns]] = True
-    findings = pd.DataFrame({"unit": unit, "row": crossing, "severity": severity, "exit_via": exit_via})
-    return Judgement(timeline, parties, regions, territories, action, party, holder, location, after, governing,
-                     distributor, findings, np.flatnonzero(~tracked))
+    return Judgement(timeline, context, action, party, holder, location, after, governing, distributor,
+                     Verdicts(unit, crossing, severity, exit_via), np.flatnonzero(~tracked))
 
 
 def _k_rule(timeline: Timeline, units: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
@@ -310,31 +361,30 @@ class Findings:
     def of(cls, judgement: Judgement, *, units: np.ndarray | None = None) -> Findings:
         """The findings of the judged units (all, or those at the given unit positions)."""
         tl = judgement.timeline
-        frame = judgement.findings
+        verdicts = judgement.verdicts
         if units is not None:
-            frame = frame[frame["unit"].isin(units)]
-        unit, row = frame["unit"].to_numpy(np.int64), frame["row"].to_numpy(np.int64)
-        party_ids = judgement.parties.column("party_id")
-        region_ids = judgement.regions.column("region_id")
+            verdicts = verdicts[np.isin(verdicts.unit, units)]
+        unit, row = verdicts.unit.astype(np.int64), verdicts.row.astype(np.int64)
+        party_ids, region_ids = judgement.context.party_ids, judgement.context.region_ids
         unit_rows, event_rows = pa.array(unit), pa.array(tl.event[row])
         responsible = take_rows(party_ids, judgement.distributor[row])
-        declared = judgement.territories.declared
+        declared = judgement.context.territories.declared
         table = pa.table({
             "code": pc.take(tl.units.column("code"), unit_rows),
             "sku": pc.take(tl.units.column("sku"), unit_rows),
             "batch": pc.take(tl.units.column("batch"), unit_rows),
             "responsible": responsible,
             "territory": pa.array([declared.get(r, []) for r in responsible.to_pylist()], pa.list_(TEXT)),
-            "severity": pa.array(frame["severity"].to_numpy(object), TEXT),
+            "severity": pa.array(verdicts.severity, TEXT),
             "crossing_event_id": pc.take(tl.events.column("event_id"), event_rows),
             "crossing_ts": pc.take(tl.events.column("ts"), event_rows),
             "crossing_party": take_rows(party_ids, judgement.party[row]),
             "crossing_region": take_rows(region_ids, judgement.after[row]),
-            "exit_via": take_rows(party_ids, frame["exit_via"].to_numpy(np.int64)),
+            "exit_via": take_rows(party_ids, verdicts.exit_via),
             "case": pc.take(tl.units.column("case"), unit_rows),
         }, schema=FINDING_SCHEMA)
         hops, counts = path_hops(judgement, unit, crossing=row)
-        return cls(table, hops, np.r_[0, np.cumsum(counts)])
+        return cls(table, hops, _bounds(counts))
 
     @classmethod
     def concat(cls, parts: list[Findings]) -> Findings:
@@ -343,7 +393,7 @@ class Findings:
             return cls(FINDING_SCHEMA.empty_table(), HOP_SCHEMA.empty_table(), np.zeros(1, np.int64))
         counts = np.concatenate([np.diff(part.starts) for part in parts])
         whole = cls(pa.concat_tables([part.table for part in parts]), pa.concat_tables([part.hops for part in parts]),
-                    np.r_[0, np.cumsum(counts)])
+                    _bounds(counts))
         return whole.take(pc.sort_indices(whole.table, [("code", "ascending")]).to_numpy())
 
     def take(self, rows: np.ndarray) -> Findings:
@@ -351,20 +401,19 @@ class Findings:
         counts = np.diff(self.starts)[rows]
         hop_rows = ranges(self.starts[:-1][rows], counts)
         return Findings(self.table.take(pa.array(rows, pa.int64())), self.hops.take(pa.array(hop_rows)),
-                        np.r_[0, np.cumsum(counts)])
+                        _bounds(counts))
 
     def models(self) -> list[DiversionFinding]:
-        hops = trusted_models(Hop, _python_columns(self.hops))
-        columns = _python_columns(self.table)
+        hops = trusted_models(Hop, python_columns(self.hops))
+        columns = python_columns(self.table)
         bounds = self.starts.tolist()
         columns["path"] = [hops[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return trusted_models(DiversionFinding, columns)
 
 
-def _python_columns(table: pa.Table) -> dict[str, list]:
-    """A table's columns as Python lists, timestamps as ISO 8601 text (`queries.common.iso`)."""
-    return {name: iso_column(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
-            for name, column in zip(table.column_names, table.columns)}
+def _bounds(counts: np.ndarray) -> np.ndarray:
+    """Where each of consecutive groups of `counts` rows starts, and the end."""
+    return np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
 
 
 def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
@@ -376,8 +425,8 @@ def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray |
     counts = np.searchsorted(tl.unit, units, "right") - first
     rows = ranges(first, counts)
     crossed = np.isin(rows, crossing) if crossing is not None else np.zeros(len(rows), bool)
-    party_ids, kinds = judgement.parties.column("party_id"), judgement.parties.column("kind")
-    region_ids = judgement.regions.column("region_id")
+    party_ids, kinds = judgement.context.party_ids, judgement.context.parties.column("kind")
+    region_ids = judgement.context.region_ids
     events = tl.events.select(["ts", "event_id", "action", "code", "counterparty_id"]).take(pa.array(tl.event[rows]))
     party = judgement.party[rows]
     hops = pa.table({
@@ -393,22 +442,22 @@ def path_hops(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray |
 def unit_paths(judgement: Judgement, units: np.ndarray, *, crossing: np.ndarray | None = None) -> dict[int, list[Hop]]:
     """Custody paths as Hop objects, by unit position."""
     hops, counts = path_hops(judgement, units, crossing=crossing)
-    models = trusted_models(Hop, _python_columns(hops))
-    bounds = np.r_[0, np.cumsum(counts)].tolist()
+    models = trusted_models(Hop, python_columns(hops))
+    bounds = _bounds(counts).tolist()
     return {u: models[bounds[i]:bounds[i + 1]] for i, u in enumerate(np.unique(np.asarray(units, np.int64)).tolist())}
 
 
-def batches_with_facts(store, context: Callable[[Timeline], tuple[pa.Table, pa.Table]]  # noqa: ANN001 - any Store
-                       ) -> Iterator[tuple[Timeline, pa.Table, pa.Table, EventFacts]]:
-    """The store's timeline batches (each holds whole cases), each with its judging tables
-    `context(timeline)` (parties, regions) and the EventFacts of its events table, derived
-    once per events table."""
+def batches_with_facts(store, context: Callable[[Timeline], Context]  # noqa: ANN001 - any Store
+                       ) -> Iterator[tuple[Timeline, Context, EventFacts]]:
+    """The store's timeline batches (each holds whole cases), each with its judging
+    `context(timeline)` and the EventFacts of its events table, derived once per events
+    table."""
     facts: EventFacts | None = None
     for timeline in store.timeline_batches():
         if facts is None or facts.events is not timeline.events:
-            parties, regions = context(timeline)
-            facts = EventFacts.of(timeline.events, parties, regions)
-        yield timeline, parties, regions, facts
+            judging = context(timeline)
+            facts = EventFacts.of(timeline.events, judging)
+        yield timeline, judging, facts
 
 
 def judged_batches(store, then: Callable[[Judgement], R], *, k: int = 3,  # noqa: ANN001 - any Store
@@ -416,7 +465,7 @@ def judged_batches(store, then: Callable[[Judgement], R], *, k: int = 3,  # noqa
     """`then` of the judgements covering every unit the store could find diverted, one per
     timeline batch; judged on `workers` threads while the next batch is built."""
     batches = batches_with_facts(store, lambda timeline: judging_context(store, timeline, all_events=True))
-    return parallel_map(lambda batch: then(judge(*batch[:3], k=k, facts=batch[3])), batches, workers=workers)
+    return parallel_map(lambda batch: then(judge(*batch[:2], k=k, facts=batch[2])), batches, workers=workers)
 
 
 def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
@@ -428,14 +477,14 @@ def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa
     cutoff = utc(since)
 
     def kept(judgement: Judgement) -> Findings:
-        frame = judgement.findings
-        keep = np.ones(len(frame), bool)
+        verdicts = judgement.verdicts
+        keep = np.ones(len(verdicts), bool)
         if severity:
-            keep &= (frame["severity"] == severity).to_numpy()
-        if cutoff is not None and len(frame):
-            ts = pc.take(judgement.timeline.events.column("ts"), pa.array(judgement.timeline.event[frame["row"].to_numpy()]))
+            keep &= verdicts.severity == severity
+        if cutoff is not None and len(verdicts):
+            ts = pc.take(judgement.timeline.events.column("ts"), pa.array(judgement.timeline.event[verdicts.row]))
             keep &= pc.greater_equal(ts, pa.scalar(cutoff.to_pydatetime(), ts.type)).to_numpy(zero_copy_only=False)
-        return Findings.of(judgement, units=frame["unit"].to_numpy()[keep])
+        return Findings.of(judgement, units=verdicts.unit[keep])
 
     return Findings.concat(list(judged_batches(store, kept, k=k)))
 

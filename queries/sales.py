@@ -44,7 +44,7 @@ from graph.model import ACTIONS, KINDS
 from graph.timeline import Timeline, encode
 from queries import diversion
 from queries.common import iso_column, parallel_map, take_rows, utc
-from queries.diversion import EventFacts, batches_with_facts, judge
+from queries.diversion import Context, EventFacts, batches_with_facts, judge, judging_context
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,17 @@ def iso_times(times: pd.Series) -> list[str | None]:
 def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> SalesFacts:
     """The facts of every unit as known at `as_of` (events after it are ignored; default:
     the latest event). The embedded store's are read from its facts cache when present."""
-    parties_t, regions_t = store.parties(), store.regions()
+    context = judging_context(store)
     cutoff = utc(as_of)
     if hasattr(store, "sales_rows"):
-        frames = _facts_in_database(store, parties_t, regions_t, k=k, cutoff=cutoff)
+        frames = _facts_in_database(store, context, k=k, cutoff=cutoff)
     else:
         frames = _cached_facts(store, k=k, cutoff=cutoff,
-                               build=lambda: _facts_of_every_unit(store, parties_t, regions_t, k=k, cutoff=cutoff))
+                               build=lambda: _facts_of_every_unit(store, context, k=k, cutoff=cutoff))
     sell_in, sell_out, opened, findings, latest = frames
-    parties = parties_t.to_pandas().set_index("party_id")
+    parties = context.parties.to_pandas().set_index("party_id")
     parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
-    regions = regions_t.to_pandas().set_index("region_id")
+    regions = context.regions.to_pandas().set_index("region_id")
     regions["depth"] = _depths(regions["parent_id"])
     return SalesFacts(parties, regions, *(_categorical(frame) for frame in (sell_in, sell_out, opened, findings)),
                       cutoff or latest or pd.Timestamp("1970-01-01", tz="UTC"))
@@ -129,17 +129,16 @@ def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype({c: "category" for c in frame.columns if c in CATEGORICAL and frame[c].dtype != "category"})
 
 
-def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
-                         cutoff: pd.Timestamp | None) -> tuple:
+def _facts_of_every_unit(store, context: Context, *, k: int, cutoff: pd.Timestamp | None) -> tuple:
     """The facts from every unit's timeline (the embedded store), batch by batch when the
     store offers batches of whole packages (memory stays bounded; the k rule sees whole cases),
     two batches at a time; batches over one events table share one `EventFacts`."""
-    batches = batches_with_facts(store, lambda _: (parties_t, regions_t))
-    parts = list(parallel_map(lambda batch: _facts_of(store, *batch[:3], k=k, cutoff=cutoff, facts=batch[3]), batches))
+    batches = batches_with_facts(store, lambda _: context)
+    parts = list(parallel_map(lambda batch: _facts_of(store, *batch[:2], k=k, cutoff=cutoff, facts=batch[2]), batches))
     if len(parts) == 1:
         return parts[0]
     if not parts:
-        return _facts_of(store, store.timelines([]), parties_t, regions_t, k=k, cutoff=cutoff)
+        return _facts_of(store, store.timelines([]), context, k=k, cutoff=cutoff)
     latest = [part[4] for part in parts if part[4] is not None]
     return (*(_concat([part[i] for part in parts]) for i in range(4)), max(latest) if latest else None)
 
@@ -249,13 +248,12 @@ def _read_facts(folder: Path) -> tuple:
     return (*frames, pd.Timestamp(latest) if latest is not None else None)
 
 
-def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
-                       cutoff: pd.Timestamp | None) -> tuple:
+def _facts_in_database(store, context: Context, *, k: int, cutoff: pd.Timestamp | None) -> tuple:
     """The facts from rows the store aggregates itself (`sales_rows`, Neo4j: Cypher), with the
     diversion findings judged on the store's candidate units only."""
     rows = store.sales_rows(until=cutoff.to_pydatetime() if cutoff is not None else None)
     candidates = store.timelines(store.diversion_candidates())
-    findings = _facts_of(store, candidates, parties_t, regions_t, k=k, cutoff=cutoff)[3]
+    findings = _facts_of(store, candidates, context, k=k, cutoff=cutoff)[3]
     crossing = findings.set_index("code")
     sell_in = rows["sell_in"].to_pandas().sort_values(["code", "ts", "rank", "event_id"], ignore_index=True)
     diverted = _at_or_after(sell_in["ts"], sell_in["rank"], sell_in["event_id"], crossing.reindex(sell_in["code"]))
@@ -280,7 +278,7 @@ def _at_or_after(ts: pd.Series, rank: pd.Series, event_id: pd.Series, crossing: 
     return np.asarray((later | (same & (event_id >= crossing["crossing_event_id"].to_numpy()))).fillna(False), bool)
 
 
-def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
+def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
               cutoff: pd.Timestamp | None, facts: EventFacts | None = None) -> tuple:
     """sell_in, sell_out, opened and findings of the units of one timeline, and its latest
     event time (`facts`: of the timeline's events table, see `judge`)."""
@@ -289,13 +287,13 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
         keep = np.asarray(ts <= cutoff)
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
     latest = ts.max() if len(ts) else None
-    j = judge(timeline, parties_t, regions_t, k=k, facts=facts)
-    party_ids, region_ids = parties_t.column("party_id").combine_chunks(), regions_t.column("region_id").combine_chunks()
+    j = judge(timeline, context, k=k, facts=facts)
+    party_ids, region_ids = context.party_ids, context.region_ids
     codes = timeline.units.column("code")
     skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())
     sku_of = pc.fill_null(skus.indices, -1).to_numpy(zero_copy_only=False)  # per unit, its SKU's position
     event_ids, times = timeline.events.column("event_id"), timeline.events.column("ts")
-    kind = encode(parties_t.column("kind"), pa.array(KINDS))
+    kind = context.kind
     n = len(timeline)
     pos = np.arange(n)
     start = timeline.unit_starts()
@@ -316,9 +314,9 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     last_store = np.maximum.accumulate(np.where(store_row, pos, -1)) if n else pos
     last_store = np.where(last_store >= start, last_store, -1)
     crossing = np.full(timeline.units.num_rows, n, np.int64)
-    crossing[j.findings["unit"].to_numpy(np.int64)] = j.findings["row"].to_numpy(np.int64)
+    crossing[j.verdicts.unit] = j.verdicts.row
     severity = np.full(timeline.units.num_rows, -1, np.int64)
-    severity[j.findings["unit"].to_numpy(np.int64)] = (j.findings["severity"].to_numpy(object) == "suspected")
+    severity[j.verdicts.unit] = j.verdicts.severity == "suspected"
     diverted = pos >= crossing[unit]
     severities = pa.array(["confirmed", "suspected"])
 
@@ -344,14 +342,14 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     opened = _frame(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
                     region_id=_coded(region_ids, j.location[rows]))
 
-    f = j.findings
-    rows = f["row"].to_numpy(np.int64)
-    exit_via = f["exit_via"].to_numpy(np.int64)
-    home = encode(parties_t.column("region_id"), region_ids)
+    verdicts = j.verdicts
+    rows = verdicts.row.astype(np.int64)
+    exit_via = verdicts.exit_via.astype(np.int64)
+    home = context.home
     findings = _frame(
-        code=take_rows(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
+        code=take_rows(codes, verdicts.unit), responsible=party(j.distributor[rows]),
         exit_via=party(exit_via), from_region=_coded(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
-        to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[f["unit"].to_numpy(np.int64)]),
+        to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[verdicts.unit]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
 

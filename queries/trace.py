@@ -10,8 +10,9 @@ from pydantic import BaseModel
 
 from graph.errors import NotFound
 from graph.model import LEVELS
-from queries.common import iso, judging_context
-from queries.diversion import DiversionFinding, Findings, Hop, Judgement, judge, unit_paths
+from graph.timeline import EVENT_COLUMNS
+from queries.common import python_columns
+from queries.diversion import DiversionFinding, Findings, Hop, Judgement, judge, judging_context, unit_paths
 
 
 class ChildrenSummary(BaseModel):
@@ -51,42 +52,39 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
     """The custody path of `code`: events on it and on every code it is packed in, the
     assigned distributor, its diversion finding if any; for a case or pallet, a summary
     of what it holds. Raises NotFound for an unknown code."""
-    rows = store.stored("codes", pa.array([code], pa.string())).to_pylist()
-    if not rows:
+    lineage = store.lineage(code)
+    if not lineage.num_rows:
         raise NotFound(f"unknown code {code!r}")
-    info = rows[0]
-    ancestors = _ancestors(store, info)
-    descendants = store.descendants(code) if info["level"] != LEVELS[0] else None
+    level, ancestors = lineage.column("level")[0].as_py(), lineage.slice(1)
+    descendants = store.descendants(code) if level != LEVELS[0] else None
     units = [code]
     if descendants is not None:
-        units += [d for d, level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
-                  if level == LEVELS[0]]
+        units += [d for d, of_level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
+                  if of_level == LEVELS[0]]
     judgement, me = _judged(store, units, code, k)
-    suspected = judgement.findings.loc[judgement.findings["unit"] == me, "severity"].eq("suspected").any()
-    if descendants is None and suspected:  # the k rule looks at the whole case: it may confirm this one
-        judgement, me = _judged(store, units + _case_siblings(store, info, ancestors), code, k)
-    timeline = judgement.timeline
-    diverted = bool((judgement.findings["unit"].to_numpy() == me).any())
-    finding = Findings.of(judgement, units=np.array([me])).models()[0] if diverted else None
+    mine = judgement.verdicts.unit == me
+    if descendants is None and (judgement.verdicts.severity[mine] == "suspected").any():
+        # the k rule looks at the whole case: it may confirm this one
+        judgement, me = _judged(store, units + _case_siblings(store, code, ancestors), code, k)
+        mine = judgement.verdicts.unit == me
+    timeline, context = judgement.timeline, judgement.context
+    finding = Findings.of(judgement, units=np.array([me])).models()[0] if mine.any() else None
     path = finding.path if finding else unit_paths(judgement, np.array([me]))[me]
-    assigned = judgement.unit_assignment()[me]
-    party_ids = judgement.parties.column("party_id").to_pylist()
-    events = [{**row, "ts": iso(row["ts"])} for row in
-              timeline.events.take(pa.array(timeline.event[timeline.unit == me]))
-              .select(["event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id"]).to_pylist()]
+    assigned = int(judgement.unit_assignment()[me])
+    columns = python_columns(timeline.events.select(list(EVENT_COLUMNS)).take(pa.array(timeline.event[timeline.unit == me])))
+    events = [dict(zip(columns, row)) for row in zip(*columns.values())]
     result = TraceResult(
-        code=code, level=info["level"], sku=timeline.units.column("sku")[me].as_py(),
-        batch=timeline.units.column("batch")[me].as_py(), ancestors=ancestors,
-        assigned_distributor=party_ids[assigned] if assigned >= 0 else None,
-        untracked=bool(np.isin(me, judgement.untracked)), path=path, events=events,
-        diversion=finding)
+        code=code, level=level, sku=timeline.units.column("sku")[me].as_py(),
+        batch=timeline.units.column("batch")[me].as_py(), ancestors=ancestors.column("code").to_pylist(),
+        assigned_distributor=context.party_ids[assigned].as_py() if assigned >= 0 else None,
+        untracked=bool((judgement.untracked == me).any()), path=path, events=events, diversion=finding)
     if descendants is not None:
         unit_rows = np.arange(1, timeline.units.num_rows)
-        verdicts = judgement.findings[judgement.findings["unit"] != me]
+        verdicts = judgement.verdicts[~mine]
         result.children = ChildrenSummary(
             by_level=dict(Counter(descendants.column("level").to_pylist())), units=len(unit_rows),
-            diverted_units=len(verdicts), confirmed=int((verdicts["severity"] == "confirmed").sum()),
-            suspected=int((verdicts["severity"] == "suspected").sum()),
+            diverted_units=len(verdicts), confirmed=int((verdicts.severity == "confirmed").sum()),
+            suspected=int((verdicts.severity == "suspected").sum()),
             untracked_units=int(np.isin(judgement.untracked, unit_rows).sum()))
     return result
 
@@ -94,29 +92,18 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
 def _judged(store, units: list[str], code: str, k: int) -> tuple[Judgement, int]:  # noqa: ANN001
     """The judgement of these units' timelines, and the position of `code` in it."""
     timeline = store.timelines(units)
-    parties, regions = judging_context(store, timeline)
-    return judge(timeline, parties, regions, k=k), timeline.units.column("code").to_pylist().index(code)
+    return judge(timeline, judging_context(store, timeline), k=k), timeline.units.column("code").to_pylist().index(code)
 
 
-def _ancestors(store, info: dict) -> list[str]:  # noqa: ANN001
-    chain, parent = [], info.get("parent_code")
-    while parent and parent not in chain and len(chain) < len(LEVELS):
-        chain.append(parent)
-        found = store.stored("codes", pa.array([parent], pa.string())).to_pylist()
-        parent = found[0].get("parent_code") if found else None
-    return chain
-
-
-def _case_siblings(store, info: dict, ancestors: list[str]) -> list[str]:  # noqa: ANN001
-    if not ancestors:
-        return []
-    levels = store.stored("codes", pa.array(ancestors, pa.string()))
-    cases = [c for c, level in zip(levels.column("code").to_pylist(), levels.column("level").to_pylist()) if level == "case"]
+def _case_siblings(store, code: str, ancestors: pa.Table) -> list[str]:  # noqa: ANN001
+    """The other units packed in the case `code` is packed in (none without a case)."""
+    cases = [c for c, level in zip(ancestors.column("code").to_pylist(), ancestors.column("level").to_pylist())
+             if level == "case"]
     if not cases:
         return []
     inside = store.descendants(cases[0])
     return [c for c, level in zip(inside.column("code").to_pylist(), inside.column("level").to_pylist())
-            if level == LEVELS[0] and c != info["code"]]
+            if level == LEVELS[0] and c != code]
 
 
 def flow(store, *, batch: str | None = None, sku: str | None = None) -> list[FlowEdge]:  # noqa: ANN001
@@ -128,8 +115,8 @@ def flow(store, *, batch: str | None = None, sku: str | None = None) -> list[Flo
         what = " and ".join(f"{k} {v!r}" for k, v in (("batch", batch), ("sku", sku)) if v)
         raise NotFound(f"no units for {what}" if what else "the store holds no units")
     timeline = store.timelines(units)
-    parties, regions = judging_context(store, timeline)
-    judgement = judge(timeline, parties, regions)
+    context = judging_context(store, timeline)
+    judgement = judge(timeline, context)
     holder = judgement.holder
     unit = timeline.unit
     moved = np.r_[False, (unit[1:] == unit[:-1]) & (holder[1:] != holder[:-1])] & (holder >= 0)
@@ -141,8 +128,9 @@ def flow(store, *, batch: str | None = None, sku: str | None = None) -> list[Flo
     edges = pd.concat([edges, pd.DataFrame({"source": judgement.party[factory_out], "target": holder[factory_out],
                                             "unit": unit[factory_out]})])
     counts = edges.drop_duplicates().groupby(["source", "target"]).size().reset_index(name="units")
-    ids = parties.column("party_id").to_pylist()
-    kinds = parties.column("kind").to_pylist()
-    out = [FlowEdge(source=ids[s], source_kind=kinds[s], target=ids[t], target_kind=kinds[t], units=int(n))
-           for s, t, n in counts.itertuples(index=False)]
+    ids, kinds = context.party_ids, context.parties.column("kind")
+    sources, targets = pa.array(counts["source"].to_numpy(np.int64)), pa.array(counts["target"].to_numpy(np.int64))
+    out = [FlowEdge(source=s, source_kind=sk, target=t, target_kind=tk, units=int(n)) for s, sk, t, tk, n in zip(
+        ids.take(sources).to_pylist(), kinds.take(sources).to_pylist(), ids.take(targets).to_pylist(),
+        kinds.take(targets).to_pylist(), counts["units"].tolist())]
     return sorted(out, key=lambda e: (-e.units, e.source, e.target))

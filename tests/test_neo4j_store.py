@@ -121,6 +121,8 @@ def assert_same_answers(embedded: EmbeddedStore, neo: Neo4jStore) -> None:
     assert neo.referrals().equals(embedded.referrals())
     for code in ("PB", "CA", "A1", "nope"):
         assert neo.descendants(code).equals(embedded.descendants(code))
+    for code in ("B2", "BB", "PB", "A1", "nope"):
+        assert neo.lineage(code).equals(embedded.lineage(code))
     for where in ({}, {"sku": "BJ250"}, {"batch": "B1"}, {"sku": "BJ500", "batch": "B1"}, {"sku": "none"}):
         assert neo.units_where(**where) == embedded.units_where(**where)
 
