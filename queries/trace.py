@@ -12,7 +12,8 @@ from graph.errors import NotFound
 from graph.model import LEVELS
 from graph.timeline import EVENT_COLUMNS
 from queries.common import python_columns
-from queries.diversion import DiversionFinding, Findings, Hop, Judgement, judge, judging_context, unit_paths
+from queries.diversion import (RECEIVE, SHIP, DiversionFinding, EventFacts, Findings, Hop, Judgement, judge, judging_context,
+                               unit_paths)
 
 
 class ChildrenSummary(BaseModel):
@@ -108,25 +109,28 @@ def _case_siblings(store, code: str, ancestors: pa.Table) -> list[str]:  # noqa:
 
 def flow(store, *, batch: str | None = None, sku: str | None = None) -> list[FlowEdge]:  # noqa: ANN001
     """Aggregated custody flow between parties (F -> B -> b -> C) of the units of a batch
-    and/or SKU (all units when neither is given): an edge per change of holder, weighted
-    by the number of units that moved along it."""
+    and/or SKU (all units when neither is given), weighted by the number of units that
+    moved along each edge. A `ship` moves goods from its party to its counterparty, a
+    `receive` from its counterparty to its party; an `open` or `scan` (or a receive naming
+    no sender) moves them from the unit's previous holder to its party."""
     units = store.units_where(batch=batch, sku=sku)
     if not units:
         what = " and ".join(f"{k} {v!r}" for k, v in (("batch", batch), ("sku", sku)) if v)
         raise NotFound(f"no units for {what}" if what else "the store holds no units")
     timeline = store.timelines(units)
     context = judging_context(store, timeline)
-    judgement = judge(timeline, context)
-    holder = judgement.holder
-    unit = timeline.unit
-    moved = np.r_[False, (unit[1:] == unit[:-1]) & (holder[1:] != holder[:-1])] & (holder >= 0)
-    previous = np.r_[-1, holder[:-1]]
-    moved &= previous >= 0
-    edges = pd.DataFrame({"source": previous[moved], "target": holder[moved], "unit": unit[moved]})
-    first_hand = np.r_[True, unit[1:] != unit[:-1]]
-    factory_out = first_hand & (judgement.action == 0) & (judgement.party >= 0) & (holder >= 0)
-    edges = pd.concat([edges, pd.DataFrame({"source": judgement.party[factory_out], "target": holder[factory_out],
-                                            "unit": unit[factory_out]})])
+    facts = EventFacts.of_timeline(timeline, context)
+    counterparty = context.party_rows(timeline.events.column("counterparty_id").take(pa.array(timeline.event)))
+    unit, action, party = timeline.unit, facts.action, facts.party
+    previous = np.concatenate([[-1], facts.holder[:-1]])
+    previous[np.concatenate([[True], unit[1:] != unit[:-1]])] = -1
+    named = (action == RECEIVE) & (counterparty >= 0)
+    implicit = ~named & (action != SHIP)
+    source = np.concatenate([party[action == SHIP], counterparty[named], previous[implicit]])
+    target = np.concatenate([counterparty[action == SHIP], party[named], party[implicit]])
+    moved = np.concatenate([unit[action == SHIP], unit[named], unit[implicit]])
+    keep = (source >= 0) & (target >= 0) & (source != target)
+    edges = pd.DataFrame({"source": source[keep], "target": target[keep], "unit": moved[keep]})
     counts = edges.drop_duplicates().groupby(["source", "target"]).size().reset_index(name="units")
     ids, kinds = context.party_ids, context.parties.column("kind")
     sources, targets = pa.array(counts["source"].to_numpy(np.int64)), pa.array(counts["target"].to_numpy(np.int64))

@@ -129,6 +129,24 @@ def test_flow_of_a_batch(world_store):
         flow(world_store, sku="NOSUCH")
 
 
+def test_flow_follows_each_hand_over_whatever_was_recorded(store, tmp_path: Path):
+    """A receive names its sender (the factory's ship is missing), and a store's open
+    stamped before everything else moves nothing out of a party that never held the case."""
+    tables = channel_world()
+    tables["codes"] += [{"code": "CF", "level": "case", "batch": "BF"},
+                        {"code": "FU1", "level": "unit", "parent_code": "CF", "batch": "BF"},
+                        {"code": "FU2", "level": "unit", "parent_code": "CF", "batch": "BF"}]
+    tables["scans"] += [
+        {"event_id": "f0", "code": "FU2", "action": "open", "party_id": "S3", "ts": "2024-01-01T00:00:00Z"},
+        {"event_id": "f1", "code": "CF", "action": "receive", "party_id": "D1", "counterparty_id": "F1", "ts": "2024-02-01T00:00:00Z"},
+        {"event_id": "f2", "code": "CF", "action": "ship", "party_id": "D1", "counterparty_id": "S3", "ts": "2024-02-02T00:00:00Z"},
+        {"event_id": "f3", "code": "FU1", "action": "scan", "party_id": "wx-f1", "ts": "2024-02-05T00:00:00Z"},
+    ]
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    edges = {(e.source, e.target): e.units for e in flow(store, batch="BF")}
+    assert edges == {("F1", "D1"): 2, ("D1", "S3"): 2, ("S3", "wx-f1"): 1}
+
+
 def test_first_touch_attribution_counts_ignored_referrals(world_store):
     attribution = attribute(world_store.referrals().to_pandas())
     assert dict(attribution.ignored) == {"self": 1, "duplicate": 1, "late": 3, "cycle": 1}
