@@ -23,6 +23,7 @@ from graph.errors import NotFound
 from queries.common import iso, trusted_models
 
 METRICS = ("influence", "cascade_size", "direct", "converted", "revenue")
+IGNORED = ("self", "duplicate", "late", "cycle")  # why a referral row is not attributed
 
 
 class Influencer(BaseModel):
@@ -46,12 +47,21 @@ class CascadeNode(BaseModel):
     revenue: float
 
 
+class ReferralStats(BaseModel):
+    """What first-touch attribution made of the stored referral rows:
+    referrals = attributed + the sum of ignored."""
+
+    referrals: int  # referral rows read
+    attributed: int  # rows that attribute their referee (one per attributed referee)
+    ignored: dict[str, int]  # rows not attributed, by reason (IGNORED, zeros included)
+
+
 @dataclass
 class Attribution:
     """The attributed referrals (each referee's first-touch referrer) and the ignored rows."""
 
     edges: pd.DataFrame  # referrer_id, referee_id, ts (UTC), in attribution order
-    ignored: Counter = field(default_factory=Counter)  # self / duplicate / late / cycle
+    ignored: Counter = field(default_factory=Counter)  # by reason, one of IGNORED
 
     @cached_property
     def forest(self) -> nx.DiGraph:
@@ -169,6 +179,15 @@ def influencers(store, *, top: int | None = 10, percent: float | None = None,  #
     kinds = _kinds(store, ids)
     return trusted_models(Influencer, {name: [kinds.get(i) for i in ids] if name == "kind" else chosen[name].tolist()
                                        for name in Influencer.model_fields})
+
+
+def referral_stats(store) -> ReferralStats:  # noqa: ANN001 - any Store
+    """How many referral rows the store holds, how many are attributed, and how many are
+    ignored for each reason (DOMAIN.md §4)."""
+    rows = store.referrals().to_pandas()
+    attribution = attribute(rows)
+    return ReferralStats(referrals=len(rows), attributed=len(attribution.edges),
+                         ignored={reason: attribution.ignored[reason] for reason in IGNORED})
 
 
 def referrer_metrics(store) -> pd.DataFrame:  # noqa: ANN001 - any Store
