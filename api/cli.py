@@ -292,6 +292,7 @@ def influencers(
 
     if stats and cascade is not None:
         raise ChannelgraphError("give --stats or --cascade, not both")
+    footnote = None
     with opened(store, neo4j) as (handle, _):
         try:
             if stats:
@@ -304,12 +305,13 @@ def influencers(
                 data = rows = [n.model_dump() for n in influence.cascade(handle, cascade)]
                 columns, title = fields(influence.CascadeNode), f"cascade of {cascade}: {len(data) - 1} members"
             else:
-                data = rows = [i.model_dump() for i in influence.influencers(handle, top=top, percent=percent, by=by)]
+                attribution = influence.attribute(handle.referrals().to_pandas())
+                ranking = influence.influencers(handle, top=top, percent=percent, by=by, attribution=attribution)
+                data = rows = [i.model_dump() for i in ranking]
                 columns, title = fields(influence.Influencer), f"top referrers by {by}"
+                footnote = _attribution_line(attribution.stats()) if format is Format.table else None
         except ValueError as exc:
             raise ChannelgraphError(str(exc)) from exc
-        ranked = format is Format.table and not stats and cascade is None
-        footnote = _attribution_line(influence.referral_stats(handle)) if ranked else None
     emit(data, format, rows=rows, title=title, columns=columns)
     if footnote:
         Console().print(footnote, soft_wrap=True)
