@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from api.cli import Format, FormatOpt, Neo4jOpt, StoreOpt, emit, opened
+from api.cli import Format, FormatOpt, Neo4jOpt, StoreOpt, emit, fields, opened
 from graph.errors import ChannelgraphError
 
 TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
@@ -34,16 +34,16 @@ def stores(
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Store (b) health: sell-in, sell-out, stock, days of cover, next purchase, abnormal flags."""
-    from queries.stores import store_health
+    from queries.stores import StoreHealth, store_health
 
     with opened(store, neo4j) as (handle, settings), _clear_errors():
         health = store_health(handle, region=region, abnormal_only=abnormal, as_of=as_of, window_days=window,
                               peer_level=peer_level, k=settings.k)
     data = [h.model_dump() for h in health]
-    shown = TABLE_COLUMNS if format is Format.table else list(data[0]) if data else []
+    shown = TABLE_COLUMNS if format is Format.table else fields(StoreHealth)
     rows = [{**{k: h[k] for k in shown if k != "flags"}, "flags": "; ".join(f["reason"] for f in h["flags"])}
             for h in data]
-    emit(data, format, rows=rows, title=f"{len(data)} stores ({sum(h.abnormal for h in health)} abnormal)")
+    emit(data, format, rows=rows, title=f"{len(data)} stores ({sum(h.abnormal for h in health)} abnormal)", columns=shown)
 
 
 def consumers(
@@ -61,14 +61,15 @@ def consumers(
         if profile is not None:
             one = lifecycle.profile(handle, profile)
             data = one.model_dump()
-            rows, title = one.purchases, f"{profile}: {one.lifecycle.stage}, {one.lifecycle.segment}; tags {', '.join(one.tags)}"
+            rows, columns = one.purchases, lifecycle.PURCHASE_COLUMNS
+            title = f"{profile}: {one.lifecycle.stage}, {one.lifecycle.segment}; tags {', '.join(one.tags)}"
         elif funnel is not None:
             data = rows = lifecycle.stage_funnel(handle, period=funnel)
-            title = f"consumers per stage, by {funnel}"
+            columns, title = lifecycle.FUNNEL_COLUMNS, f"consumers per stage, by {funnel}"
         else:
             data = rows = [c.model_dump() for c in lifecycle.lifecycle(handle, stage=stage, segment=segment, as_of=as_of)]
-            title = f"{len(data)} consumers"
-    emit(data, format, rows=rows, title=title)
+            columns, title = fields(lifecycle.ConsumerLifecycle), f"{len(data)} consumers"
+    emit(data, format, rows=rows, title=title, columns=columns)
 
 
 def rebates(
@@ -79,7 +80,7 @@ def rebates(
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """BbC rebates per consumer scan for store, distributor and salesperson; withheld for diverted units."""
-    from queries.rebates import load_policy
+    from queries.rebates import RebateLine, RebateTotal, load_policy
     from queries.rebates import rebates as rebate_report
 
     rules = load_policy(policy)
@@ -87,7 +88,7 @@ def rebates(
         report = rebate_report(handle, policy=rules, k=settings.k, as_of=as_of, month=month, lines=lines)
     data = report.model_dump()
     rows = data["lines"] if lines else data["totals"]
-    emit(data, format, rows=rows, title=(f"rebates ({report.currency}): owed {report.owed:,.2f}, withheld {report.withheld:,.2f} "
+    emit(data, format, rows=rows, columns=fields(RebateLine if lines else RebateTotal), title=(f"rebates ({report.currency}): owed {report.owed:,.2f}, withheld {report.withheld:,.2f} "
                                          f"({len(report.withheld_lines)} lines), unassigned {report.unassigned:,.2f}; "
                                          f"{report.scans} scans, {report.no_store} without a store"))
 
@@ -100,13 +101,13 @@ def regions(
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Regional sell-through (动销地图): units in, opened, scanned, active-store ratio, diversions in and out."""
-    from queries.regions import region_sell_through
+    from queries.regions import DiversionCell, RegionPeriod, region_sell_through
 
     with opened(store, neo4j) as (handle, settings), _clear_errors():
         report = region_sell_through(handle, level=level, period=period, k=settings.k, as_of=as_of)
     data = report.model_dump()
     rows = data["matrix"] if matrix else data["rows"]
-    emit(data, format, rows=rows, title=f"diverted units between regions ({level})" if matrix else f"sell-through by {level} and {period}")
+    emit(data, format, rows=rows, columns=fields(DiversionCell if matrix else RegionPeriod), title=f"diverted units between regions ({level})" if matrix else f"sell-through by {level} and {period}")
 
 
 def register(app: typer.Typer) -> None:

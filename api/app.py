@@ -37,10 +37,13 @@ from api.schemas import (
     Metric,
     Readiness,
     SortKey,
+    UntrackedPage,
 )
 from api.service import ApiService, DiversionFilters, Svc
 from graph.settings import Settings
 from graph.store import Store
+from queries.diversion import DiversionSummary
+from queries.influence import ReferralStats
 from queries.trace import TraceResult
 
 JSON = "application/json"
@@ -123,6 +126,24 @@ def diversion_groups(svc: Svc, filters: Filters, by: DiversionBy = DiversionBy.r
                            groups=[DiversionGroup(**r) for r in rows])
 
 
+@api.get("/diversions/summary", response_model=DiversionSummary, responses=responses(422),
+         summary="Units judged, diverted by severity, and untracked")
+def diversion_summary(svc: Svc, k: K = None) -> DiversionSummary:
+    """How the store's units were judged: `judged` have an assignment (a factory shipment to a
+    distributor); `untracked` have none and are never judged (DOMAIN.md §3)."""
+    return svc.diversion_summary(k)
+
+
+@api.get("/diversions/untracked", response_model=UntrackedPage, responses=responses(422),
+         summary="Untracked units: no assignment, reported but never judged")
+def untracked_units(svc: Svc, offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> UntrackedPage:
+    """One row per unit no factory shipped to a distributor (on it or a code it is packed
+    in), by code: its events, its last holder and region, its first and last event time."""
+    units = svc.untracked()
+    return UntrackedPage(total=len(units), offset=offset, limit=limit, items=units[offset:offset + limit])
+
+
 @api.get("/influencers", response_model=InfluencerRanking, responses=responses(422),
          summary="Super users (超级用户): referrers ranked by a metric")
 def influencers(svc: Svc, by: Metric = Metric.influence, top: Annotated[int, Query(ge=1, le=100_000)] = 10,
@@ -130,6 +151,14 @@ def influencers(svc: Svc, by: Metric = Metric.influence, top: Annotated[int, Que
                 ) -> InfluencerRanking:
     items = svc.influencers(top=None if percent is not None else top, percent=percent, by=by.value)
     return InfluencerRanking(by=by, top=None if percent is not None else top, percent=percent, items=items)
+
+
+@api.get("/influencers/stats", response_model=ReferralStats, summary="Referral rows: read, attributed, ignored by reason")
+def referral_stats(svc: Svc) -> ReferralStats:
+    """First-touch attribution of the stored referral rows: self-referrals, repeated pairs,
+    referrals of an already attributed referee (late) and cycle-closing ones are ignored
+    and counted (DOMAIN.md §4)."""
+    return svc.referral_stats()
 
 
 @api.get("/influencers/{party_id}/cascade", response_model=Cascade, responses=responses(404, 422),

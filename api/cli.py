@@ -16,10 +16,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -27,6 +27,10 @@ from rich.table import Table
 from graph.errors import ChannelgraphError
 from graph.settings import Settings
 from graph.store import Store, open_store
+
+if TYPE_CHECKING:  # the query modules are imported by the commands that use them (a fast start)
+    from queries.diversion import DiversionSummary
+    from queries.influence import ReferralStats
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Graph analytics for brand channels: trace codes, find cross-region diversion (窜货), rank super users.")
@@ -56,10 +60,18 @@ def settings_from(store: Path | None, neo4j: str | None, **overrides: Any) -> Se
 
 
 @contextmanager
-def opened(store: Path | None, neo4j: str | None, **overrides: Any) -> Iterator[tuple[Store, Settings]]:
+def opened(store: Path | None, neo4j: str | None, *, writing: bool = False,
+           **overrides: Any) -> Iterator[tuple[Store, Settings]]:
+    """The store the options name, with the settings. Unless `writing`, an embedded store
+    folder that holds no store is an error (a mistyped --store must not look like an
+    empty answer)."""
     settings = settings_from(store, neo4j, **overrides)
     handle = open_store(settings)
     try:
+        if not (writing or settings.neo4j) and getattr(handle, "version", None) is None:
+            what = "holds no store" if settings.store.is_dir() else "does not exist"
+            raise ChannelgraphError(f"no store at {settings.store} (the folder {what}); load a dataset into it "
+                                    f"first: channelgraph load DATASET --store {settings.store}")
         yield handle, settings
     finally:
         handle.close()
@@ -78,14 +90,16 @@ def progress_bar() -> Iterator[Any]:
         yield update
 
 
-def emit(data: Any, fmt: Format, *, rows: Sequence[dict] | None = None, title: str | None = None) -> None:
-    """Print `data` as JSON, or `rows` as CSV or a table (rows default to `data`)."""
+def emit(data: Any, fmt: Format, *, rows: Sequence[dict] | None = None, title: str | None = None,
+         columns: Sequence[str] | None = None) -> None:
+    """Print `data` as JSON, or `rows` as CSV or a table (rows default to `data`).
+    `columns`: the names of the rows' fields, for the CSV header when there are no rows."""
     if fmt is Format.json:
         sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
         return
     rows = list(rows if rows is not None else data)
     if fmt is Format.csv:
-        sys.stdout.write(to_csv(rows))
+        sys.stdout.write(to_csv(rows, columns))
         return
     console = Console()
     if not rows:
@@ -100,15 +114,23 @@ def emit(data: Any, fmt: Format, *, rows: Sequence[dict] | None = None, title: s
     console.print(table)
 
 
-def to_csv(rows: Sequence[dict]) -> str:
-    """Rows as CSV; nested values become JSON text."""
+def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Rows as CSV (the first row's fields as columns; `columns` when there are no rows);
+    nested values become JSON text."""
+    names = list(rows[0].keys()) if rows else list(columns or ())
+    if not names:
+        return ""
     out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0].keys()), extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
+    writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
     return out.getvalue()
+
+
+def fields(model: type[BaseModel], *, without: Sequence[str] = ()) -> list[str]:
+    """A model's field names in order, for `emit(columns=...)`."""
+    return [name for name in model.model_fields if name not in without]
 
 
 def _cell(value: Any) -> str:
@@ -131,7 +153,7 @@ def load(
     """Validate and load a dataset; bad rows go to a rejects file with their reason."""
     from loaders.ingest import load_dataset
 
-    with opened(store, neo4j) as (handle, settings), progress_bar() as progress:
+    with opened(store, neo4j, writing=True) as (handle, settings), progress_bar() as progress:
         rejects_dir = rejects or (settings.store / "rejects" if not settings.neo4j else Path("channelgraph-rejects"))
         report = load_dataset(handle, dataset, rejects_dir=rejects_dir, progress=progress)
     data = report.as_dict()
@@ -185,7 +207,8 @@ def trace_command(
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Where a code went (custody path F -> B -> b -> C), or the flow of a batch/SKU."""
-    from queries.trace import flow, trace
+    from queries.diversion import Hop
+    from queries.trace import FlowEdge, flow, trace
 
     if (code is None) == (batch is None and sku is None):
         raise ChannelgraphError("give a CODE, or --batch and/or --sku (not both)")
@@ -193,15 +216,16 @@ def trace_command(
         if code is not None:
             result = trace(handle, code, k=settings.k)
             data = result.model_dump()
-            rows = [hop.model_dump() for hop in result.path]
+            rows, columns = [hop.model_dump() for hop in result.path], fields(Hop)
             title = (f"{result.level} {code} (sku {result.sku}, batch {result.batch}); assigned to "
                      f"{result.assigned_distributor or 'nobody (untracked)'}"
                      + (f"; DIVERTED ({result.diversion.severity})" if result.diversion else ""))
         else:
             edges = flow(handle, batch=batch, sku=sku)
             data = [e.model_dump() for e in edges]
-            rows, title = data, f"flow of {'batch ' + batch if batch else ''} {'sku ' + sku if sku else ''}".strip()
-    emit(data, format, rows=rows, title=title)
+            rows, columns = data, fields(FlowEdge)
+            title = f"flow of {'batch ' + batch if batch else ''} {'sku ' + sku if sku else ''}".strip()
+    emit(data, format, rows=rows, title=title, columns=columns)
 
 
 @app.command()
@@ -210,31 +234,47 @@ def diversions(
     severity: Annotated[str | None, typer.Option(help="confirmed or suspected.")] = None,
     since: Annotated[str | None, typer.Option(help="Only crossings at or after this ISO 8601 time.")] = None,
     by: Annotated[str | None, typer.Option(help="Group: responsible, region-pair, case, batch, sku or month.")] = None,
+    untracked: Annotated[bool, typer.Option("--untracked", help="List the untracked units instead (no factory shipment to a distributor: never judged).")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the document to this file instead of stdout.")] = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
-    """Cross-region diversion (窜货): one finding per diverted unit, or grouped views."""
-    from queries.diversion import diversion_view, find_diversions
+    """Cross-region diversion (窜货): one finding per diverted unit, grouped views, or the
+    untracked units; the table ends with the counts of units judged, diverted and untracked."""
+    from queries.diversion import DiversionFinding, UntrackedUnit, diversion_view, judge_store, view_columns
 
+    if untracked and (by or severity or since):
+        raise ChannelgraphError("--untracked lists units that are never judged: it takes no --by, --severity or --since")
     since_ts = _parse_since(since)
     with opened(store, neo4j, k=k) as (handle, settings):
         try:
-            findings = find_diversions(handle, k=settings.k, severity=severity, since=since_ts)
-            view = diversion_view(findings, by) if by else None
+            verdicts = judge_store(handle, k=settings.k, severity=severity, since=since_ts)
+            view = diversion_view(verdicts.findings.models(), by) if by else None
         except ValueError as exc:
             raise ChannelgraphError(str(exc)) from exc
-    if view is not None:
-        data, rows, title = view, view, f"diversions by {by}"
+        footnote = _judged_line(verdicts.summary(handle.unit_count())) if format is Format.table and out is None else None
+    if untracked:
+        data = [u.model_dump() for u in verdicts.untracked_units()]
+        rows, columns, title = data, fields(UntrackedUnit), f"{len(data)} untracked units (never judged)"
+    elif view is not None:
+        data, rows, columns, title = view, view, view_columns(by), f"diversions by {by}"
     else:
-        data = [f.model_dump() for f in findings]
+        data = [f.model_dump() for f in verdicts.findings.models()]
         rows = [{k: v for k, v in f.items() if k != "path"} for f in data] if format is not Format.json else None
-        title = f"{len(findings)} diverted units"
+        columns, title = fields(DiversionFinding, without=("path",)), f"{len(data)} diverted units"
     if out is not None:
         with _redirect_stdout(out):
-            emit(data, format if format is not Format.table else Format.json, rows=rows, title=title)
+            emit(data, format if format is not Format.table else Format.json, rows=rows, title=title, columns=columns)
         stderr.print(f"wrote {title} to {out}")
-    else:
-        emit(data, format, rows=rows, title=title)
+        return
+    emit(data, format, rows=rows, title=title, columns=columns)
+    if footnote:
+        Console().print(footnote, soft_wrap=True)
+
+
+def _judged_line(summary: DiversionSummary) -> str:
+    return (f"{summary.units:,} units: {summary.judged:,} judged, {summary.diverted:,} diverted "
+            f"({summary.confirmed:,} confirmed, {summary.suspected:,} suspected); {summary.untracked:,} untracked "
+            "(no factory shipment to a distributor: never judged; listed by --untracked)")
 
 
 @app.command()
@@ -243,22 +283,45 @@ def influencers(
     percent: Annotated[float | None, typer.Option(help="List the top P% of referrers instead of --top.")] = None,
     by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
     cascade: Annotated[str | None, typer.Option(help="Export the referral cascade of this party instead.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Count the referral rows instead: read, attributed, ignored by reason.")] = False,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
-    """Super users (超级用户): referrers ranked by the cascades they bring in."""
+    """Super users (超级用户): referrers ranked by the cascades they bring in; the table ends
+    with how many referrals were attributed and ignored."""
     from queries import influence
 
+    if stats and cascade is not None:
+        raise ChannelgraphError("give --stats or --cascade, not both")
+    footnote = None
     with opened(store, neo4j) as (handle, _):
         try:
-            if cascade is not None:
-                data = [n.model_dump() for n in influence.cascade(handle, cascade)]
-                title = f"cascade of {cascade}: {len(data) - 1} members"
+            if stats:
+                counted = influence.referral_stats(handle)
+                data, rows = counted.model_dump(), [
+                    {"referrals": "read", "count": counted.referrals}, {"referrals": "attributed", "count": counted.attributed},
+                    *({"referrals": f"ignored: {reason}", "count": n} for reason, n in counted.ignored.items())]
+                columns, title = ["referrals", "count"], "referral rows and what attribution made of them"
+            elif cascade is not None:
+                data = rows = [n.model_dump() for n in influence.cascade(handle, cascade)]
+                columns, title = fields(influence.CascadeNode), f"cascade of {cascade}: {len(data) - 1} members"
             else:
-                data = [i.model_dump() for i in influence.influencers(handle, top=top, percent=percent, by=by)]
-                title = f"top referrers by {by}"
+                attribution = influence.attribute(handle.referrals().to_pandas())
+                ranking = influence.influencers(handle, top=top, percent=percent, by=by, attribution=attribution)
+                data = rows = [i.model_dump() for i in ranking]
+                columns, title = fields(influence.Influencer), f"top referrers by {by}"
+                footnote = _attribution_line(attribution.stats()) if format is Format.table else None
         except ValueError as exc:
             raise ChannelgraphError(str(exc)) from exc
-    emit(data, format, title=title)
+    emit(data, format, rows=rows, title=title, columns=columns)
+    if footnote:
+        Console().print(footnote, soft_wrap=True)
+
+
+def _attribution_line(stats: ReferralStats) -> str:
+    ignored = stats.ignored
+    return (f"{stats.referrals:,} referrals: {stats.attributed:,} attributed, {sum(ignored.values()):,} ignored "
+            f"({ignored['self']:,} self-referrals, {ignored['duplicate']:,} repeated pairs, {ignored['late']:,} of an "
+            f"already attributed referee, {ignored['cycle']:,} closing a cycle); see --stats")
 
 
 @app.command()

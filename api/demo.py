@@ -14,8 +14,8 @@ from graph.settings import Settings
 from graph.store import open_store
 from loaders.generate import generate_dataset
 from loaders.ingest import load_dataset
-from queries.diversion import diversion_view, find_diversions
-from queries.influence import influencers
+from queries.diversion import diversion_view, judge_store
+from queries.influence import influencers, referral_stats
 from queries.trace import trace
 
 
@@ -32,9 +32,12 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         console.print(f"[bold]2/4[/] loading into {store.uri}")
         loaded = load_dataset(store, dataset, rejects_dir=out_dir / "rejects")
         console.print("[bold]3/4[/] finding diversions, super users, a trace")
-        findings = find_diversions(store, k=settings.k)
+        verdicts = judge_store(store, k=settings.k)
+        findings = verdicts.findings.models()
+        summary = verdicts.summary(store.unit_count())
         offenders = diversion_view(findings, "responsible")[:5]
         top = influencers(store, top=5, by="cascade_size")
+        referrals = referral_stats(store)
         example = trace(store, findings[0].code, k=settings.k) if findings else None
         answers = json.loads((dataset / "answers.json").read_text())
         pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
@@ -43,6 +46,7 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         store.close()
     planted = {(d["code"], d["severity"]) for d in answers.get("diversions", [])}
     found = {(f.code, f.severity) for f in findings}
+    untracked, planted_untracked = set(verdicts.untracked.column("code").to_pylist()), set(answers.get("untracked", []))
     report = {
         "dataset": str(dataset), "store": str(settings.neo4j or settings.store),
         "rows_generated": generated.get("rows", {}),
@@ -52,6 +56,11 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         "suspected": sum(f.severity == "suspected" for f in findings),
         "planted_diversions_recovered": f"{len(found & planted)}/{len(planted)}",
         "false_findings": len(found - planted),
+        "units": summary.units,
+        "judged_units": summary.judged,
+        "untracked_units": summary.untracked,
+        "planted_untracked_recovered": f"{len(untracked & planted_untracked)}/{len(planted_untracked)}",
+        "referrals": referrals.model_dump(),
         "repeat_offenders": offenders,
         "super_users": [i.model_dump() for i in top],
         "example_trace": example.model_dump() if example else None,
@@ -74,6 +83,12 @@ def _print_report(console: Console, report: dict) -> None:
     console.print(f"diverted units: {report['diverted_units']:,} ({report['confirmed']:,} confirmed, "
                   f"{report['suspected']:,} suspected); planted diversions recovered "
                   f"{report['planted_diversions_recovered']}, false findings {report['false_findings']}")
+    console.print(f"units: {report['units']:,}, {report['judged_units']:,} judged; {report['untracked_units']:,} untracked "
+                  f"(no factory shipment to a distributor: never judged); planted untracked recovered "
+                  f"{report['planted_untracked_recovered']}")
+    referrals = report["referrals"]
+    console.print(f"referrals: {referrals['referrals']:,} read, {referrals['attributed']:,} attributed; ignored: "
+                  + ", ".join(f"{reason} {n:,}" for reason, n in referrals["ignored"].items()))
     console.print("\n[bold]repeat offenders[/] (responsible distributor: diverted units)")
     for row in report["repeat_offenders"]:
         console.print(f"  {row['rank']}. {row['responsible']}: {row['units']} units in {row['crossings']} crossings")

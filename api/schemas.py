@@ -1,6 +1,6 @@
 """Response and request models of the HTTP API that the query modules do not already
-define (those come from `queries/`: TraceResult, FlowEdge, DiversionFinding, Influencer,
-CascadeNode)."""
+define (those come from `queries/`: TraceResult, FlowEdge, DiversionFinding, DiversionSummary,
+UntrackedUnit, Influencer, ReferralStats, CascadeNode)."""
 from __future__ import annotations
 
 from enum import Enum
@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from graph.model import TABLES
-from queries.diversion import DiversionFinding
+from queries.diversion import DiversionFinding, UntrackedUnit
 from queries.influence import CascadeNode, Influencer
 from queries.trace import FlowEdge
 
@@ -76,6 +76,13 @@ class FindingsPage(BaseModel):
     offset: int
     limit: int
     items: list[DiversionFinding]
+
+
+class UntrackedPage(BaseModel):
+    total: int = Field(description="Untracked units in the store, before pagination")
+    offset: int
+    limit: int
+    items: list[UntrackedUnit] = Field(description="By code")
 
 
 class DiversionGroup(BaseModel):

@@ -37,7 +37,7 @@ from graph.errors import NotFound
 from graph.settings import Settings
 from graph.store import Store, open_store
 from queries import influence
-from queries.diversion import SEVERITIES, DiversionFinding, diversion_view, find_diversions
+from queries.diversion import SEVERITIES, DiversionFinding, DiversionSummary, UntrackedUnit, diversion_view, judge_store
 from queries.trace import FlowEdge, TraceResult, flow, trace
 
 log = logging.getLogger(__name__)
@@ -143,20 +143,22 @@ def _utc(moment: datetime) -> np.datetime64:
 
 @dataclass
 class FindingIndex:
-    """All findings of one store version and k, with columns for fast filtering."""
+    """All findings of one store version and k, with columns for fast filtering, and the
+    store's untracked units."""
 
     findings: list[DiversionFinding]
     json: list[bytes]
     columns: dict[str, np.ndarray]
     ts: np.ndarray
+    untracked: list[UntrackedUnit]
     _orders: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, findings: list[DiversionFinding]) -> FindingIndex:
+    def build(cls, findings: list[DiversionFinding], untracked: list[UntrackedUnit]) -> FindingIndex:
         names = ("code", "severity", "responsible", "crossing_region", "sku", "batch")
         columns = {n: np.array([getattr(f, n) or "" for f in findings], dtype=object) for n in names}
         ts = np.array([f.crossing_ts.rstrip("Z") for f in findings], dtype="datetime64[us]")
-        return cls(findings, [orjson.dumps(f.model_dump()) for f in findings], columns, ts)
+        return cls(findings, [orjson.dumps(f.model_dump()) for f in findings], columns, ts, untracked)
 
     def select(self, filters: DiversionFilters, regions: set[str] | None, sort: str = "code") -> np.ndarray:
         """Positions of the findings that pass `filters`, in `sort` order."""
@@ -297,8 +299,10 @@ class ApiService:
 
         def judge() -> FindingIndex:
             started = time.perf_counter()
-            index = FindingIndex.build(find_diversions(self.store, k=k))
-            log.info("judged %s: %d findings in %.2f s", self.store.uri, len(index.findings), time.perf_counter() - started)
+            verdicts = judge_store(self.store, k=k)
+            index = FindingIndex.build(verdicts.findings.models(), verdicts.untracked_units())
+            log.info("judged %s: %d findings, %d untracked units in %.2f s", self.store.uri, len(index.findings),
+                     len(index.untracked), time.perf_counter() - started)
             return index
 
         return self.results.get(key, judge, ttl)
@@ -361,6 +365,19 @@ class ApiService:
             writer.writerow({**row, "territory": "|".join(finding.territory), "path": " > ".join(_path_parties(finding))})
         return out.getvalue()
 
+    def diversion_summary(self, k: int | None = None) -> DiversionSummary:
+        """The store's units judged, diverted by severity, and untracked (DOMAIN.md §3)."""
+        index = self.finding_index(k)
+        key, ttl = self._key("unit-count")
+        confirmed = int((index.columns["severity"] == "confirmed").sum())
+        return DiversionSummary.count(units=self.results.get(key, self.store.unit_count, ttl),
+                                      untracked=len(index.untracked), confirmed=confirmed,
+                                      suspected=len(index.findings) - confirmed)
+
+    def untracked(self, k: int | None = None) -> list[UntrackedUnit]:
+        """The store's untracked units, by code (judged with the findings)."""
+        return self.finding_index(k).untracked
+
     def diversion_groups(self, filters: DiversionFilters, by: str, k: int | None = None) -> list[dict]:
         key, ttl = self._key("groups", k or self.k, filters, by)
         return self.results.get(key, lambda: diversion_view(self.findings(filters, k=k), by), ttl)
@@ -371,6 +388,10 @@ class ApiService:
                     by: str = "influence") -> list[influence.Influencer]:
         key, ttl = self._key("influencers", top, percent, by)
         return self.results.get(key, lambda: influence.influencers(self.store, top=top, percent=percent, by=by), ttl)
+
+    def referral_stats(self) -> influence.ReferralStats:
+        key, ttl = self._key("referral-stats")
+        return self.results.get(key, lambda: influence.referral_stats(self.store), ttl)
 
     def cascade(self, party_id: str) -> list[influence.CascadeNode]:
         key, ttl = self._key("cascade", party_id)

@@ -288,6 +288,9 @@ class EmbeddedStore:
     def counts(self) -> dict[str, int]:
         return {name: self.table(name).num_rows for name in TABLES}
 
+    def unit_count(self) -> int:
+        return int(np.count_nonzero(self._levels(None) == LEVELS.index("unit")))
+
     def rejects_dir(self) -> Path:
         return self.path / "rejects"
 

@@ -345,6 +345,7 @@ COUNT = {t: ("MATCH ()-[n:REFERRED]->() RETURN count(n) AS n" if t == "referrals
              f"MATCH (n:{TABLE_LABELS[t]}) RETURN count(n) AS n") for t in TABLES}
 
 UNIT_CODES = "MATCH (u:Code) WHERE u.level = 'unit' RETURN u.code AS code"
+UNIT_COUNT = "MATCH (u:Code) WHERE u.level = 'unit' RETURN count(u) AS units"
 # the code, then its ancestors up to the top (each code has at most one parent)
 _LINEAGE = f"""
 MATCH path = (u)-[:PACKED_IN*0..{MAX_HOPS}]->(top:Code)
@@ -476,6 +477,22 @@ CALL (cases) {{
   RETURN collect(DISTINCT v.code) AS mates
 }}
 RETURN direct, mates
+"""
+# The units the judge may find untracked (queries/diversion.py decides): no live assignment
+# event (docs/design.md: a factory's ship to a distributor, a distributor's receive from a
+# factory) on the unit or a code it is packed in. The assigned codes are collected once
+# (a per-unit search of lineage events for assignments took 4x as long at scale 10).
+UNTRACKED_CANDIDATES = f"""
+CALL () {{
+  MATCH (:Factory)<-[:BY]-(e:Event)-[:TO]->(:Distributor) WHERE e.action = 'ship' AND {_LIVE} RETURN e
+  UNION
+  MATCH (:Distributor)<-[:BY]-(e:Event)-[:TO]->(:Factory) WHERE e.action = 'receive' AND {_LIVE} RETURN e
+}}
+MATCH (e)-[:ON]->(c:Code)
+WITH collect(DISTINCT c) AS assigned
+MATCH (u:Code) WHERE u.level = 'unit'
+  AND NOT EXISTS {{ MATCH (u)-[:PACKED_IN*0..{MAX_HOPS}]->(c:Code) WHERE c IN assigned }}
+RETURN u.code AS code
 """
 
 # ---------------------------------------------------------------- errors
@@ -715,9 +732,12 @@ class Neo4jStore:
         return sorted((row[0] for row in self._read(UNITS_WHERE, batch=batch, sku=sku)), key=str.encode)
 
     def timeline_batches(self) -> Iterator[Timeline]:
-        """The timelines the diversion judge needs: those of the candidate units only, in
-        one batch (the candidate query already narrows the store in the database)."""
-        yield self.timelines(self.diversion_candidates())
+        """The timelines the diversion judge needs: those of the candidate units only (the
+        diversion and untracked candidates, which the database narrows), in one batch."""
+        yield self.timelines(self.diversion_candidates() + self.untracked_candidates())
+
+    def unit_count(self) -> int:
+        return int(self._read(UNIT_COUNT)[0][0])
 
     def sales_rows(self, until: datetime | None = None) -> dict[str, pa.Table]:
         """Per unit, aggregated in Cypher (queries/sales.py, docs/design.md): `sell_in`, one
@@ -749,6 +769,10 @@ class Neo4jStore:
             found.update(direct)
             found.update(mates)
         return sorted(found, key=str.encode)
+
+    def untracked_candidates(self) -> list[str]:
+        """Sorted unit codes that could be untracked: see UNTRACKED_CANDIDATES."""
+        return sorted((row[0] for row in self._read(UNTRACKED_CANDIDATES)), key=str.encode)
 
     # ------------------------------------------------------------ writing
 

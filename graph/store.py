@@ -33,8 +33,11 @@ class Store(Protocol):
         """Timelines (graph/timeline.py) of the given codes, or of every unit."""
 
     def timeline_batches(self) -> Iterator[Timeline]:
-        """Timelines covering every unit the diversion judge must see, in batches that each
-        hold whole cases."""
+        """Timelines covering every unit the diversion judge could find diverted or
+        untracked, in batches that each hold whole cases."""
+
+    def unit_count(self) -> int:
+        """Unit-level codes held."""
 
     def counts(self) -> dict[str, int]:
         """Rows held per table."""

@@ -69,6 +69,10 @@ class ConsumerLifecycle(BaseModel):
     segment: str
 
 
+PURCHASE_COLUMNS = ("ts", "code", "sku", "unit_price", "store")  # of a profile's purchases
+FUNNEL_COLUMNS = ("period", "as_of", *STAGES)  # of a stage_funnel row
+
+
 class ConsumerProfile(BaseModel):
     """The 360° view of one consumer."""
 
@@ -76,7 +80,7 @@ class ConsumerProfile(BaseModel):
     name: str | None
     region_id: str | None
     lifecycle: ConsumerLifecycle
-    purchases: list[dict]  # ts, code, sku, unit_price, store, region_id
+    purchases: list[dict]  # PURCHASE_COLUMNS
     stores: list[dict]  # store, purchases (units it sold to this consumer)
     referred_by: dict | None  # referrer_id, ts (the attributed referrer)
     referrals: list[dict]  # referee_id, ts, converted

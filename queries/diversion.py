@@ -24,7 +24,9 @@ SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
 SEVERITIES = ("confirmed", "suspected")
 ACTION_ROWS = Lookup(pa.array(ACTIONS))
-VIEWS = ("responsible", "region-pair", "case", "batch", "sku", "month")
+VIEW_KEYS = {"responsible": ("responsible",), "region-pair": ("from_territory", "to_region"), "case": ("case",),
+             "batch": ("batch",), "sku": ("sku",), "month": ("month",)}  # the key columns of each grouped view
+VIEWS = tuple(VIEW_KEYS)
 
 
 class Hop(BaseModel):
@@ -56,6 +58,37 @@ class DiversionFinding(BaseModel):
     exit_via: str | None
     case: str | None
     path: list[Hop]
+
+
+class UntrackedUnit(BaseModel):
+    """A unit no assignment governs (no factory -> distributor hand-over on it or on a code
+    it is packed in; DOMAIN.md §3): reported, never judged."""
+
+    code: str
+    sku: str | None
+    batch: str | None
+    events: int  # its effective events (on it and on every code it is packed in)
+    last_holder: str | None  # who held it after its last event
+    last_region: str | None  # where it was after its last event
+    first_ts: str | None
+    last_ts: str | None
+
+
+class DiversionSummary(BaseModel):
+    """How the units of a store were judged (DOMAIN.md §3)."""
+
+    units: int  # unit codes in the store
+    judged: int  # units with an assignment: judged by the rules
+    diverted: int  # judged units with a finding
+    confirmed: int
+    suspected: int
+    untracked: int  # units without an assignment: reported, never judged
+
+    @classmethod
+    def count(cls, *, units: int, untracked: int, confirmed: int, suspected: int) -> DiversionSummary:
+        """The summary of a store of `units` unit codes, `untracked` of them untracked."""
+        return cls(units=units, judged=units - untracked, diverted=confirmed + suspected, confirmed=confirmed,
+                   suspected=suspected, untracked=untracked)
 
 
 class Territories:
@@ -342,6 +375,9 @@ FINDING_SCHEMA = pa.schema([  # DiversionFinding's fields in order, but `path`
 HOP_SCHEMA = pa.schema([  # Hop's fields in order
     ("party_id", TEXT), ("kind", TEXT), ("region_id", TEXT), ("ts", TS_TYPE), ("event_id", TEXT), ("action", TEXT),
     ("crossed", pa.bool_()), ("code", TEXT), ("counterparty_id", TEXT), ("to_region_id", TEXT)])
+UNTRACKED_SCHEMA = pa.schema([  # UntrackedUnit's fields in order
+    ("code", TEXT), ("sku", TEXT), ("batch", TEXT), ("events", pa.int64()), ("last_holder", TEXT),
+    ("last_region", TEXT), ("first_ts", TS_TYPE), ("last_ts", TS_TYPE)])
 
 
 @dataclass
@@ -468,15 +504,72 @@ def judged_batches(store, then: Callable[[Judgement], R], *, k: int = 3,  # noqa
     return parallel_map(lambda batch: then(judge(*batch[:2], k=k, facts=batch[2])), batches, workers=workers)
 
 
-def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
-                      since: datetime | None = None) -> Findings:
-    """One finding per diverted unit (sorted by code), in columns, filtered by severity and
-    crossing time (>= since; a time without offset is UTC)."""
+@dataclass
+class StoreVerdicts:
+    """What judging a whole store says: the findings passing the filters, the untracked
+    units (UNTRACKED_SCHEMA, by code), and how many findings of each severity the store
+    holds before the filters."""
+
+    findings: Findings
+    untracked: pa.Table
+    confirmed: int
+    suspected: int
+
+    @classmethod
+    def concat(cls, parts: list[StoreVerdicts]) -> StoreVerdicts:
+        """The verdicts of all `parts` (judgements of disjoint units)."""
+        untracked = pa.concat_tables([UNTRACKED_SCHEMA.empty_table(), *(part.untracked for part in parts)])
+        return cls(Findings.concat([part.findings for part in parts]),
+                   untracked.take(pc.sort_indices(untracked, [("code", "ascending")])),
+                   sum(part.confirmed for part in parts), sum(part.suspected for part in parts))
+
+    def untracked_units(self) -> list[UntrackedUnit]:
+        return trusted_models(UntrackedUnit, python_columns(self.untracked))
+
+    def summary(self, units: int) -> DiversionSummary:
+        """The counts, for a store holding `units` unit codes."""
+        return DiversionSummary.count(units=units, untracked=self.untracked.num_rows, confirmed=self.confirmed,
+                                      suspected=self.suspected)
+
+
+def untracked_rows(judgement: Judgement) -> pa.Table:
+    """The judgement's untracked units (UNTRACKED_SCHEMA, in unit order), each with its
+    number of effective events, and its holder, location and time after the last one."""
+    tl = judgement.timeline
+    units = judgement.untracked
+    first = np.searchsorted(tl.unit, units, "left")  # timeline rows are grouped by unit, in unit order
+    counts = np.searchsorted(tl.unit, units, "right") - first
+    seen = counts > 0
+    first, last = np.where(seen, first, -1), np.where(seen, first + counts - 1, -1)
+
+    def at(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        out = np.full(len(rows), -1, np.int64)
+        out[rows >= 0] = values[rows[rows >= 0]]
+        return out
+
+    ts, unit_rows = tl.events.column("ts"), pa.array(units, pa.int64())
+    return pa.table({
+        "code": pc.take(tl.units.column("code"), unit_rows),
+        "sku": pc.take(tl.units.column("sku"), unit_rows),
+        "batch": pc.take(tl.units.column("batch"), unit_rows),
+        "events": pa.array(counts, pa.int64()),
+        "last_holder": take_rows(judgement.context.party_ids, at(judgement.holder, last)),
+        "last_region": take_rows(judgement.context.region_ids, at(judgement.after, last)),
+        "first_ts": take_rows(ts, at(tl.event, first)),
+        "last_ts": take_rows(ts, at(tl.event, last)),
+    }, schema=UNTRACKED_SCHEMA)
+
+
+def judge_store(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
+                since: datetime | None = None) -> StoreVerdicts:
+    """Judge every unit the store could find diverted or untracked: one finding per
+    diverted unit (sorted by code) filtered by severity and crossing time (>= since; a time
+    without offset is UTC), and every untracked unit."""
     if severity is not None and severity not in SEVERITIES:
         raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
     cutoff = utc(since)
 
-    def kept(judgement: Judgement) -> Findings:
+    def judged(judgement: Judgement) -> StoreVerdicts:
         verdicts = judgement.verdicts
         keep = np.ones(len(verdicts), bool)
         if severity:
@@ -484,9 +577,18 @@ def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa
         if cutoff is not None and len(verdicts):
             ts = pc.take(judgement.timeline.events.column("ts"), pa.array(judgement.timeline.event[verdicts.row]))
             keep &= pc.greater_equal(ts, pa.scalar(cutoff.to_pydatetime(), ts.type)).to_numpy(zero_copy_only=False)
-        return Findings.of(judgement, units=verdicts.unit[keep])
+        confirmed = int((verdicts.severity == "confirmed").sum())
+        return StoreVerdicts(Findings.of(judgement, units=verdicts.unit[keep]), untracked_rows(judgement),
+                             confirmed, len(verdicts) - confirmed)
 
-    return Findings.concat(list(judged_batches(store, kept, k=k)))
+    return StoreVerdicts.concat(list(judged_batches(store, judged, k=k)))
+
+
+def detect_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
+                      since: datetime | None = None) -> Findings:
+    """One finding per diverted unit (sorted by code), in columns, filtered by severity and
+    crossing time (>= since; a time without offset is UTC)."""
+    return judge_store(store, k=k, severity=severity, since=since).findings
 
 
 def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: ANN001 - any Store
@@ -495,9 +597,14 @@ def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: 
     return detect_diversions(store, k=k, severity=severity, since=since).models()
 
 
+def view_columns(by: str) -> list[str]:
+    """The columns of a `diversion_view` row, in order."""
+    return ["rank", *VIEW_KEYS[by], "units", "confirmed", "suspected", "crossings", "first_ts", "last_ts"]
+
+
 def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
-    """Findings grouped `by` one of VIEWS, with unit counts, most units first (repeat
-    offenders on top for `responsible`)."""
+    """Findings grouped `by` one of VIEWS (rows of `view_columns(by)`), with unit counts,
+    most units first (repeat offenders on top for `responsible`)."""
     if by not in VIEWS:
         raise ValueError(f"--by {by!r}: expected one of {', '.join(VIEWS)}")
     if not findings:
@@ -506,8 +613,7 @@ def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
         "responsible": f.responsible, "from_territory": "|".join(f.territory), "to_region": f.crossing_region,
         "case": f.case, "batch": f.batch, "sku": f.sku, "month": f.crossing_ts[:7], "severity": f.severity,
         "crossing_event_id": f.crossing_event_id, "crossing_ts": f.crossing_ts} for f in findings])
-    keys = {"responsible": ["responsible"], "region-pair": ["from_territory", "to_region"], "case": ["case"],
-            "batch": ["batch"], "sku": ["sku"], "month": ["month"]}[by]
+    keys = list(VIEW_KEYS[by])
     grouped = frame.groupby(keys, dropna=False).agg(
         units=("severity", "size"),
         confirmed=("severity", lambda s: int((s == "confirmed").sum())),

@@ -23,6 +23,7 @@ from graph.errors import NotFound
 from queries.common import iso, trusted_models
 
 METRICS = ("influence", "cascade_size", "direct", "converted", "revenue")
+IGNORED = ("self", "duplicate", "late", "cycle")  # why a referral row is not attributed
 
 
 class Influencer(BaseModel):
@@ -46,12 +47,26 @@ class CascadeNode(BaseModel):
     revenue: float
 
 
+class ReferralStats(BaseModel):
+    """What first-touch attribution made of the stored referral rows:
+    referrals = attributed + the sum of ignored."""
+
+    referrals: int  # referral rows read
+    attributed: int  # rows that attribute their referee (one per attributed referee)
+    ignored: dict[str, int]  # rows not attributed, by reason (IGNORED, zeros included)
+
+
 @dataclass
 class Attribution:
     """The attributed referrals (each referee's first-touch referrer) and the ignored rows."""
 
     edges: pd.DataFrame  # referrer_id, referee_id, ts (UTC), in attribution order
-    ignored: Counter = field(default_factory=Counter)  # self / duplicate / late / cycle
+    ignored: Counter = field(default_factory=Counter)  # by reason, one of IGNORED
+    rows: int = 0  # referral rows read
+
+    def stats(self) -> ReferralStats:
+        return ReferralStats(referrals=self.rows, attributed=len(self.edges),
+                             ignored={reason: self.ignored[reason] for reason in IGNORED})
 
     @cached_property
     def forest(self) -> nx.DiGraph:
@@ -99,7 +114,7 @@ def attribute(referrals: pd.DataFrame) -> Attribution:
     accepted = np.sort(np.r_[clean, np.array(kept, np.int64)])
     edges = pd.DataFrame({"referrer_id": referrer[accepted], "referee_id": referee[accepted],
                           "ts": pd.to_datetime(ordered["ts"].iloc[accepted], utc=True).reset_index(drop=True)})
-    return Attribution(edges, ignored)
+    return Attribution(edges, ignored, len(referrals))
 
 
 def _descends_from(node: int, ancestor: int, parent: dict[int, int]) -> bool:
@@ -149,14 +164,15 @@ def pagerank(sources: np.ndarray, targets: np.ndarray, n: int, *, alpha: float =
 
 
 def influencers(store, *, top: int | None = 10, percent: float | None = None,  # noqa: ANN001 - any Store
-                by: str = "influence") -> list[Influencer]:
+                by: str = "influence", attribution: Attribution | None = None) -> list[Influencer]:
     """Referrers ranked by `by` (one of METRICS; ties: larger cascade, then party_id), the
-    top N or the top `percent`%."""
+    top N or the top `percent`%. `attribution`: `attribute` of the store's referrals, when
+    the caller has it (and wants its `stats()` too)."""
     if by not in METRICS:
         raise ValueError(f"--by {by!r}: expected one of {', '.join(METRICS)}")
     if percent is not None and not 0 < percent <= 100:
         raise ValueError(f"--percent {percent}: expected a number in (0, 100]")
-    table = referrer_metrics(store)
+    table = referrer_metrics(store, attribution)
     key = {"revenue": "referred_revenue"}.get(by, by)
     name_rank = pd.factorize(table["party_id"], sort=True)[0]
     order = np.lexsort((name_rank, -table["cascade_size"].to_numpy(), -table[key].to_numpy()))
@@ -171,10 +187,17 @@ def influencers(store, *, top: int | None = 10, percent: float | None = None,  #
                                        for name in Influencer.model_fields})
 
 
-def referrer_metrics(store) -> pd.DataFrame:  # noqa: ANN001 - any Store
+def referral_stats(store) -> ReferralStats:  # noqa: ANN001 - any Store
+    """How many referral rows the store holds, how many are attributed, and how many are
+    ignored for each reason (DOMAIN.md §4)."""
+    return attribute(store.referrals().to_pandas()).stats()
+
+
+def referrer_metrics(store, attribution: Attribution | None = None) -> pd.DataFrame:  # noqa: ANN001 - any Store
     """Metrics of every referrer in the attribution forest (the Influencer fields but
-    `kind`), computed level by level from the leaves up (vectorised)."""
-    edges = attribute(store.referrals().to_pandas()).edges
+    `kind`), computed level by level from the leaves up (vectorised). `attribution`: the
+    store's, when the caller has it."""
+    edges = (attribution or attribute(store.referrals().to_pandas())).edges
     if edges.empty:
         return pd.DataFrame({name: pd.Series(dtype=object if name == "party_id" else float)
                              for name in Influencer.model_fields if name != "kind"})

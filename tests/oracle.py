@@ -8,8 +8,10 @@ answers per unit by walking its events one by one. Slow on purpose; for small da
 
     data = read_dataset(folder)
     diversions(data)        # {unit code: finding dict}, the `diversions --format json` fields
+    untracked(data)         # {unit code: row}, the `diversions --untracked --format json` fields
     trace(data, code)       # the `trace CODE --format json` fields
     influencers(data)       # {party_id: metrics}, the `influencers --format json` fields
+    referral_stats(data)    # the `influencers --stats --format json` document
 """
 from __future__ import annotations
 
@@ -456,6 +458,21 @@ def diversions(data: Dataset, k: int = 3) -> dict[str, dict]:
     return {code: finding(data, v) for code, v in judge_all(data, k).items() if v.severity}
 
 
+def untracked(data: Dataset) -> dict[str, dict]:
+    """Every unit with no assignment (reported, never judged), by code: how many events
+    apply to it, who held it and where it was after the last one, the first and last time."""
+    out = {}
+    for code, v in judge_all(data).items():
+        if v.untracked:
+            first, last = (v.events[0], v.events[-1]) if v.events else (None, None)
+            out[code] = {
+                "code": code, "sku": data.inherited(code, "sku"), "batch": data.inherited(code, "batch"),
+                "events": len(v.events), "last_holder": holder_after(last) if last else None,
+                "last_region": location_after(data, last) if last else None,
+                "first_ts": iso(first["ts"]) if first else None, "last_ts": iso(last["ts"]) if last else None}
+    return out
+
+
 def trace(data: Dataset, code: str, k: int = 3, verdicts: dict[str, UnitVerdict] | None = None) -> dict:
     """The trace of one code: its custody path (events on it and its ancestors), the
     distributor its latest assignment names, its finding (a case or pallet judged as one
@@ -562,3 +579,10 @@ def influencers(data: Dataset) -> dict[str, dict]:
             "influence": rank[referrer],
         }
     return out
+
+
+def referral_stats(data: Dataset) -> dict:
+    """Referral rows read, attributed, and ignored by reason."""
+    attribution = attribute(data)
+    return {"referrals": len(data.referrals), "attributed": len(attribution.parent),
+            "ignored": {reason: attribution.ignored[reason] for reason in ("self", "duplicate", "late", "cycle")}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from graph.settings import Settings
 from graph.store import open_store
 from loaders.ingest import load_dataset
 from tests.conftest import _wipe_neo4j
-from tests.worlds import CHANNEL_DIVERSIONS, channel_world, write_world
+from tests.worlds import CHANNEL_DIVERSIONS, UNTRACKED, channel_world, write_world
 
 DIVERTED = sorted(code for code, *_ in CHANNEL_DIVERSIONS)
 KEY = "s3cret-key"
@@ -241,7 +242,8 @@ def test_openapi_documents_every_endpoint_and_error(client):
     operations = {(path, method): op for path, item in document["paths"].items() for method, op in item.items()}
     assert {p for p, _ in operations} >= {  # other features add their routers too
         "/api/health", "/api/ready", "/api/trace/{code}", "/api/flow", "/api/diversions", "/api/diversions.csv",
-        "/api/diversions/groups", "/api/influencers", "/api/influencers/{party_id}/cascade", "/api/datasets"}
+        "/api/diversions/groups", "/api/diversions/summary", "/api/diversions/untracked", "/api/influencers",
+        "/api/influencers/stats", "/api/influencers/{party_id}/cascade", "/api/datasets"}
     for (path, _), op in operations.items():
         ok = op["responses"]["200"]["content"]
         assert "$ref" in str(ok) or "text/csv" in ok, path
@@ -250,6 +252,42 @@ def test_openapi_documents_every_endpoint_and_error(client):
                 assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), (path, status)
     models = set(document["components"]["schemas"])
     assert {"ErrorResponse", "TraceResult", "FindingsPage", "DiversionGroups", "Cascade"} <= models
+
+
+def test_units_judged_diverted_and_untracked(client):
+    units = sum(1 for code in channel_world()["codes"] if code["level"] == "unit")
+    for k, upgraded in ((None, 0), (2, 2)):  # at k = 2, J1 and J2 (two units of CJ in Nanjing) are confirmed
+        severities = Counter(severity for _, severity, *_ in CHANNEL_DIVERSIONS)
+        summary = client.get("/api/diversions/summary", params={"k": k} if k else {}).json()
+        assert summary == {"units": units, "judged": units - len(UNTRACKED), "diverted": len(CHANNEL_DIVERSIONS),
+                           "confirmed": severities["confirmed"] + upgraded,
+                           "suspected": severities["suspected"] - upgraded, "untracked": len(UNTRACKED)}
+    page = client.get("/api/diversions/untracked", params={"limit": 1}).json()
+    assert page == {"total": 1, "offset": 0, "limit": 1, "items": [{
+        "code": "U1", "sku": "BJ500", "batch": "B1", "events": 2, "last_holder": "wx-u1", "last_region": "NJ",
+        "first_ts": "2024-02-02T00:00:00Z", "last_ts": "2024-03-01T00:00:00Z"}]}
+    assert client.get("/api/diversions/untracked", params={"offset": 1}).json()["items"] == []
+    assert "limit" in error_of(client.get("/api/diversions/untracked", params={"limit": 0}), 422)
+    assert "k" in error_of(client.get("/api/diversions/summary", params={"k": 0}), 422)
+
+
+def test_referral_stats(client):
+    # 7 referees attributed; ignored: wx-k2, C1 and wx-a1 referred again (late), wx-j1 by
+    # itself, C1 -> wx-a1 twice, wx-j1 -> wx-j2 closing wx-j2 -> wx-j1
+    assert client.get("/api/influencers/stats").json() == {
+        "referrals": len(channel_world()["referrals"]), "attributed": 7,
+        "ignored": {"self": 1, "duplicate": 1, "late": 3, "cycle": 1}}
+
+
+def test_an_empty_store_is_served(tmp_path: Path):
+    """`serve` over a folder nothing was loaded into (yet): empty answers, not errors."""
+    client = TestClient(create_app(Settings(store=tmp_path / "new")))
+    assert client.get("/api/ready").json()["counts"]["scans"] == 0
+    assert client.get("/api/diversions/summary").json() == dict.fromkeys(
+        ("units", "judged", "diverted", "confirmed", "suspected", "untracked"), 0)
+    assert client.get("/api/diversions/untracked").json()["items"] == []
+    assert client.get("/api/influencers/stats").json() == {
+        "referrals": 0, "attributed": 0, "ignored": {"self": 0, "duplicate": 0, "late": 0, "cycle": 0}}
 
 
 def test_an_unreadable_store_answers_503(tmp_path: Path):

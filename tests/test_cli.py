@@ -1,6 +1,7 @@
 """The CLI contract of issues 2 and 4: command and option names, the documents' fields,
 stdout carrying only the document with --format json/csv, exit status and one-line
-errors on bad input (embedded store, the hand-checked channel world)."""
+errors on bad input (embedded store, the hand-checked channel world); a folder without
+a store is an error, not an empty answer; an empty CSV still has its header."""
 from __future__ import annotations
 
 import csv
@@ -82,6 +83,9 @@ def test_documents_alone_on_stdout_with_the_issue_fields(world):
     (["diversions", "--format", "xml"], "--format", 2),
     (["disperse"], "No such command 'disperse'", 2),
     (["load"], "dataset", 2),
+    (["diversions", "--untracked", "--by", "sku"], "--untracked", 1),
+    (["diversions", "--untracked", "--severity", "confirmed"], "--untracked", 1),
+    (["influencers", "--stats", "--cascade", "C1"], "--stats", 1),
 ])
 def test_bad_input_is_a_one_line_error(world, capsys, argv: list[str], message: str, status: int):
     store, _ = world
@@ -94,3 +98,99 @@ def test_bad_k_in_the_environment_is_a_one_line_error(world, capsys, monkeypatch
     monkeypatch.setenv("CHANNELGRAPH_K", "0")
     code, out, err = run(capsys, "diversions", "--store", str(world[0]), "--format", "json")
     assert (code, out) == (1, "") and err.startswith("channelgraph: error: bad setting k")
+
+
+POLICY = str(ROOT / "docs" / "policy.example.toml")
+READS = [["trace", "A1"], ["trace", "--batch", "B1"], ["diversions"], ["diversions", "--untracked"],
+         ["diversions", "--by", "sku"], ["influencers"], ["influencers", "--stats"], ["influencers", "--cascade", "C1"],
+         ["stores"], ["consumers"], ["rebates", "--policy", POLICY], ["regions"], ["export", "epcis", "A1"],
+         ["viz", "diversions"]]
+
+
+@pytest.mark.parametrize("argv", READS, ids=" ".join)
+def test_reading_a_folder_without_a_store_is_a_one_line_error(tmp_path, capsys, monkeypatch, argv: list[str]):
+    monkeypatch.chdir(tmp_path)  # where viz would write its page
+    for folder, what in ((tmp_path / "typo", "does not exist"), (tmp_path, "holds no store")):
+        code, out, err = run(capsys, *argv, "--store", str(folder))
+        assert (code, out) == (1, ""), err
+        assert err.count("\n") == 1 and err.startswith(f"channelgraph: error: no store at {folder} (the folder {what})"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no store folder made
+
+
+def test_the_default_store_folder_is_checked_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHANNELGRAPH_STORE", raising=False)
+    code, out, err = run(capsys, "diversions", "--format", "json")
+    assert (code, out) == (1, "") and "no store at channelgraph-data (the folder does not exist)" in err
+
+
+def header(capsys, *argv: str) -> tuple[list[str], int]:
+    """The CSV header `channelgraph ARGV --format csv` prints, and its number of data rows."""
+    code, out, err = run(capsys, *argv, "--format", "csv")
+    assert code == 0, err
+    lines = out.splitlines()
+    return next(csv.reader(lines[:1])) if lines else [], len(lines) - 1
+
+
+@pytest.mark.parametrize(("some", "none"), [
+    (["diversions"], ["diversions", "--since", "2999-01-01"]),
+    (["diversions", "--by", "responsible"], ["diversions", "--by", "responsible", "--since", "2999-01-01"]),
+    (["diversions", "--by", "region-pair"], ["diversions", "--by", "region-pair", "--severity", "suspected", "--since", "2999-01-01"]),
+    (["stores"], ["stores", "--region", "SZ"]),
+    (["consumers"], ["consumers", "--stage", "acquired", "--segment", "champions"]),  # no purchase: a prospect
+    (["rebates", "--policy", POLICY], ["rebates", "--policy", POLICY, "--month", "1999-01"]),
+    (["rebates", "--policy", POLICY, "--lines"], ["rebates", "--policy", POLICY, "--lines", "--month", "1999-01"]),
+    (["regions", "--matrix"], ["regions", "--matrix", "--as-of", "2024-02-01"]),
+], ids=lambda argv: " ".join(argv))
+def test_an_empty_csv_has_the_header_of_a_full_one(world, capsys, some: list[str], none: list[str]):
+    store, _ = world
+    want, rows = header(capsys, *some, "--store", str(store))
+    assert rows > 0 and want
+    assert header(capsys, *none, "--store", str(store)) == (want, 0)
+
+
+def test_quiet_stores_print_the_headers_of_the_channel_world(world, tmp_path, capsys):
+    """Stores without untracked units, referrals, hand-overs of a batch, events of a unit
+    or sales: the empty CSVs have the channel world's headers."""
+    tables = channel_world()
+    tables["codes"] = [c for c in tables["codes"] if c["code"] not in ("CU", "U1")] + [
+        {"code": "N1", "level": "unit", "sku": "BJ500", "batch": "B9"}]
+    tables["scans"] = [s for s in tables["scans"] if s["code"] not in ("CU", "U1")] + [
+        {"event_id": "n1", "code": "N1", "action": "receive", "party_id": "D1", "counterparty_id": "F1",
+         "ts": "2024-02-01T00:00:00Z"}]  # assigned, so not untracked
+    del tables["referrals"]
+    quiet = tmp_path / "quiet"
+    assert run(capsys, "load", str(write_world(tables, tmp_path / "world")), "--store", str(quiet))[0] == 0
+    tables["codes"].append({"code": "N2", "level": "unit", "sku": "BJ500", "batch": "B9"})
+    unscanned = tmp_path / "unscanned"
+    assert run(capsys, "load", str(write_world(tables, tmp_path / "world2")), "--store", str(unscanned))[0] == 0
+    del tables["scans"]
+    unsold = tmp_path / "unsold"
+    assert run(capsys, "load", str(write_world(tables, tmp_path / "world3")), "--store", str(unsold))[0] == 0
+    for some, none, store in (
+            (["diversions", "--untracked"], ["diversions", "--untracked"], quiet),
+            (["influencers"], ["influencers"], quiet),
+            (["influencers", "--by", "direct"], ["influencers", "--by", "direct"], quiet),
+            (["trace", "--batch", "B1"], ["trace", "--batch", "B9"], unsold),
+            (["trace", "A1"], ["trace", "N2"], unscanned),
+            (["consumers", "--profile", "C1"], ["consumers", "--profile", "C1"], unsold),
+            (["consumers", "--funnel", "month"], ["consumers", "--funnel", "month"], unsold)):
+        want, rows = header(capsys, *some, "--store", str(world[0]))
+        assert rows > 0 and want
+        assert header(capsys, *none, "--store", str(store)) == (want, 0), none
+
+
+def test_the_tables_end_with_what_was_counted(world, capsys):
+    store, _ = world
+    code, out, _ = run(capsys, "diversions", "--store", str(store), "--severity", "suspected")
+    assert code == 0 and out.splitlines()[-1] == (
+        "19 units: 18 judged, 15 diverted (12 confirmed, 3 suspected); 1 untracked (no factory shipment to a "
+        "distributor: never judged; listed by --untracked)")
+    code, out, _ = run(capsys, "influencers", "--store", str(store))
+    assert code == 0 and out.splitlines()[-1] == (
+        "13 referrals: 7 attributed, 6 ignored (1 self-referrals, 1 repeated pairs, 3 of an already attributed "
+        "referee, 1 closing a cycle); see --stats")
+    code, out, _ = run(capsys, "diversions", "--store", str(store), "--untracked", "--format", "json")
+    assert code == 0 and json.loads(out) == [{
+        "code": "U1", "sku": "BJ500", "batch": "B1", "events": 2, "last_holder": "wx-u1", "last_region": "NJ",
+        "first_ts": "2024-02-02T00:00:00Z", "last_ts": "2024-03-01T00:00:00Z"}]

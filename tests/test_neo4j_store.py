@@ -19,7 +19,7 @@ from graph.neo4j_store import KIND_LABELS, Neo4jStore, _checked
 from graph.settings import Settings
 from graph.timeline import EVENT_COLUMNS
 from loaders.ingest import LoadReport, load_dataset
-from queries.diversion import find_diversions
+from queries.diversion import find_diversions, judge_store
 from tests.worlds import channel_world, write_world
 
 pytestmark = pytest.mark.neo4j
@@ -155,6 +155,10 @@ def test_diversion_candidates_cover_every_finding(world: Path, neo4j_store: Neo4
     assert "H1" not in candidates and "U1" not in candidates  # stayed inside; untracked
     assert {"T1", "R1"} <= set(candidates)  # travel and reassignment are for the judge to clear
     assert [f.model_dump() for f in find_diversions(neo4j_store)] == [f.model_dump() for f in find_diversions(embedded)]
+    untracked = judge_store(embedded).untracked
+    assert untracked.column("code").to_pylist() == ["U1", "Z1"] and neo4j_store.untracked_candidates() == ["U1", "Z1"]
+    assert judge_store(neo4j_store).untracked.equals(untracked)
+    assert neo4j_store.unit_count() == embedded.unit_count() == 20
 
 
 def test_reloading_changes_nothing(world: Path, neo4j_store: Neo4jStore, tmp_path: Path):

@@ -1,15 +1,17 @@
 """The product's answers against the independent oracle (tests/oracle.py), through the CLI.
 
 Generated scenarios (three seeds, CSV, JSONL and mixed tables) and the adversarial worlds
-of tests/oracle_worlds.py are loaded with `channelgraph load`, asked with `diversions`,
-`trace` and `influencers --format json`, and compared field by field with what the
-oracle derives from the same files. The oracle is itself pinned to DOMAIN.md by the
+of tests/oracle_worlds.py are loaded with `channelgraph load`, asked with `diversions`
+(also `--untracked`), `trace` and `influencers` (also `--stats`) `--format json`, and
+compared field by field with what the oracle derives from the same files; so are the
+counts the `diversions` table ends with. The oracle is itself pinned to DOMAIN.md by the
 hand-worked verdicts below.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -101,6 +103,43 @@ def influencer_differences(data: oracle.Dataset, store: Path) -> list[str]:
     return out
 
 
+def untracked_differences(data: oracle.Dataset, store: Path) -> list[str]:
+    expected = oracle.untracked(data)
+    rows = cli("diversions", "--store", str(store), "--untracked")
+    got = {row["code"]: row for row in rows}
+    out = [f"{code}: only the {'oracle' if code in expected else 'product'} finds it untracked"
+           for code in sorted(set(expected) ^ set(got))]
+    if [row["code"] for row in rows] != sorted(got, key=str.encode):
+        out.append("untracked units not in code order")
+    return out + [f"untracked {code} {key}: oracle {want!r}, product {got[code].get(key)!r}"
+                  for code in sorted(set(expected) & set(got)) for key, want in expected[code].items()
+                  if want != got[code].get(key)]
+
+
+SUMMARY = re.compile(r"([\d,]+) units: ([\d,]+) judged, ([\d,]+) diverted \(([\d,]+) confirmed, ([\d,]+) suspected\); "
+                     r"([\d,]+) untracked \(.*\)")
+
+
+def table_summary(store: Path) -> dict[str, int]:
+    """The counts the `diversions` table ends with (its whole store's, whatever it lists)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        assert main(["diversions", "--store", str(store), "--since", "2999-01-01"]) == 0, err.getvalue()
+    found = SUMMARY.fullmatch(out.getvalue().strip().splitlines()[-1])
+    assert found, out.getvalue()
+    names = ("units", "judged", "diverted", "confirmed", "suspected", "untracked")
+    return dict(zip(names, (int(n.replace(",", "")) for n in found.groups())))
+
+
+def oracle_summary(data: oracle.Dataset) -> dict[str, int]:
+    verdicts = oracle.judge_all(data).values()
+    severities = Counter(v.severity for v in verdicts)
+    untracked = sum(v.untracked for v in verdicts)
+    return {"units": len(verdicts), "judged": len(verdicts) - untracked,
+            "diverted": severities["confirmed"] + severities["suspected"], "confirmed": severities["confirmed"],
+            "suspected": severities["suspected"], "untracked": untracked}
+
+
 def ranking(metrics: dict[str, dict], by: str, top: int) -> list[str]:
     """The top referrers by one metric; ties: larger cascade, then party id."""
     key = METRICS[by]
@@ -145,6 +184,20 @@ def test_traces_match_the_oracle(scenario):
     codes = [*diverted[::len(diverted) // 2 or 1][:2], *suspected[:1], *clean[:2], *untracked[:1]]
     codes += [data.lineage(diverted[0])[1], data.lineage(diverted[0])[-1]]  # its package, its pallet
     assert trace_differences(data, store, codes) == []
+
+
+def test_untracked_units_and_counts_match_the_oracle(scenario):
+    store, _, data = scenario
+    assert untracked_differences(data, store) == []
+    assert oracle.untracked(data)  # the generator plants untracked pallets
+    assert table_summary(store) == oracle_summary(data)
+
+
+def test_referral_stats_match_the_oracle(scenario):
+    store, _, data = scenario
+    stats = cli("influencers", "--store", str(store), "--stats")
+    assert stats == oracle.referral_stats(data)
+    assert stats["referrals"] == stats["attributed"] + sum(stats["ignored"].values())
 
 
 def test_influencers_match_the_oracle(scenario):
@@ -241,6 +294,13 @@ def test_edge_world_filters_and_views_match_the_oracle(edge):
         assert [row["units"] for row in rows] == sorted((row["units"] for row in rows), reverse=True)
 
 
+def test_edge_world_untracked_units_and_counts_match_the_oracle(edge):
+    store, _, data = edge
+    assert sorted(oracle.untracked(data)) == ["UT-1", "UT-2"]
+    assert untracked_differences(data, store) == []
+    assert table_summary(store) == oracle_summary(data)
+
+
 def test_edge_world_traces_match_the_oracle(edge):
     store, _, data = edge
     assert trace_differences(data, store, EDGE_TRACES) == []
@@ -253,6 +313,8 @@ def test_referral_world_matches_the_oracle(tmp_path: Path):
     assert attribution.parent == {"B": "A", "C": "B", "D": "S1", "E": "G", "I": "H1", "J": "SP1", "K": "J", "L": "K",
                                   "M": "C-HZ"}  # worked out by hand
     assert attribution.ignored == {"self": 1, "duplicate": 1, "cycle": 2, "late": 3}
+    assert cli("influencers", "--store", str(store), "--stats") == oracle.referral_stats(data) == {
+        "referrals": 16, "attributed": 9, "ignored": {"self": 1, "duplicate": 1, "late": 3, "cycle": 2}}
     assert influencer_differences(data, store) == []
     metrics = oracle.influencers(data)
     for by in METRICS:

@@ -7,8 +7,8 @@ import pytest
 
 from graph.errors import NotFound
 from loaders.ingest import load_dataset
-from queries.diversion import diversion_view, find_diversions
-from queries.influence import attribute, cascade, influencers
+from queries.diversion import diversion_view, find_diversions, judge_store
+from queries.influence import attribute, cascade, influencers, referral_stats
 from queries.trace import flow, trace
 from tests.worlds import CHANNEL_DIVERSIONS, NOT_DIVERTED, UNTRACKED, channel_world, write_world
 
@@ -73,6 +73,32 @@ def test_a_store_inside_that_ships_a_unit_on_has_handled_it(store, tmp_path: Pat
     assert "X1" not in by_code
     assert (by_code["X2"].severity, by_code["X2"].crossing_event_id) == ("suspected", "x4")
     assert trace(store, "X1").diversion is None
+
+
+def test_untracked_units_are_listed_with_their_last_whereabouts(store, tmp_path: Path):
+    """DOMAIN.md §3: a unit with no assignment is reported, never judged. U1 (shipped by a
+    distributor only), N1 (no event at all) and O1 (its factory shipment retracted by an
+    EPCIS errorDeclaration) are untracked; the rest of the world is judged as before."""
+    tables = channel_world()
+    tables["codes"].append({"code": "N1", "level": "unit", "sku": "BJ250"})
+    tables["retractions"] = [{"event_id": "o1", "declared_at": "2024-03-10T00:00:00Z", "reason": "incorrect_data"}]
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    verdicts = judge_store(store)
+    assert [u.model_dump() for u in verdicts.untracked_units()] == [
+        {"code": "N1", "sku": "BJ250", "batch": None, "events": 0, "last_holder": None, "last_region": None,
+         "first_ts": None, "last_ts": None},
+        {"code": "O1", "sku": "BJ500", "batch": "B1", "events": 1, "last_holder": "S3", "last_region": "NJ",
+         "first_ts": "2024-02-08T00:00:00Z", "last_ts": "2024-02-08T00:00:00Z"},
+        {"code": "U1", "sku": "BJ500", "batch": "B1", "events": 2, "last_holder": "wx-u1", "last_region": "NJ",
+         "first_ts": "2024-02-02T00:00:00Z", "last_ts": "2024-03-01T00:00:00Z"}]
+    diverted = [f for f in CHANNEL_DIVERSIONS if f[0] != "O1"]
+    assert [f.code for f in verdicts.findings.models()] == sorted(code for code, *_ in diverted)
+    units = sum(1 for code in tables["codes"] if code["level"] == "unit")
+    assert store.unit_count() == units
+    assert verdicts.summary(units).model_dump() == {
+        "units": units, "judged": units - 3, "diverted": len(diverted), "confirmed": len(diverted) - 3,
+        "suspected": 3, "untracked": 3}
+    assert judge_store(store, severity="suspected").untracked.equals(verdicts.untracked)  # filters are for findings
 
 
 def test_views_rank_repeat_offenders(world_store):
@@ -150,6 +176,8 @@ def test_flow_follows_each_hand_over_whatever_was_recorded(store, tmp_path: Path
 def test_first_touch_attribution_counts_ignored_referrals(world_store):
     attribution = attribute(world_store.referrals().to_pandas())
     assert dict(attribution.ignored) == {"self": 1, "duplicate": 1, "late": 3, "cycle": 1}
+    assert referral_stats(world_store).model_dump() == {
+        "referrals": 13, "attributed": 7, "ignored": {"self": 1, "duplicate": 1, "late": 3, "cycle": 1}}
     assert attribution.forest.has_edge("wx-j2", "wx-j1") and not attribution.forest.has_edge("wx-j1", "wx-j2")
 
 
