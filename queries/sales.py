@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pandas.api.types import union_categoricals
 
 from graph import embedded
 from graph import timeline as timeline_module
@@ -113,8 +112,8 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
     if hasattr(store, "sales_rows"):
         frames = _facts_in_database(store, parties_t, regions_t, k=k, cutoff=cutoff)
     else:
-        frames = _cached_facts(store, k=k, cutoff=cutoff,
-                               build=lambda: _facts_of_every_unit(store, parties_t, regions_t, k=k, cutoff=cutoff))
+        frames = _frames(*_cached_facts(store, k=k, cutoff=cutoff,
+                                        build=lambda: _facts_of_every_unit(store, parties_t, regions_t, k=k, cutoff=cutoff)))
     sell_in, sell_out, opened, findings, latest = frames
     parties = parties_t.to_pandas().set_index("party_id")
     parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
@@ -131,36 +130,35 @@ def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
                          cutoff: pd.Timestamp | None) -> tuple:
-    """The facts from every unit's timeline (the embedded store), batch by batch when the
-    store offers batches of whole packages (memory stays bounded; the k rule sees whole cases),
-    two batches at a time; batches over one events table share one `EventFacts`."""
+    """The facts from every unit's timeline (the embedded store) as Arrow tables, batch by
+    batch (memory stays bounded; the k rule sees whole cases), two batches at a time;
+    batches over one events table share one `EventFacts`."""
     batches = batches_with_facts(store, lambda _: (parties_t, regions_t))
     parts = list(parallel_map(lambda batch: _facts_of(store, *batch[:3], k=k, cutoff=cutoff, facts=batch[3]), batches))
-    if len(parts) == 1:
-        return parts[0]
     if not parts:
-        return _facts_of(store, store.timelines([]), parties_t, regions_t, k=k, cutoff=cutoff)
+        parts = [_facts_of(store, store.timelines([]), parties_t, regions_t, k=k, cutoff=cutoff)]
     latest = [part[4] for part in parts if part[4] is not None]
     return (*(_concat([part[i] for part in parts]) for i in range(4)), max(latest) if latest else None)
 
 
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Frames of the same columns one after another; categorical columns stay categorical
-    (their categories united)."""
-    def strings(column: pd.Series) -> pd.Series:  # no categories at all come back from Arrow as objects
-        return column if len(column.cat.categories) else column.astype(pd.CategoricalDtype(pd.Index([], dtype="str")))
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Tables of one schema one after another (not copied: one chunk each), every chunk of a
+    dictionary column over one dictionary (values in order of first appearance)."""
+    return pa.concat_tables(tables).unify_dictionaries()
 
-    return pd.DataFrame({
-        name: union_categoricals([strings(f[name]) for f in frames]) if frames[0][name].dtype == "category"
-        else pd.concat([f[name] for f in frames], ignore_index=True)
-        for name in frames[0].columns})
+
+def _frames(*facts) -> tuple:
+    """The fact tables as DataFrames (strings stay arrow-backed, dictionaries become
+    categorical), then the latest event time."""
+    *tables, latest = facts
+    return (*(table.to_pandas() for table in tables), latest)
 
 
 # ---------------------------------------------------------------- the facts cache
 
 
 def _cached_facts(store, *, k: int, cutoff: pd.Timestamp | None, build: Callable[[], tuple]) -> tuple:
-    """build(), or its result cached in the store's live version folder under a key of
+    """build() (the fact tables and the latest event time), or its result cached in the store's live version folder under a key of
     (k, cutoff, the code that builds facts). An unreadable or incomplete cache entry is
     rebuilt; a store that cannot be written is simply not cached."""
     folder = _cache_folder(store, k=k, cutoff=cutoff)
@@ -200,23 +198,21 @@ def _code_digest() -> str:
 
 
 def _write_facts(folder: Path, facts: tuple) -> None:
-    """Write the facts as Arrow IPC files into a new folder, then rename it into place (a
-    reader sees a complete entry or none). The version folder must exist: a load may
+    """Write the fact tables as Arrow IPC files into a new folder, then rename it into place
+    (a reader sees a complete entry or none). The version folder must exist: a load may
     remove it at any time, and the cache must not bring it back."""
     derived = folder.parent
     derived.mkdir(exist_ok=True)
     tmp = derived / f".tmp-{uuid.uuid4().hex}"
     try:
         tmp.mkdir()
-        for name, frame in zip(FACT_FRAMES, facts):
-            table = pa.Table.from_pandas(frame, preserve_index=False)  # one batch, even if empty (keeps categories)
-            batch = pa.record_batch([column.combine_chunks() for column in table.columns], schema=table.schema)
-            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-                writer.write_batch(batch)
+        for name, table in zip(FACT_FRAMES, facts):
+            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
         latest = facts[4]
         (tmp / "manifest.json").write_text(json.dumps({
             "latest": latest.isoformat() if latest is not None else None,
-            "rows": {name: len(frame) for name, frame in zip(FACT_FRAMES, facts)}}))
+            "rows": {name: table.num_rows for name, table in zip(FACT_FRAMES, facts)}}))
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,17 +232,17 @@ def _evict(derived: Path, *, keep: int) -> None:
 
 
 def _read_facts(folder: Path) -> tuple:
-    """The facts of a cache folder; ValueError (or an Arrow/OS error) when incomplete."""
+    """The fact tables of a cache folder; ValueError (or an Arrow/OS error) when incomplete."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    frames = []
+    tables = []
     for name in FACT_FRAMES:
         with pa.memory_map(str(folder / f"{name}.arrow")) as source:
             table = pa.ipc.open_file(source).read_all()
         if table.num_rows != manifest["rows"][name]:
             raise ValueError(f"{name}: {table.num_rows} rows, the manifest says {manifest['rows'][name]}")
-        frames.append(table.to_pandas())
+        tables.append(table)
     latest = manifest["latest"]
-    return (*frames, pd.Timestamp(latest) if latest is not None else None)
+    return (*tables, pd.Timestamp(latest) if latest is not None else None)
 
 
 def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
@@ -255,7 +251,7 @@ def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: in
     diversion findings judged on the store's candidate units only."""
     rows = store.sales_rows(until=cutoff.to_pydatetime() if cutoff is not None else None)
     candidates = store.timelines(store.diversion_candidates())
-    findings = _facts_of(store, candidates, parties_t, regions_t, k=k, cutoff=cutoff)[3]
+    findings = _facts_of(store, candidates, parties_t, regions_t, k=k, cutoff=cutoff)[3].to_pandas()
     crossing = findings.set_index("code")
     sell_in = rows["sell_in"].to_pandas().sort_values(["code", "ts", "rank", "event_id"], ignore_index=True)
     diverted = _at_or_after(sell_in["ts"], sell_in["rank"], sell_in["event_id"], crossing.reindex(sell_in["code"]))
@@ -282,8 +278,8 @@ def _at_or_after(ts: pd.Series, rank: pd.Series, event_id: pd.Series, crossing: 
 
 def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
               cutoff: pd.Timestamp | None, facts: EventFacts | None = None) -> tuple:
-    """sell_in, sell_out, opened and findings of the units of one timeline, and its latest
-    event time (`facts`: of the timeline's events table, see `judge`)."""
+    """sell_in, sell_out, opened and findings (Arrow tables) of the units of one timeline,
+    and its latest event time (`facts`: of the timeline's events table, see `judge`)."""
     ts = pd.to_datetime(timeline.event_column("ts"), utc=True) if len(timeline) else pd.DatetimeIndex([], tz="UTC")
     if cutoff is not None:
         keep = np.asarray(ts <= cutoff)
@@ -324,7 +320,7 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
 
     rows = np.flatnonzero(store_row)
     rows = rows[~pd.Series(unit[rows] * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
-    sell_in = _frame(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
+    sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
                      ts=at(rows, times), diverted=diverted[rows])
 
     rows = timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
@@ -333,7 +329,7 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     products = store.stored("products", skus.dictionary)
     price_of = take_rows(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
     price = pc.fill_null(take_rows(price_of, sku_of[unit[rows]]), 0.0)
-    sell_out = _frame(
+    sell_out = _table(
         event_id=at(rows, event_ids), code=take_rows(codes, unit[rows]), sku=sold, unit_price=price,
         consumer=party(j.party[rows]), ts=at(rows, times), region_id=_coded(region_ids, j.location[rows]),
         store=party(np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
@@ -341,14 +337,14 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
         severity=_coded(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
 
     rows = timeline.first_per_unit(np.flatnonzero(j.action == OPEN))
-    opened = _frame(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
+    opened = _table(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
                     region_id=_coded(region_ids, j.location[rows]))
 
     f = j.findings
     rows = f["row"].to_numpy(np.int64)
     exit_via = f["exit_via"].to_numpy(np.int64)
     home = encode(parties_t.column("region_id"), region_ids)
-    findings = _frame(
+    findings = _table(
         code=take_rows(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
         exit_via=party(exit_via), from_region=_coded(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
         to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[f["unit"].to_numpy(np.int64)]),
@@ -368,11 +364,10 @@ def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
 
 
-def _frame(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pd.DataFrame:
-    """A DataFrame of arrow columns (strings stay arrow-backed, dictionaries become
-    categorical) and numpy ones."""
+def _table(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
+    """A table of Arrow and numpy columns."""
     return pa.table({name: value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
-                     for name, value in columns.items()}).to_pandas()
+                     for name, value in columns.items()})
 
 
 def _depths(parent: pd.Series) -> pd.Series:
