@@ -108,6 +108,7 @@ class Judgement:
     action: np.ndarray
     party: np.ndarray
     holder: np.ndarray
+    holds_store: np.ndarray  # the holder is a store
     location: np.ndarray  # where the event happened (region row), -1 unknown
     after: np.ndarray  # where the goods are after the event
     governing: np.ndarray  # row of the governing assignment, -1 before any
@@ -213,10 +214,7 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     # per timeline row
     action, party, holder, location, after, assigns = (
         per_row(values) for values in (facts.action, facts.party, facts.holder, facts.location, facts.after, facts.assigns))
-    pos = np.arange(n)
-    start = timeline.unit_starts()
-    last = np.maximum.accumulate(np.where(assigns, pos, -1)) if n else pos
-    governing = np.where(last >= start, last, -1)
+    governing = timeline.latest(assigns)
     judged = governing >= 0
     distributor = np.where(judged, per_row(facts.other, np.maximum(governing, 0)), -1)
 
@@ -229,14 +227,12 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     out_of_hands[maybe] = per_row(facts.other, maybe) != distributor[maybe]
     confirmed_evidence = outside_after & out_of_hands & ~assigns
 
-    store_inside = inside_after & per_row(facts.holds_store)
-    handled = np.cumsum(store_inside)
-    g = np.maximum(governing, 0)
-    handled_before = judged & ((handled - (handled[g] - store_inside[g])) > 0)
-    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0) & ~handled_before)
+    holds_store = per_row(facts.holds_store)
+    store_inside = inside_after & holds_store
+    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0))
+    scans = scans[timeline.latest(store_inside, scans) < governing[scans]]  # no store inside handled it before
     consumer_evidence = np.zeros(n, bool)
     consumer_evidence[scans] = ~territories.contains(distributor[scans], location[scans])
-    last_inside = np.maximum.accumulate(np.where(inside_after, pos, -1)) if n else pos
 
     units = timeline.unit
     confirmed_row = timeline.first_per_unit(np.flatnonzero(confirmed_evidence))
@@ -252,13 +248,13 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     severity = np.where(np.r_[np.ones(len(confirmed_unit), bool), by_k], "confirmed", "suspected").astype(object)
     order = np.argsort(unit, kind="stable")
     unit, crossing, severity = unit[order], crossing[order], severity[order]
-    before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
+    before = timeline.latest(inside_after, np.maximum(crossing - 1, 0))
     same_lineage = (crossing > 0) & (before >= governing[crossing]) & (before >= 0)
     exit_via = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
     tracked = np.zeros(timeline.units.num_rows, bool)
     tracked[units[assigns]] = True
     findings = pd.DataFrame({"unit": unit, "row": crossing, "severity": severity, "exit_via": exit_via})
-    return Judgement(timeline, parties, regions, territories, action, party, holder, location, after, governing,
+    return Judgement(timeline, parties, regions, territories, action, party, holder, holds_store, location, after, governing,
                      distributor, findings, np.flatnonzero(~tracked))
 
 
