@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from graph import embedded
 from graph import timeline as timeline_module
 from graph.embedded import EmbeddedStore
-from graph.model import ACTIONS, KINDS
+from graph.model import ACTIONS
 from graph.timeline import Timeline, encode
 from queries import diversion
 from queries.common import iso_column, parallel_map, take_rows, utc
@@ -48,7 +48,6 @@ from queries.diversion import EventFacts, batches_with_facts, judge
 log = logging.getLogger(__name__)
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
-STORE = KINDS.index("store")
 LEVELS = {"country": 0, "province": 1, "city": 2, "district": 3}  # depth in the region tree
 FACT_FRAMES = ("sell_in", "sell_out", "opened", "findings")
 CACHED_FACTS = 4  # facts cache entries kept per store version (one per k and as_of asked for; the newest)
@@ -142,9 +141,20 @@ def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: 
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
-    """Tables of one schema one after another (not copied: one chunk each), every chunk of a
-    dictionary column over one dictionary (values in order of first appearance)."""
-    return pa.concat_tables(tables).unify_dictionaries()
+    """Tables of one schema one after another (plain columns not copied: one chunk each); a
+    dictionary column becomes one array whose dictionary holds only the values used, in
+    the chunks' dictionary order (the first chunk's, then values new in later ones)."""
+    table = pa.concat_tables(tables)
+    return pa.table({name: _used_only(column) if pa.types.is_dictionary(column.type) else column
+                     for name, column in zip(table.column_names, table.columns)})
+
+
+def _used_only(column: pa.ChunkedArray) -> pa.DictionaryArray:
+    first = column.chunk(0).dictionary
+    if any(not chunk.dictionary.equals(first) for chunk in column.chunks[1:]):
+        column = pa.table({"column": column}).unify_dictionaries().column(0)
+    indices = pa.chunked_array([chunk.indices for chunk in column.chunks], column.type.index_type)
+    return _coded(column.chunk(0).dictionary, pc.fill_null(indices, -1).to_numpy())
 
 
 def _frames(*facts) -> tuple:
@@ -251,7 +261,7 @@ def _facts_in_database(store, parties_t: pa.Table, regions_t: pa.Table, *, k: in
     diversion findings judged on the store's candidate units only."""
     rows = store.sales_rows(until=cutoff.to_pydatetime() if cutoff is not None else None)
     candidates = store.timelines(store.diversion_candidates())
-    findings = _facts_of(store, candidates, parties_t, regions_t, k=k, cutoff=cutoff)[3].to_pandas()
+    findings = _concat([_facts_of(store, candidates, parties_t, regions_t, k=k, cutoff=cutoff)[3]]).to_pandas()
     crossing = findings.set_index("code")
     sell_in = rows["sell_in"].to_pandas().sort_values(["code", "ts", "rank", "event_id"], ignore_index=True)
     diverted = _at_or_after(sell_in["ts"], sell_in["rank"], sell_in["event_id"], crossing.reindex(sell_in["code"]))
@@ -278,78 +288,82 @@ def _at_or_after(ts: pd.Series, rank: pd.Series, event_id: pd.Series, crossing: 
 
 def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Table, *, k: int,
               cutoff: pd.Timestamp | None, facts: EventFacts | None = None) -> tuple:
-    """sell_in, sell_out, opened and findings (Arrow tables) of the units of one timeline,
-    and its latest event time (`facts`: of the timeline's events table, see `judge`)."""
-    ts = pd.to_datetime(timeline.event_column("ts"), utc=True) if len(timeline) else pd.DatetimeIndex([], tz="UTC")
+    """sell_in, sell_out, opened and findings (Arrow tables, for `_concat`) of the units of
+    one timeline, and its latest event time (`facts`: of the timeline's events table, see
+    `judge`)."""
+    ts = timeline.event_column("ts")  # datetime64[us], UTC
     if cutoff is not None:
-        keep = np.asarray(ts <= cutoff)
+        keep = ts <= cutoff.asm8.astype("datetime64[us]")  # rounded down: ts <= cutoff
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
-    latest = ts.max() if len(ts) else None
+        ts = ts[keep]
+    latest = pd.Timestamp(ts.max()).tz_localize("UTC") if len(ts) else None
     j = judge(timeline, parties_t, regions_t, k=k, facts=facts)
     party_ids, region_ids = parties_t.column("party_id").combine_chunks(), regions_t.column("region_id").combine_chunks()
     codes = timeline.units.column("code")
     skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())
     sku_of = pc.fill_null(skus.indices, -1).to_numpy(zero_copy_only=False)  # per unit, its SKU's position
     event_ids, times = timeline.events.column("event_id"), timeline.events.column("ts")
-    kind = encode(parties_t.column("kind"), pa.array(KINDS))
-    n = len(timeline)
-    pos = np.arange(n)
-    start = timeline.unit_starts()
-    unit = timeline.unit.astype(np.int64)
+    unit = timeline.unit
 
     def at(rows: np.ndarray, values: pa.ChunkedArray) -> pa.Array:
         """values of the events of timeline rows (null where row < 0)."""
         return take_rows(values, np.where(rows >= 0, timeline.event[np.maximum(rows, 0)], -1))
 
     def party(rows: np.ndarray) -> pa.DictionaryArray:
-        return _coded(party_ids, rows)
+        return _keyed(party_ids, rows)
 
     def sku(units: np.ndarray) -> pa.DictionaryArray:
-        return _coded(skus.dictionary, sku_of[units])
+        return _keyed(skus.dictionary, sku_of[units])
 
-    holder_kind = np.where(j.holder >= 0, kind[np.maximum(j.holder, 0)], -1)
-    store_row = (holder_kind == STORE) & (j.action != SCAN)
-    last_store = np.maximum.accumulate(np.where(store_row, pos, -1)) if n else pos
-    last_store = np.where(last_store >= start, last_store, -1)
-    crossing = np.full(timeline.units.num_rows, n, np.int64)
+    store_row = j.holds_store & (j.action != SCAN)
+    crossing = np.full(timeline.units.num_rows, len(timeline), np.int64)
     crossing[j.findings["unit"].to_numpy(np.int64)] = j.findings["row"].to_numpy(np.int64)
     severity = np.full(timeline.units.num_rows, -1, np.int64)
     severity[j.findings["unit"].to_numpy(np.int64)] = (j.findings["severity"].to_numpy(object) == "suspected")
-    diverted = pos >= crossing[unit]
     severities = pa.array(["confirmed", "suspected"])
 
+    def diverted(rows: np.ndarray) -> np.ndarray:
+        """Per timeline row: at or after its unit's crossing."""
+        return rows >= crossing[unit[rows]]
+
     rows = np.flatnonzero(store_row)
-    rows = rows[~pd.Series(unit[rows] * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
+    rows = rows[~pd.Series(unit[rows].astype(np.int64) * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
     sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
-                     ts=at(rows, times), diverted=diverted[rows])
+                     ts=at(rows, times), diverted=diverted(rows))
 
     rows = timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
-    seller = last_store[rows]
+    seller = timeline.latest(store_row, rows)
     sold = sku(unit[rows])
     products = store.stored("products", skus.dictionary)
     price_of = take_rows(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
     price = pc.fill_null(take_rows(price_of, sku_of[unit[rows]]), 0.0)
     sell_out = _table(
         event_id=at(rows, event_ids), code=take_rows(codes, unit[rows]), sku=sold, unit_price=price,
-        consumer=party(j.party[rows]), ts=at(rows, times), region_id=_coded(region_ids, j.location[rows]),
+        consumer=party(j.party[rows]), ts=at(rows, times), region_id=_keyed(region_ids, j.location[rows]),
         store=party(np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
-        finding=at(np.where(diverted[rows], crossing[unit[rows]], -1), event_ids),
-        severity=_coded(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
+        finding=at(np.where(diverted(rows), crossing[unit[rows]], -1), event_ids),
+        severity=_keyed(severities, np.where(diverted(rows), severity[unit[rows]], -1)))
 
     rows = timeline.first_per_unit(np.flatnonzero(j.action == OPEN))
     opened = _table(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
-                    region_id=_coded(region_ids, j.location[rows]))
+                    region_id=_keyed(region_ids, j.location[rows]))
 
     f = j.findings
     rows = f["row"].to_numpy(np.int64)
     exit_via = f["exit_via"].to_numpy(np.int64)
-    home = encode(parties_t.column("region_id"), region_ids)
     findings = _table(
         code=take_rows(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
-        exit_via=party(exit_via), from_region=_coded(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
-        to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[f["unit"].to_numpy(np.int64)]),
+        exit_via=party(exit_via), from_region=_keyed(region_ids, encode(take_rows(parties_t.column("region_id"), exit_via), region_ids)),
+        to_region=_keyed(region_ids, j.after[rows]), severity=_keyed(severities, severity[f["unit"].to_numpy(np.int64)]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
+
+
+def _keyed(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
+    """dictionary[rows] as a dictionary array over all of `dictionary`, null where a row is
+    negative (`_concat` keeps only the values used)."""
+    rows = np.asarray(rows, np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(rows, mask=rows < 0), dictionary)
 
 
 def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
