@@ -131,10 +131,12 @@ class EmbeddedStore:
         rows = self.code_rows(units)
         return self._timeline(np.unique(rows[rows >= 0]))
 
-    def timeline_batches(self, max_units: int = 1_000_000) -> Iterator[Timeline]:
+    def timeline_batches(self, max_units: int = 250_000) -> Iterator[Timeline]:
         """Timelines of every unit in batches of about `max_units`, each holding whole
         top-level packages (pallets, or cases not on a pallet), so a rule that looks across
-        a case sees all of it. Bounds memory on big stores."""
+        a case sees all of it. Bounds memory on big stores; batches this small keep their
+        per-row arrays (tens of MB) in memory the allocator reuses instead of fresh zeroed
+        pages, so all of the store is judged faster than in a few big batches."""
         units = np.flatnonzero(self._levels(None) == 0)
         parent = self._numpy("codes", "parent_idx")
         top = units.copy()
