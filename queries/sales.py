@@ -291,14 +291,14 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     """sell_in, sell_out, opened and findings (Arrow tables, for `_concat`) of the units of
     one timeline, and its latest event time (`facts`: of the timeline's events table, see
     `judge`)."""
-    ts = timeline.event_column("ts")  # datetime64[us], UTC
+    ts = timeline.events.column("ts").to_numpy()[timeline.event]  # per row, datetime64[us] (UTC)
     if cutoff is not None:
         keep = ts <= cutoff.asm8.astype("datetime64[us]")  # rounded down: ts <= cutoff
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
         ts = ts[keep]
     latest = pd.Timestamp(ts.max()).tz_localize("UTC") if len(ts) else None
     j = judge(timeline, parties_t, regions_t, k=k, facts=facts)
-    party_ids, region_ids = parties_t.column("party_id").combine_chunks(), regions_t.column("region_id").combine_chunks()
+    party_ids, region_ids = _array(parties_t.column("party_id")), _array(regions_t.column("region_id"))
     codes = timeline.units.column("code")
     skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())
     sku_of = pc.fill_null(skus.indices, -1).to_numpy(zero_copy_only=False)  # per unit, its SKU's position
@@ -327,7 +327,10 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
         return rows >= crossing[unit[rows]]
 
     rows = np.flatnonzero(store_row)
-    rows = rows[~pd.Series(unit[rows].astype(np.int64) * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
+    unit_holder = unit[rows].astype(np.int64) * (len(party_ids) + 1) + j.holder[rows]
+    again = np.r_[False, unit_holder[1:] == unit_holder[:-1]]  # the store of the row before (cheap; most repeats)
+    rows, unit_holder = rows[~again], unit_holder[~again]
+    rows = rows[~pd.Series(unit_holder).duplicated().to_numpy()]
     sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
                      ts=at(rows, times), diverted=diverted(rows))
 
@@ -368,14 +371,18 @@ def _keyed(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
 
 def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
     """dictionary[rows] dictionary-encoded over the values used (a pandas categorical), null
-    where a row is negative."""
-    rows = np.asarray(rows, np.int64)
+    where a row is negative (-1)."""
     used = np.zeros(len(dictionary) + 1, bool)
-    used[rows] = True  # a negative row marks the extra last slot
-    position = np.cumsum(used) - 1
+    used[rows] = True  # -1 marks the extra last slot
+    position = np.cumsum(used, dtype=np.int32) - 1
     position[-1] = -1
-    indices = position[rows].astype(np.int32)
+    indices = position[rows]
     return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
+
+
+def _array(column: pa.ChunkedArray) -> pa.Array:
+    """A column as one array (not copied when it is one chunk)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _table(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
