@@ -160,7 +160,7 @@ class EmbeddedStore:
         starts = self._cached("_scan_starts", lambda: np.searchsorted(  # scans of code row r: starts[r]:starts[r+1]
             self._numpy("scans", "code_idx"), np.arange(codes.num_rows + 1)))
         unit_parts, event_parts = [], []
-        positions, ancestor = np.arange(len(unit_rows)), unit_rows.copy()
+        positions, ancestor = np.arange(len(unit_rows), dtype=np.int32), unit_rows.copy()
         case = np.full(len(unit_rows), -1, np.int64)
         lineage = [unit_rows]
         for _ in range(len(LEVELS)):
@@ -178,21 +178,21 @@ class EmbeddedStore:
             full = np.full(len(unit_rows), -1, np.int64)
             full[positions] = ancestor
             lineage.append(full)
-        unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int64)
+        unit = np.concatenate(unit_parts) if unit_parts else np.zeros(0, np.int32)
         event = np.concatenate(event_parts) if event_parts else np.zeros(0, np.int64)
         retracted = self._numpy("scans", "retracted")
         if self._cached("_any_retracted", lambda: bool(retracted.any())):
             live = ~retracted[event]
             unit, event = unit[live], event[live]
         order = self._numpy("scans", "event_order")
-        rows = np.argsort(unit.astype(np.int64) * max(scans.num_rows, 1) + order[event], kind="stable")
+        rows = np.argsort(unit * np.int64(max(scans.num_rows, 1)) + order[event], kind="stable")
         unit_table = pa.table({
             "code": pc.take(codes.column("code"), pa.array(unit_rows)),
             "case": pc.take(codes.column("code"), pa.array(case, mask=case < 0)),
             "sku": _inherited(codes.column("sku"), lineage, self._numpy_valid("codes", "sku")),
             "batch": _inherited(codes.column("batch"), lineage, self._numpy_valid("codes", "batch")),
         })
-        return Timeline(unit[rows].astype(np.int32), event[rows], unit_table, scans)
+        return Timeline(unit[rows], event[rows], unit_table, scans)
 
     def code_rows(self, codes: Sequence[str]) -> np.ndarray:
         """Rows of `codes` in the codes table, -1 for unknown ones. A few codes are found
