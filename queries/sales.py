@@ -159,9 +159,10 @@ def _used_only(column: pa.ChunkedArray) -> pa.DictionaryArray:
 
 def _frames(*facts) -> tuple:
     """The fact tables as DataFrames (strings stay arrow-backed, dictionaries become
-    categorical), then the latest event time."""
+    categorical; a block per column, so columns need not be copied together), then the
+    latest event time."""
     *tables, latest = facts
-    return (*(table.to_pandas() for table in tables), latest)
+    return (*(table.to_pandas(split_blocks=True) for table in tables), latest)
 
 
 # ---------------------------------------------------------------- the facts cache
@@ -386,9 +387,13 @@ def _array(column: pa.ChunkedArray) -> pa.Array:
 
 
 def _table(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
-    """A table of Arrow and numpy columns."""
-    return pa.table({name: value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
-                     for name, value in columns.items()})
+    """A table of Arrow and numpy columns, strings as large_string (as pandas holds them, so
+    `_frames` copies none)."""
+    def arrow(value: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Array | pa.ChunkedArray:
+        value = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
+        return value.cast(pa.large_string()) if value.type == pa.string() else value
+
+    return pa.table({name: arrow(value) for name, value in columns.items()})
 
 
 def _depths(parent: pd.Series) -> pd.Series:
