@@ -329,7 +329,7 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
 
     rows = np.flatnonzero(store_row)
     unit_holder = unit[rows].astype(np.int64) * (len(party_ids) + 1) + j.holder[rows]
-    again = np.r_[False, unit_holder[1:] == unit_holder[:-1]]  # the store of the row before (cheap; most repeats)
+    again = np.diff(unit_holder, prepend=-1) == 0  # the store of the row before (cheap; most repeats)
     rows, unit_holder = rows[~again], unit_holder[~again]
     rows = rows[~pd.Series(unit_holder).duplicated().to_numpy()]
     sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
