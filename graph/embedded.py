@@ -140,9 +140,11 @@ class EmbeddedStore:
         units = np.flatnonzero(self._levels(None) == 0)
         parent = self._numpy("codes", "parent_idx")
         top = units.copy()
+        climbing = np.arange(len(units))  # units whose top so far is packed in something
         for _ in range(len(LEVELS)):
-            up = parent[top]
-            top = np.where(up >= 0, up, top)
+            up = parent[top[climbing]]
+            climbing, up = climbing[up >= 0], up[up >= 0]
+            top[climbing] = up
         order = np.argsort(top, kind="stable")
         units, top = units[order], top[order]
         start = 0
@@ -157,8 +159,8 @@ class EmbeddedStore:
         """Timelines of the units at these code rows (ascending)."""
         codes, scans = self.table("codes"), self.table("scans")
         parent = self._numpy("codes", "parent_idx")
-        starts = self._cached("_scan_starts", lambda: np.searchsorted(  # scans of code row r: starts[r]:starts[r+1]
-            self._numpy("scans", "code_idx"), np.arange(codes.num_rows + 1)))
+        starts = self._cached("_scan_starts", lambda: np.r_[0, np.cumsum(np.bincount(  # scans of code row r: starts[r]:starts[r+1]
+            pc.drop_null(scans.column("code_idx")).to_numpy(), minlength=codes.num_rows))])
         unit_parts, event_parts = [], []
         positions, ancestor = np.arange(len(unit_rows), dtype=np.int32), unit_rows.copy()
         case = np.full(len(unit_rows), -1, np.int64)
