@@ -27,6 +27,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -111,8 +112,8 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
     if hasattr(store, "sales_rows"):
         frames = _facts_in_database(store, parties_t, regions_t, k=k, cutoff=cutoff)
     else:
-        frames = _frames(*_cached_facts(store, k=k, cutoff=cutoff,
-                                        build=lambda: _facts_of_every_unit(store, parties_t, regions_t, k=k, cutoff=cutoff)))
+        frames = _cached_facts(store, k=k, cutoff=cutoff,
+                               build=lambda: _facts_of_every_unit(store, parties_t, regions_t, k=k, cutoff=cutoff))
     sell_in, sell_out, opened, findings, latest = frames
     parties = parties_t.to_pandas().set_index("party_id")
     parties = parties.astype({c: object for c in parties.columns if parties[c].dtype != float})
@@ -137,7 +138,7 @@ def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: 
     if not parts:
         parts = [_facts_of(store, store.timelines([]), parties_t, regions_t, k=k, cutoff=cutoff)]
     latest = [part[4] for part in parts if part[4] is not None]
-    return (*(_concat([part[i] for part in parts]) for i in range(4)), max(latest) if latest else None)
+    return (*parallel_map(_concat, [[part[i] for part in parts] for i in range(4)]), max(latest) if latest else None)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
@@ -169,24 +170,28 @@ def _frames(*facts) -> tuple:
 
 
 def _cached_facts(store, *, k: int, cutoff: pd.Timestamp | None, build: Callable[[], tuple]) -> tuple:
-    """build() (the fact tables and the latest event time), or its result cached in the store's live version folder under a key of
-    (k, cutoff, the code that builds facts). An unreadable or incomplete cache entry is
-    rebuilt; a store that cannot be written is simply not cached."""
+    """`_frames` of build() (the fact tables and the latest event time), or of the tables
+    cached in the store's live version folder under a key of (k, cutoff, the code that
+    builds facts); built tables are cached while they become frames. An unreadable or
+    incomplete cache entry is rebuilt; a store that cannot be written is simply not cached."""
     folder = _cache_folder(store, k=k, cutoff=cutoff)
     if folder is None:
-        return build()
+        return _frames(*build())
     if folder.exists():
         try:
-            return _read_facts(folder)
+            return _frames(*_read_facts(folder))
         except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
             log.warning("sales facts cache %s is unreadable (%s); rebuilding it", folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
     facts = build()
-    try:
-        _write_facts(folder, facts)
-    except OSError as exc:
-        log.info("sales facts not cached in %s: %s", folder, exc.strerror or exc)
-    return facts
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        written = pool.submit(_write_facts, folder, facts)
+        frames = _frames(*facts)
+        try:
+            written.result()
+        except OSError as exc:
+            log.info("sales facts not cached in %s: %s", folder, exc.strerror or exc)
+    return frames
 
 
 def _cache_folder(store, *, k: int, cutoff: pd.Timestamp | None) -> Path | None:
