@@ -88,8 +88,10 @@ class Territories:
         self.matrix[:, :-1] = member[:, ancestors].any(axis=2)  # ancestors' -1 hits the False column
 
     def contains(self, distributor: np.ndarray, region: np.ndarray) -> np.ndarray:
-        """Per pair: region inside the distributor's territory (False when either is unknown)."""
-        return self.matrix[self.slot[distributor], region]
+        """Per pair: region inside the distributor's territory (False when either is unknown).
+        One flat lookup: region -1 lands on a last column too (the row before's, or for row 0
+        the matrix's last cell)."""
+        return self.matrix.ravel()[self.slot[distributor] * self.matrix.shape[1] + region]
 
 
 def _territory_list(territory: str | None, home: str | None) -> list[str]:
