@@ -13,7 +13,8 @@ tests compare them). Definitions (docs/design.md):
   are repeats); credited to the store that handled the unit last before the scan.
 - *opened*: one row per unit, its first `open` by anyone.
 
-Party, region, SKU and severity columns are categorical (pandas codes, not strings). The
+Party, region, SKU and severity columns are categorical (pandas codes, not strings; the
+embedded store's categories in the order of the parties and regions tables). The
 embedded store's facts are cached on disk per store version (`derived/` inside the live
 version folder; a load makes a new version, so a load never sees stale facts).
 """
@@ -142,20 +143,28 @@ def _facts_of_every_unit(store, parties_t: pa.Table, regions_t: pa.Table, *, k: 
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
-    """Tables of one schema one after another (plain columns not copied: one chunk each); a
-    dictionary column becomes one array whose dictionary holds only the values used, in
-    the chunks' dictionary order (the first chunk's, then values new in later ones)."""
+    """Tables of one schema one after another (plain columns not copied: one chunk each),
+    each dictionary column as one array over only the values it uses (`_used_only`)."""
     table = pa.concat_tables(tables)
     return pa.table({name: _used_only(column) if pa.types.is_dictionary(column.type) else column
                      for name, column in zip(table.column_names, table.columns)})
 
 
 def _used_only(column: pa.ChunkedArray) -> pa.DictionaryArray:
-    first = column.chunk(0).dictionary
-    if any(not chunk.dictionary.equals(first) for chunk in column.chunks[1:]):
+    """A dictionary column as one array whose dictionary holds only the values used, in
+    dictionary order (chunks over different dictionaries are united first: the first
+    chunk's values, then those new in later ones)."""
+    if any(not chunk.dictionary.equals(column.chunk(0).dictionary) for chunk in column.chunks[1:]):
         column = pa.table({"column": column}).unify_dictionaries().column(0)
-    indices = pa.chunked_array([chunk.indices for chunk in column.chunks], column.type.index_type)
-    return _coded(column.chunk(0).dictionary, pc.fill_null(indices, -1).to_numpy())
+    dictionary = column.chunk(0).dictionary
+    rows = pa.chunked_array([chunk.indices for chunk in column.chunks], column.type.index_type)
+    rows = pc.fill_null(rows, -1).to_numpy()
+    used = np.zeros(len(dictionary) + 1, bool)
+    used[rows] = True  # -1 (null) marks the extra last slot
+    position = np.cumsum(used, dtype=np.int32) - 1
+    position[-1] = -1
+    indices = position[rows]
+    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
 
 
 def _frames(*facts) -> tuple:
@@ -362,8 +371,10 @@ def _facts_of(store, timeline: Timeline, parties_t: pa.Table, regions_t: pa.Tabl
     exit_via = f["exit_via"].to_numpy(np.int64)
     findings = _table(
         code=take_rows(codes, f["unit"].to_numpy(np.int64)), responsible=party(j.distributor[rows]),
-        exit_via=party(exit_via), from_region=_keyed(region_ids, encode(take_rows(parties_t.column("region_id"), exit_via), region_ids)),
-        to_region=_keyed(region_ids, j.after[rows]), severity=_keyed(severities, severity[f["unit"].to_numpy(np.int64)]),
+        exit_via=party(exit_via),
+        from_region=_keyed(region_ids, encode(take_rows(parties_t.column("region_id"), exit_via), region_ids)),
+        to_region=_keyed(region_ids, j.after[rows]),
+        severity=_keyed(severities, severity[f["unit"].to_numpy(np.int64)]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
 
@@ -373,17 +384,6 @@ def _keyed(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
     negative (`_concat` keeps only the values used)."""
     rows = np.asarray(rows, np.int32)
     return pa.DictionaryArray.from_arrays(pa.array(rows, mask=rows < 0), dictionary)
-
-
-def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
-    """dictionary[rows] dictionary-encoded over the values used (a pandas categorical), null
-    where a row is negative (-1)."""
-    used = np.zeros(len(dictionary) + 1, bool)
-    used[rows] = True  # -1 marks the extra last slot
-    position = np.cumsum(used, dtype=np.int32) - 1
-    position[-1] = -1
-    indices = position[rows]
-    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
 
 
 def _array(column: pa.ChunkedArray) -> pa.Array:
