@@ -159,7 +159,8 @@ class EmbeddedStore:
         """Timelines of the units at these code rows (ascending)."""
         codes, scans = self.table("codes"), self.table("scans")
         parent = self._numpy("codes", "parent_idx")
-        starts = self._cached("_scan_starts", lambda: np.r_[0, np.cumsum(np.bincount(  # scans of code row r: starts[r]:starts[r+1]
+        # the scans of code row r are rows starts[r]:starts[r+1] (scans are sorted by code row)
+        starts = self._cached("_scan_starts", lambda: np.r_[0, np.cumsum(np.bincount(
             pc.drop_null(scans.column("code_idx")).to_numpy(), minlength=codes.num_rows))])
         unit_parts, event_parts = [], []
         positions, ancestor = np.arange(len(unit_rows), dtype=np.int32), unit_rows.copy()

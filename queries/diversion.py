@@ -256,8 +256,8 @@ def judge(timeline: Timeline, parties: pa.Table, regions: pa.Table, *, k: int = 
     tracked = np.zeros(timeline.units.num_rows, bool)
     tracked[units[assigns]] = True
     findings = pd.DataFrame({"unit": unit, "row": crossing, "severity": severity, "exit_via": exit_via})
-    return Judgement(timeline, parties, regions, territories, action, party, holder, holds_store, location, after, governing,
-                     distributor, findings, np.flatnonzero(~tracked))
+    return Judgement(timeline, parties, regions, territories, action, party, holder, holds_store, location, after,
+                     governing, distributor, findings, np.flatnonzero(~tracked))
 
 
 def _k_rule(timeline: Timeline, units: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
