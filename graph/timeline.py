@@ -8,6 +8,7 @@ analyses in `queries/` read them and never care which store made them.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +63,23 @@ class Timeline:
         return len(self.unit)
 
     def unit_starts(self) -> np.ndarray:
-        """Row index where each row's unit group starts."""
-        if not len(self.unit):
-            return np.zeros(0, np.int64)
-        first = np.concatenate(([True], self.unit[1:] != self.unit[:-1]))
-        return np.maximum.accumulate(np.where(first, np.arange(len(self.unit)), 0))
+        """Row index where each row's unit group starts (computed once; do not modify)."""
+        return self._starts
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        counts = np.bincount(self.unit, minlength=self.units.num_rows)  # units are in ascending order
+        return np.repeat(np.cumsum(counts) - counts, counts)
+
+    def latest(self, flags: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per row (every row, or those at `rows`), the latest row of its unit at or before it
+        where `flags` holds; -1 if none."""
+        hits = np.flatnonzero(flags)
+        if rows is None:  # each hit carried forward to the next
+            last = np.repeat(np.r_[-1, hits], np.diff(np.r_[0, hits, len(flags)]))
+            return np.where(last >= self._starts, last, -1)
+        last = np.r_[-1, hits][np.searchsorted(hits, rows, side="right")]
+        return np.where(last >= self._starts[rows], last, -1)
 
     def first_per_unit(self, rows: np.ndarray) -> np.ndarray:
         """The first of `rows` (ascending timeline rows) of each unit."""

@@ -122,8 +122,10 @@ class Territories:
         self.matrix[:, :-1] = member[:, ancestors].any(axis=2)  # ancestors' -1 hits the False column
 
     def contains(self, distributor: np.ndarray, region: np.ndarray) -> np.ndarray:
-        """Per pair: region inside the distributor's territory (False when either is unknown)."""
-        return self.matrix[self.slot[distributor], region]
+        """Per pair: region inside the distributor's territory (False when either is unknown).
+        One flat lookup: region -1 lands on a last column too (the row before's, or for row 0
+        the matrix's last cell)."""
+        return self.matrix.ravel()[self.slot[distributor] * self.matrix.shape[1] + region]
 
 
 def _territory_list(territory: str | None, home: str | None) -> list[str]:
@@ -199,6 +201,7 @@ class Judgement:
     action: np.ndarray
     party: np.ndarray
     holder: np.ndarray
+    holds_store: np.ndarray  # the holder is a store
     location: np.ndarray  # where the event happened (region row), -1 unknown
     after: np.ndarray  # where the goods are after the event
     governing: np.ndarray  # row of the governing assignment, -1 before any
@@ -257,7 +260,7 @@ class EventFacts:
         kind, home = context.kind, context.home
 
         def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
-            return np.where(who >= 0, values[np.maximum(who, 0)], -1)
+            return np.append(values, -1)[who]  # who -1 picks the -1 appended
 
         party_kind, cp_kind = of(kind, party), of(kind, counterparty)
         location = np.where(own_region >= 0, own_region, of(home, party))
@@ -299,10 +302,7 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
     # per timeline row
     action, party, holder, location, after, assigns = (
         per_row(values) for values in (facts.action, facts.party, facts.holder, facts.location, facts.after, facts.assigns))
-    pos = np.arange(n)
-    start = timeline.unit_starts()
-    last = np.maximum.accumulate(np.where(assigns, pos, -1)) if n else pos
-    governing = np.where(last >= start, last, -1)
+    governing = timeline.latest(assigns)
     judged = governing >= 0
     distributor = np.where(judged, per_row(facts.other, np.maximum(governing, 0)), -1)
 
@@ -317,16 +317,14 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
 
     # a store inside handled the goods: it holds them there after the event, or it acted
     # there (a store's ship to a consumer has a consumer as the holder)
+    holds_store = per_row(facts.holds_store)
+    store_inside = inside_after & holds_store
     by_store = np.flatnonzero(judged & per_row(facts.by_store) & (location >= 0))
-    store_inside = inside_after & per_row(facts.holds_store)
     store_inside[by_store] |= territories.contains(distributor[by_store], location[by_store])
-    handled = np.cumsum(store_inside)
-    g = np.maximum(governing, 0)
-    handled_before = judged & ((handled - (handled[g] - store_inside[g])) > 0)
-    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0) & ~handled_before)
+    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0))
+    scans = scans[timeline.latest(store_inside, scans) < governing[scans]]  # no store inside handled it before
     consumer_evidence = np.zeros(n, bool)
     consumer_evidence[scans] = ~territories.contains(distributor[scans], location[scans])
-    last_inside = np.maximum.accumulate(np.where(inside_after, pos, -1)) if n else pos
 
     units = timeline.unit
     confirmed_row = timeline.first_per_unit(np.flatnonzero(confirmed_evidence))
@@ -342,12 +340,12 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
     severity = np.where(np.concatenate((np.ones(len(confirmed_unit), bool), by_k)), "confirmed", "suspected").astype(object)
     order = np.argsort(unit, kind="stable")
     unit, crossing, severity = unit[order], crossing[order], severity[order]
-    before = last_inside[np.maximum(crossing - 1, 0)] if len(crossing) else crossing
+    before = timeline.latest(inside_after, np.maximum(crossing - 1, 0))
     same_lineage = (crossing > 0) & (before >= governing[crossing]) & (before >= 0)
     exit_via = np.where(same_lineage, holder[np.maximum(before, 0)], distributor[crossing])
     tracked = np.zeros(timeline.units.num_rows, bool)
     tracked[units[assigns]] = True
-    return Judgement(timeline, context, action, party, holder, location, after, governing, distributor,
+    return Judgement(timeline, context, action, party, holder, holds_store, location, after, governing, distributor,
                      Verdicts(unit, crossing, severity, exit_via), np.flatnonzero(~tracked))
 
 

@@ -136,22 +136,20 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
     """Totals and withheld lines of the rebates of every consumer scan (of one `YYYY-MM`
     month if given); every line too with `lines=True`."""
     facts = sales_facts(store, k=k, as_of=as_of)
-    sales = facts.sell_out
+    sales = facts.sell_out  # not copied: the credited scans are `rows` of it
     months = (sales["ts"].dt.year * 12 + sales["ts"].dt.month - 1).to_numpy(np.int64)  # since year 0
-    if month is not None:
-        chosen = _label(months) == month
-        sales, months = sales[chosen], months[chosen]
-    credited = sales["store"].notna().to_numpy()
-    sales, months = sales[credited].reset_index(drop=True), months[credited]
-    withheld = sales["finding"].notna().to_numpy()
-    skus = sales["sku"].cat
+    considered = _label(months) == month if month is not None else np.ones(len(sales), bool)
+    has_store = sales["store"].notna().to_numpy()
+    rows = np.flatnonzero(considered & has_store)
+    months, withheld = months[rows], sales["finding"].notna().to_numpy()[rows]
+    skus, sku = sales["sku"].cat.categories, sales["sku"].cat.codes.to_numpy()[rows]
     shares = []
     for role, party_of_store in _credited(facts.parties, sales["store"].cat.categories).items():
         position, ids = pd.factorize(party_of_store)
-        amounts = np.array([policy.amount(sku, role) for sku in skus.categories] + [policy.amount(None, role)])
-        party = position[sales["store"].cat.codes.to_numpy()]
+        amounts = np.array([policy.amount(name, role) for name in skus] + [policy.amount(None, role)])
+        party = position[sales["store"].cat.codes.to_numpy()[rows]]
         shares.append(_Share(role, party, np.append(np.asarray(ids, object), None),
-                             amounts[np.where(skus.codes >= 0, skus.codes, len(skus.categories))],
+                             amounts[np.where(sku >= 0, sku, len(skus))],
                              np.where(withheld, STATUSES.index("withheld"), np.where(party < 0, STATUSES.index("unassigned"), 0))))
     totals = []
     for share in shares:
@@ -162,18 +160,24 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
         totals.append(per.assign(month=_label(per["month"].to_numpy()), role=share.role, party_id=share.ids[per["party"]]))
     table = pd.concat(totals, ignore_index=True)
     table = table.assign(key=table["party_id"].fillna("")).sort_values(["month", "role", "key"], ignore_index=True)
-    order = pc.sort_indices(pa.table({"ts": pa.array(sales["ts"]), "event_id": pa.array(sales["event_id"])}),
-                            sort_keys=[("ts", "ascending"), ("event_id", "ascending")]).to_numpy()  # a stable sort
+
+    def lines_of(picked: np.ndarray) -> list[RebateLine]:
+        """The lines of the credited scans at `picked`, in time order."""
+        scans = sales.iloc[rows[picked]]
+        order = pc.sort_indices(pa.table({"ts": pa.array(scans["ts"]), "event_id": pa.array(scans["event_id"])}),
+                                sort_keys=[("ts", "ascending"), ("event_id", "ascending")]).to_numpy()  # a stable sort
+        return _lines(scans.iloc[order], picked[order], months, shares)
+
     return RebateReport(
-        currency=policy.currency, scans=len(credited), no_store=int((~credited).sum()),
+        currency=policy.currency, scans=int(considered.sum()), no_store=int((considered & ~has_store).sum()),
         **{name: round(sum(float(s.amount_if(name).sum()) for s in shares), 2) for name in STATUSES},
         totals=trusted_models(RebateTotal, {
             "month": table["month"].tolist(), "role": table["role"].tolist(),
             "party_id": table["party_id"].astype(object).where(table["party_id"].notna(), None).tolist(),
             "scans": table["scans"].tolist(), **{name: [round(value, 2) for value in table[name].tolist()]
                                                  for name in ("owed", "withheld")}}),
-        withheld_lines=_lines(sales, order[withheld[order]], months, shares),
-        lines=_lines(sales, order, months, shares) if lines else None)
+        withheld_lines=lines_of(np.flatnonzero(withheld)),
+        lines=lines_of(np.arange(len(rows))) if lines else None)
 
 
 @dataclass
@@ -211,9 +215,9 @@ def _label(months: np.ndarray) -> np.ndarray:
     return np.array([f"{m // 12:04d}-{m % 12 + 1:02d}" for m in unique.tolist()], object)[inverse]
 
 
-def _lines(sales: pd.DataFrame, rows: np.ndarray, months: np.ndarray, shares: list[_Share]) -> list[RebateLine]:
-    """The lines of the credited scans at `rows`: each scan's roles in ROLES order."""
-    scans = sales.iloc[rows]
+def _lines(scans: pd.DataFrame, rows: np.ndarray, months: np.ndarray, shares: list[_Share]) -> list[RebateLine]:
+    """The lines of the credited scans at `rows` (their sell-outs `scans`): each scan's
+    roles in ROLES order."""
 
     def per_scan(values: pd.Series | list) -> list:
         if isinstance(values, pd.Series):

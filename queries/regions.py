@@ -82,8 +82,8 @@ def region_sell_through(store, *, level: str = "province", period: str = "month"
         return per_category[ids.cat.codes]
 
     sin, sout, f = facts.sell_in, facts.sell_out, facts.findings
-    times = [sin["ts"], facts.opened["ts"], sout["ts"], sout["ts"], f["ts"], f["ts"]]
-    period_of, labels = _periods(times, period)
+    period_of, labels = _periods([sin["ts"], facts.opened["ts"], sout["ts"], f["ts"]], period)
+    period_of = [period_of[i] for i in (0, 1, 2, 2, 3, 3)]  # sell-in, opened, scanned, active, diversions in, out
     keys = [("units_in", by_store(sin["store"])), ("opened", region(facts.opened["region_id"])),
             ("scanned", region(sout["region_id"])), ("active_stores", by_store(sout["store"])),
             ("diversions_in", region(f["to_region"])), ("diversions_out", region(f["from_region"]))]
@@ -92,9 +92,10 @@ def region_sell_through(store, *, level: str = "province", period: str = "month"
     for (name, where), when in zip(keys, period_of):
         keep = (where >= 0) & (when >= 0)
         if name == "active_stores":  # distinct stores with a sell-out
-            seller = sout["store"].astype("category").cat.codes.to_numpy(np.int64)
-            cells = pd.DataFrame({"r": where[keep], "p": when[keep], "s": seller[keep]}).drop_duplicates()
-            where, when = cells["r"].to_numpy(), cells["p"].to_numpy()
+            sellers = sout["store"].astype("category").cat
+            seller, n_sellers = sellers.codes.to_numpy(np.int64), max(len(sellers.categories), 1)
+            cells = pd.unique((where[keep] * n_periods + when[keep]) * n_sellers + seller[keep]) // n_sellers
+            where, when = cells // n_periods, cells % n_periods
         else:
             where, when = where[keep], when[keep]
         grid = np.bincount(where * n_periods + when, minlength=n_regions * n_periods).reshape(n_regions, n_periods)
@@ -129,6 +130,6 @@ def _periods(times: list[pd.Series], period: str) -> tuple[list[np.ndarray], np.
     if PERIODS[period] is None:
         return [np.zeros(len(t), np.int64) for t in times], np.array(["all"], object)
     ordinals = [t.dt.tz_convert(None).dt.to_period(PERIODS[period]).array.asi8 for t in times]
-    occurring = np.unique(np.concatenate([o[o != NAT] for o in ordinals]))
+    occurring = np.unique(np.concatenate([pd.unique(o[o != NAT]) for o in ordinals]))
     labels = pd.PeriodIndex.from_ordinals(occurring, freq=PERIODS[period]).astype(str).to_numpy(object)
     return [np.where(o != NAT, np.searchsorted(occurring, o), -1) for o in ordinals], labels

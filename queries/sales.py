@@ -13,7 +13,8 @@ tests compare them). Definitions (docs/design.md):
   are repeats); credited to the store that handled the unit last before the scan.
 - *opened*: one row per unit, its first `open` by anyone.
 
-Party, region, SKU and severity columns are categorical (pandas codes, not strings). The
+Party, region, SKU and severity columns are categorical (pandas codes, not strings; the
+embedded store's categories in the order of the parties and regions tables). The
 embedded store's facts are cached on disk per store version (`derived/` inside the live
 version folder; a load makes a new version, so a load never sees stale facts).
 """
@@ -27,6 +28,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,12 +37,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pandas.api.types import union_categoricals
 
 from graph import embedded
 from graph import timeline as timeline_module
 from graph.embedded import EmbeddedStore
-from graph.model import ACTIONS, KINDS
+from graph.model import ACTIONS
 from graph.timeline import Timeline, encode
 from queries import diversion
 from queries.common import iso_column, parallel_map, take_rows, utc
@@ -49,7 +50,6 @@ from queries.diversion import Context, EventFacts, batches_with_facts, judge, ju
 log = logging.getLogger(__name__)
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
-STORE = KINDS.index("store")
 LEVELS = {"country": 0, "province": 1, "city": 2, "district": 3}  # depth in the region tree
 FACT_FRAMES = ("sell_in", "sell_out", "opened", "findings")
 CACHED_FACTS = 4  # facts cache entries kept per store version (one per k and as_of asked for; the newest)
@@ -130,53 +130,76 @@ def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _facts_of_every_unit(store, context: Context, *, k: int, cutoff: pd.Timestamp | None) -> tuple:
-    """The facts from every unit's timeline (the embedded store), batch by batch when the
-    store offers batches of whole packages (memory stays bounded; the k rule sees whole cases),
-    two batches at a time; batches over one events table share one `EventFacts`."""
+    """The facts from every unit's timeline (the embedded store) as Arrow tables, batch by
+    batch (memory stays bounded; the k rule sees whole cases), two batches at a time;
+    batches over one events table share one `EventFacts`."""
     batches = batches_with_facts(store, lambda _: context)
     parts = list(parallel_map(lambda batch: _facts_of(store, *batch[:2], k=k, cutoff=cutoff, facts=batch[2]), batches))
-    if len(parts) == 1:
-        return parts[0]
     if not parts:
-        return _facts_of(store, store.timelines([]), context, k=k, cutoff=cutoff)
+        parts = [_facts_of(store, store.timelines([]), context, k=k, cutoff=cutoff)]
     latest = [part[4] for part in parts if part[4] is not None]
-    return (*(_concat([part[i] for part in parts]) for i in range(4)), max(latest) if latest else None)
+    return (*parallel_map(_concat, [[part[i] for part in parts] for i in range(4)]), max(latest) if latest else None)
 
 
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Frames of the same columns one after another; categorical columns stay categorical
-    (their categories united)."""
-    def strings(column: pd.Series) -> pd.Series:  # no categories at all come back from Arrow as objects
-        return column if len(column.cat.categories) else column.astype(pd.CategoricalDtype(pd.Index([], dtype="str")))
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Tables of one schema one after another (plain columns not copied: one chunk each),
+    each dictionary column as one array over only the values it uses (`_used_only`)."""
+    table = pa.concat_tables(tables)
+    return pa.table({name: _used_only(column) if pa.types.is_dictionary(column.type) else column
+                     for name, column in zip(table.column_names, table.columns)})
 
-    return pd.DataFrame({
-        name: union_categoricals([strings(f[name]) for f in frames]) if frames[0][name].dtype == "category"
-        else pd.concat([f[name] for f in frames], ignore_index=True)
-        for name in frames[0].columns})
+
+def _used_only(column: pa.ChunkedArray) -> pa.DictionaryArray:
+    """A dictionary column as one array whose dictionary holds only the values used, in
+    dictionary order (chunks over different dictionaries are united first: the first
+    chunk's values, then those new in later ones)."""
+    if any(not chunk.dictionary.equals(column.chunk(0).dictionary) for chunk in column.chunks[1:]):
+        column = pa.table({"column": column}).unify_dictionaries().column(0)
+    dictionary = column.chunk(0).dictionary
+    rows = pa.chunked_array([chunk.indices for chunk in column.chunks], column.type.index_type)
+    rows = pc.fill_null(rows, -1).to_numpy()
+    used = np.zeros(len(dictionary) + 1, bool)
+    used[rows] = True  # -1 (null) marks the extra last slot
+    position = np.cumsum(used, dtype=np.int32) - 1
+    position[-1] = -1
+    indices = position[rows]
+    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
+
+
+def _frames(*facts) -> tuple:
+    """The fact tables as DataFrames (strings stay arrow-backed, dictionaries become
+    categorical; a block per column, so columns need not be copied together), then the
+    latest event time."""
+    *tables, latest = facts
+    return (*(table.to_pandas(split_blocks=True) for table in tables), latest)
 
 
 # ---------------------------------------------------------------- the facts cache
 
 
 def _cached_facts(store, *, k: int, cutoff: pd.Timestamp | None, build: Callable[[], tuple]) -> tuple:
-    """build(), or its result cached in the store's live version folder under a key of
-    (k, cutoff, the code that builds facts). An unreadable or incomplete cache entry is
-    rebuilt; a store that cannot be written is simply not cached."""
+    """`_frames` of build() (the fact tables and the latest event time), or of the tables
+    cached in the store's live version folder under a key of (k, cutoff, the code that
+    builds facts); built tables are cached while they become frames. An unreadable or
+    incomplete cache entry is rebuilt; a store that cannot be written is simply not cached."""
     folder = _cache_folder(store, k=k, cutoff=cutoff)
     if folder is None:
-        return build()
+        return _frames(*build())
     if folder.exists():
         try:
-            return _read_facts(folder)
+            return _frames(*_read_facts(folder))
         except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
             log.warning("sales facts cache %s is unreadable (%s); rebuilding it", folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
     facts = build()
-    try:
-        _write_facts(folder, facts)
-    except OSError as exc:
-        log.info("sales facts not cached in %s: %s", folder, exc.strerror or exc)
-    return facts
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        written = pool.submit(_write_facts, folder, facts)
+        frames = _frames(*facts)
+        try:
+            written.result()
+        except OSError as exc:
+            log.info("sales facts not cached in %s: %s", folder, exc.strerror or exc)
+    return frames
 
 
 def _cache_folder(store, *, k: int, cutoff: pd.Timestamp | None) -> Path | None:
@@ -199,23 +222,21 @@ def _code_digest() -> str:
 
 
 def _write_facts(folder: Path, facts: tuple) -> None:
-    """Write the facts as Arrow IPC files into a new folder, then rename it into place (a
-    reader sees a complete entry or none). The version folder must exist: a load may
+    """Write the fact tables as Arrow IPC files into a new folder, then rename it into place
+    (a reader sees a complete entry or none). The version folder must exist: a load may
     remove it at any time, and the cache must not bring it back."""
     derived = folder.parent
     derived.mkdir(exist_ok=True)
     tmp = derived / f".tmp-{uuid.uuid4().hex}"
     try:
         tmp.mkdir()
-        for name, frame in zip(FACT_FRAMES, facts):
-            table = pa.Table.from_pandas(frame, preserve_index=False)  # one batch, even if empty (keeps categories)
-            batch = pa.record_batch([column.combine_chunks() for column in table.columns], schema=table.schema)
-            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-                writer.write_batch(batch)
+        for name, table in zip(FACT_FRAMES, facts):
+            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
         latest = facts[4]
         (tmp / "manifest.json").write_text(json.dumps({
             "latest": latest.isoformat() if latest is not None else None,
-            "rows": {name: len(frame) for name, frame in zip(FACT_FRAMES, facts)}}))
+            "rows": {name: table.num_rows for name, table in zip(FACT_FRAMES, facts)}}))
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -235,17 +256,17 @@ def _evict(derived: Path, *, keep: int) -> None:
 
 
 def _read_facts(folder: Path) -> tuple:
-    """The facts of a cache folder; ValueError (or an Arrow/OS error) when incomplete."""
+    """The fact tables of a cache folder; ValueError (or an Arrow/OS error) when incomplete."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    frames = []
+    tables = []
     for name in FACT_FRAMES:
         with pa.memory_map(str(folder / f"{name}.arrow")) as source:
             table = pa.ipc.open_file(source).read_all()
         if table.num_rows != manifest["rows"][name]:
             raise ValueError(f"{name}: {table.num_rows} rows, the manifest says {manifest['rows'][name]}")
-        frames.append(table.to_pandas())
+        tables.append(table)
     latest = manifest["latest"]
-    return (*frames, pd.Timestamp(latest) if latest is not None else None)
+    return (*tables, pd.Timestamp(latest) if latest is not None else None)
 
 
 def _facts_in_database(store, context: Context, *, k: int, cutoff: pd.Timestamp | None) -> tuple:
@@ -253,7 +274,7 @@ def _facts_in_database(store, context: Context, *, k: int, cutoff: pd.Timestamp 
     diversion findings judged on the store's candidate units only."""
     rows = store.sales_rows(until=cutoff.to_pydatetime() if cutoff is not None else None)
     candidates = store.timelines(store.diversion_candidates())
-    findings = _facts_of(store, candidates, context, k=k, cutoff=cutoff)[3]
+    findings = _concat([_facts_of(store, candidates, context, k=k, cutoff=cutoff)[3]]).to_pandas()
     crossing = findings.set_index("code")
     sell_in = rows["sell_in"].to_pandas().sort_values(["code", "ts", "rank", "event_id"], ignore_index=True)
     diverted = _at_or_after(sell_in["ts"], sell_in["rank"], sell_in["event_id"], crossing.reindex(sell_in["code"]))
@@ -280,97 +301,95 @@ def _at_or_after(ts: pd.Series, rank: pd.Series, event_id: pd.Series, crossing: 
 
 def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
               cutoff: pd.Timestamp | None, facts: EventFacts | None = None) -> tuple:
-    """sell_in, sell_out, opened and findings of the units of one timeline, and its latest
-    event time (`facts`: of the timeline's events table, see `judge`)."""
-    ts = pd.to_datetime(timeline.event_column("ts"), utc=True) if len(timeline) else pd.DatetimeIndex([], tz="UTC")
+    """sell_in, sell_out, opened and findings (Arrow tables, for `_concat`) of the units of
+    one timeline, and its latest event time (`facts`: of the timeline's events table, see
+    `judge`)."""
+    ts = timeline.events.column("ts").to_numpy()[timeline.event]  # per row, datetime64[us] (UTC)
     if cutoff is not None:
-        keep = np.asarray(ts <= cutoff)
+        keep = ts <= cutoff.asm8.astype("datetime64[us]")  # rounded down: ts <= cutoff
         timeline = Timeline(timeline.unit[keep], timeline.event[keep], timeline.units, timeline.events)
-    latest = ts.max() if len(ts) else None
+        ts = ts[keep]
+    latest = pd.Timestamp(ts.max()).tz_localize("UTC") if len(ts) else None
     j = judge(timeline, context, k=k, facts=facts)
     party_ids, region_ids = context.party_ids, context.region_ids
     codes = timeline.units.column("code")
     skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())
     sku_of = pc.fill_null(skus.indices, -1).to_numpy(zero_copy_only=False)  # per unit, its SKU's position
     event_ids, times = timeline.events.column("event_id"), timeline.events.column("ts")
-    kind = context.kind
-    n = len(timeline)
-    pos = np.arange(n)
-    start = timeline.unit_starts()
-    unit = timeline.unit.astype(np.int64)
+    unit = timeline.unit
 
     def at(rows: np.ndarray, values: pa.ChunkedArray) -> pa.Array:
         """values of the events of timeline rows (null where row < 0)."""
         return take_rows(values, np.where(rows >= 0, timeline.event[np.maximum(rows, 0)], -1))
 
     def party(rows: np.ndarray) -> pa.DictionaryArray:
-        return _coded(party_ids, rows)
+        return _keyed(party_ids, rows)
 
     def sku(units: np.ndarray) -> pa.DictionaryArray:
-        return _coded(skus.dictionary, sku_of[units])
+        return _keyed(skus.dictionary, sku_of[units])
 
-    holder_kind = np.where(j.holder >= 0, kind[np.maximum(j.holder, 0)], -1)
-    store_row = (holder_kind == STORE) & (j.action != SCAN)
-    last_store = np.maximum.accumulate(np.where(store_row, pos, -1)) if n else pos
-    last_store = np.where(last_store >= start, last_store, -1)
-    crossing = np.full(timeline.units.num_rows, n, np.int64)
+    store_row = j.holds_store & (j.action != SCAN)
+    crossing = np.full(timeline.units.num_rows, len(timeline), np.int64)
     crossing[j.verdicts.unit] = j.verdicts.row
     severity = np.full(timeline.units.num_rows, -1, np.int64)
     severity[j.verdicts.unit] = j.verdicts.severity == "suspected"
-    diverted = pos >= crossing[unit]
     severities = pa.array(["confirmed", "suspected"])
 
+    def diverted(rows: np.ndarray) -> np.ndarray:
+        """Per timeline row: at or after its unit's crossing."""
+        return rows >= crossing[unit[rows]]
+
     rows = np.flatnonzero(store_row)
-    rows = rows[~pd.Series(unit[rows] * (len(party_ids) + 1) + j.holder[rows]).duplicated().to_numpy()]
-    sell_in = _frame(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
-                     ts=at(rows, times), diverted=diverted[rows])
+    unit_holder = unit[rows].astype(np.int64) * (len(party_ids) + 1) + j.holder[rows]
+    again = np.diff(unit_holder, prepend=-1) == 0  # the store of the row before (cheap; most repeats)
+    rows, unit_holder = rows[~again], unit_holder[~again]
+    rows = rows[~pd.Series(unit_holder).duplicated().to_numpy()]
+    sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
+                     ts=at(rows, times), diverted=diverted(rows))
 
     rows = timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
-    seller = last_store[rows]
+    seller = timeline.latest(store_row, rows)
     sold = sku(unit[rows])
     products = store.stored("products", skus.dictionary)
     price_of = take_rows(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
     price = pc.fill_null(take_rows(price_of, sku_of[unit[rows]]), 0.0)
-    sell_out = _frame(
+    sell_out = _table(
         event_id=at(rows, event_ids), code=take_rows(codes, unit[rows]), sku=sold, unit_price=price,
-        consumer=party(j.party[rows]), ts=at(rows, times), region_id=_coded(region_ids, j.location[rows]),
+        consumer=party(j.party[rows]), ts=at(rows, times), region_id=_keyed(region_ids, j.location[rows]),
         store=party(np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
-        finding=at(np.where(diverted[rows], crossing[unit[rows]], -1), event_ids),
-        severity=_coded(severities, np.where(diverted[rows], severity[unit[rows]], -1)))
+        finding=at(np.where(diverted(rows), crossing[unit[rows]], -1), event_ids),
+        severity=_keyed(severities, np.where(diverted(rows), severity[unit[rows]], -1)))
 
     rows = timeline.first_per_unit(np.flatnonzero(j.action == OPEN))
-    opened = _frame(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
-                    region_id=_coded(region_ids, j.location[rows]))
+    opened = _table(code=take_rows(codes, unit[rows]), party=party(j.party[rows]), ts=at(rows, times),
+                    region_id=_keyed(region_ids, j.location[rows]))
 
     verdicts = j.verdicts
     rows = verdicts.row.astype(np.int64)
     exit_via = verdicts.exit_via.astype(np.int64)
-    home = context.home
-    findings = _frame(
+    findings = _table(
         code=take_rows(codes, verdicts.unit), responsible=party(j.distributor[rows]),
-        exit_via=party(exit_via), from_region=_coded(region_ids, np.where(exit_via >= 0, home[exit_via], -1)),
-        to_region=_coded(region_ids, j.after[rows]), severity=_coded(severities, severity[verdicts.unit]),
+        exit_via=party(exit_via), from_region=_keyed(region_ids, np.where(exit_via >= 0, context.home[exit_via], -1)),
+        to_region=_keyed(region_ids, j.after[rows]), severity=_keyed(severities, severity[verdicts.unit]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
 
 
-def _coded(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
-    """dictionary[rows] dictionary-encoded over the values used (a pandas categorical), null
-    where a row is negative."""
-    rows = np.asarray(rows, np.int64)
-    used = np.zeros(len(dictionary) + 1, bool)
-    used[rows] = True  # a negative row marks the extra last slot
-    position = np.cumsum(used) - 1
-    position[-1] = -1
-    indices = position[rows].astype(np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), dictionary.filter(pa.array(used[:-1])))
+def _keyed(dictionary: pa.Array, rows: np.ndarray) -> pa.DictionaryArray:
+    """dictionary[rows] as a dictionary array over all of `dictionary`, null where a row is
+    negative (`_concat` keeps only the values used)."""
+    rows = np.asarray(rows, np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(rows, mask=rows < 0), dictionary)
 
 
-def _frame(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pd.DataFrame:
-    """A DataFrame of arrow columns (strings stay arrow-backed, dictionaries become
-    categorical) and numpy ones."""
-    return pa.table({name: value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
-                     for name, value in columns.items()}).to_pandas()
+def _table(**columns: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
+    """A table of Arrow and numpy columns, strings as large_string (as pandas holds them, so
+    `_frames` copies none)."""
+    def arrow(value: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Array | pa.ChunkedArray:
+        value = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
+        return value.cast(pa.large_string()) if value.type == pa.string() else value
+
+    return pa.table({name: arrow(value) for name, value in columns.items()})
 
 
 def _depths(parent: pd.Series) -> pd.Series:
