@@ -118,6 +118,8 @@ def assert_same_answers(embedded: EmbeddedStore, neo: Neo4jStore) -> None:
     assert_same_timelines(embedded, neo, ["K2", "CK", "PB", "BB", "B1", "Z1", "nope", "A1", "A1"])
     assert_same_timelines(embedded, neo, [])
     assert neo.purchases().equals(embedded.purchases())
+    for parties in (["C1", "wx-z1", "S1", "nope"], []):
+        assert neo.purchases(parties).equals(embedded.purchases(parties))
     assert neo.referrals().equals(embedded.referrals())
     for code in ("PB", "CA", "A1", "nope"):
         assert neo.descendants(code).equals(embedded.descendants(code))
