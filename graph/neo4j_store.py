@@ -39,6 +39,17 @@ still to be written carry a `PendingLinks` label (their targets may come later i
 load), so the next `apply` finishes an interrupted load; running the same load again
 converges to one clean load. Concurrent loads into one database are not supported.
 
+Reading. Every read is a managed read transaction (a cluster routes it; retried on
+transient errors): one statement through `Driver.execute_query` (its BEGIN travels with
+the statement), several through `execute_read`. A read statement returns columns, one
+record holding one list per column (`_collected`: the driver decodes a list value far
+faster than a record). Whole-store reads (parties, units, consumer scans) go page by page:
+a `*_KEYS` statement gives the next `batch_size` keys in index order, and a statement per
+page reads those keys, `READERS` pages at a time. A trace is two statements (LINEAGE, then
+TIMELINE: the lineages, their live events, the parties those name and the region tree);
+the diversion judge gets the timelines of DIVERSION_CANDIDATES only; SALES summarises per
+page of units the events of each code once and combines them per unit in Cypher.
+
 Everything goes through Bolt (bolt://, neo4j://, neo4j+s://): no local files, no APOC, no
 GDS. Only this module imports `neo4j`; results leave it as pyarrow tables, Python lists
 and `Timeline`s.
