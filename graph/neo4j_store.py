@@ -137,6 +137,7 @@ SCHEMA = (
     "CREATE CONSTRAINT cg_extra_columns_key IF NOT EXISTS FOR (n:ExtraColumns) REQUIRE n.table IS UNIQUE",
     "CREATE CONSTRAINT cg_referral_key IF NOT EXISTS FOR ()-[r:REFERRED]-() REQUIRE r.referral_id IS UNIQUE",
     "CREATE INDEX cg_code_sku IF NOT EXISTS FOR (n:Code) ON (n.sku)",
+    "CREATE INDEX cg_code_batch IF NOT EXISTS FOR (n:Code) ON (n.batch)",
     "CREATE INDEX cg_load_status IF NOT EXISTS FOR (n:Load) ON (n.status)",
 )
 AWAIT_INDEXES = "CALL db.awaitIndexes(300)"
@@ -447,13 +448,16 @@ WITH DISTINCT d
 WITH d.code AS code, d.level AS level, d.parent_code AS parent_code
 {_collected('code', 'level', 'parent_code')}
 """
-UNITS_WHERE = f"""
-UNWIND $keys AS key
-MATCH (u:Code {{code: key}})
+# Units of a batch and/or SKU: from the codes that carry the value (an index), down to the
+# units whose inherited values match.
+UNITS_WHERE = {name: f"""
+MATCH (c:Code {{{name}: ${name}}})
+MATCH (u:Code)-[:PACKED_IN*0..{MAX_HOPS}]->(c) WHERE u.level = 'unit'
+WITH DISTINCT u
 WITH u, {_INHERITED.format('sku')} AS sku, {_INHERITED.format('batch')} AS batch
 WHERE ($sku IS NULL OR sku = $sku) AND ($batch IS NULL OR batch = $batch)
 RETURN collect(u.code) AS code
-"""
+""" for name in ("batch", "sku")}
 # Consumer scans with their code's (inherited) sku, by event (all scans, page by page) or
 # by the party that scanned.
 _PURCHASE = f"""
@@ -801,11 +805,10 @@ class Neo4jStore:
 
     def units_where(self, *, batch: str | None = None, sku: str | None = None) -> list[str]:
         """Unit codes of a batch and/or SKU (inherited from packed-in codes); all if neither."""
-        pages = self._key_pages(UNIT_KEYS)
         if batch is None and sku is None:
-            units = [key for page in pages for key in page]
+            units = [key for page in self._key_pages(UNIT_KEYS) for key in page]
         else:
-            units = _concat(self._each_page(UNITS_WHERE, pages, batch=batch, sku=sku))["code"]
+            units = self._record(UNITS_WHERE["batch" if batch is not None else "sku"], batch=batch, sku=sku)["code"]
         return sorted(units, key=str.encode)
 
     def timeline_batches(self) -> Iterator[Timeline]:
