@@ -72,7 +72,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from neo4j import Driver, GraphDatabase, ManagedTransaction, RoutingControl
+from neo4j import Driver, EagerResult, GraphDatabase, ManagedTransaction, RoutingControl
 from neo4j import exceptions as neo4j_errors
 
 from graph.errors import StoreError
@@ -370,8 +370,8 @@ def _projection(table: str) -> dict[str, str]:
 
 def _rows(table: str, *, keys: str | None, alias: str) -> str:
     """A subquery: the rows of `table` whose key is in the list `keys` (a parameter or a
-    variable; all rows if None) as one value `alias`: [the names of its unknown columns in first-seen
-    order, then one list per `_projection` column]."""
+    variable; all rows if None) as one value `alias`: [the names of its unknown columns in
+    first-seen order, then one list per `_projection` column]."""
     key = _checked(TABLE_KEYS[table], list(TABLE_KEYS.values()))
     where = f" {{{key}: key}}" if keys else ""
     match = (f"MATCH (a:Party)-[n:REFERRED{where}]->(b:Party)" if table == "referrals" else
@@ -405,10 +405,21 @@ _LINEAGE = f"""
 MATCH path = (u)-[:PACKED_IN*0..{MAX_HOPS}]->(top:Code)
 WHERE NOT (top)-[:PACKED_IN]->()
 """
-# `u`'s value of a code property, else that of its nearest ancestor that has one (the
-# walk up only where `u` has none)
-_INHERITED = ("CASE WHEN u.{0} IS NOT NULL THEN u.{0} ELSE COLLECT {{ MATCH up = (u)-[:PACKED_IN*1..%d]->(a:Code) "
-              "WHERE a.{0} IS NOT NULL RETURN a.{0} ORDER BY length(up) LIMIT 1 }}[0] END") % MAX_HOPS
+
+
+def _inherited(name: str) -> str:
+    """The code `u`'s property `name`, else that of its nearest ancestor that has one (the
+    walk up only where `u` has none)."""
+    return (f"CASE WHEN u.{name} IS NOT NULL THEN u.{name} ELSE COLLECT {{ MATCH up = (u)-[:PACKED_IN*1..{MAX_HOPS}]->(a:Code) "
+            f"WHERE a.{name} IS NOT NULL RETURN a.{name} ORDER BY length(up) LIMIT 1 }}[0] END")
+
+
+def _location(event: str) -> str:
+    """Where the event `event` happened: its region, else its party's registered region."""
+    return (f"CASE WHEN {event}.region_id IS NOT NULL THEN {event}.region_id "
+            f"ELSE COLLECT {{ MATCH ({event})-[:BY]->(p) RETURN p.region_id }}[0] END")
+
+
 _LIVE = "NOT EXISTS { MATCH (:Retraction {event_id: e.event_id}) }"
 # The codes' lineages (`lineage`: the code, then its ancestors; its case, inherited sku
 # and batch), the live events on the codes of those lineages, the parties they name and
@@ -454,14 +465,14 @@ UNITS_WHERE = {name: f"""
 MATCH (c:Code {{{name}: ${name}}})
 MATCH (u:Code)-[:PACKED_IN*0..{MAX_HOPS}]->(c) WHERE u.level = 'unit'
 WITH DISTINCT u
-WITH u, {_INHERITED.format('sku')} AS sku, {_INHERITED.format('batch')} AS batch
+WITH u, {_inherited('sku')} AS sku, {_inherited('batch')} AS batch
 WHERE ($sku IS NULL OR sku = $sku) AND ($batch IS NULL OR batch = $batch)
 RETURN collect(u.code) AS code
 """ for name in ("batch", "sku")}
 # Consumer scans with their code's (inherited) sku, by event (all scans, page by page) or
 # by the party that scanned.
 _PURCHASE = f"""
-WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, e.code AS code, {_INHERITED.format('sku')} AS sku, e.event_id AS event_id
+WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, e.code AS code, {_inherited('sku')} AS sku, e.event_id AS event_id
 {_collected('party_id', 'ts', 'code', 'sku', 'event_id')}
 """
 PURCHASES = {
@@ -480,7 +491,6 @@ _RANK = "CASE e.action WHEN 'ship' THEN 0 WHEN 'receive' THEN 1 WHEN 'open' THEN
 _HOLDER = """CASE WHEN e.action = 'scan' THEN null
      WHEN e.action = 'ship' AND EXISTS { (e)-[:TO]->() } THEN COLLECT { MATCH (e)-[:TO]->(q) RETURN q }[0]
      ELSE COLLECT { MATCH (e)-[:BY]->(p) RETURN p }[0] END"""
-_REGION = "CASE WHEN {0}.region_id IS NOT NULL THEN {0}.region_id ELSE COLLECT {{ MATCH ({0})-[:BY]->(p) RETURN p.region_id }}[0] END"
 SALES = f"""
 UNWIND $keys AS key
 MATCH (u:Code {{code: key}})-[:PACKED_IN*0..{MAX_HOPS}]->(c:Code)
@@ -505,13 +515,13 @@ CALL (holds) {{
 }}
 WITH u, latest, firsts, scan, open,
      reduce(best = null, hold IN holds | CASE WHEN hold[0] <= scan.ts AND (best IS NULL OR hold > best) THEN hold ELSE best END) AS seller
-WITH u.code AS code, {_INHERITED.format('sku')} AS sku, {_US.format('latest')} AS latest,
+WITH u.code AS code, {_inherited('sku')} AS sku, {_US.format('latest')} AS latest,
      [f IN firsts | f[3]] AS in_store, [f IN firsts | f[2]] AS in_event,
      [f IN firsts | {_US.format('f[0]')}] AS in_ts, [f IN firsts | f[1]] AS in_rank,
      scan.event_id AS out_event, scan.party_id AS out_consumer, {_US.format('scan.ts')} AS out_ts,
-     CASE WHEN scan IS NULL THEN null ELSE {_REGION.format('scan')} END AS out_region, seller[3] AS out_store,
+     CASE WHEN scan IS NULL THEN null ELSE {_location('scan')} END AS out_region, seller[3] AS out_store,
      open.party_id AS open_party, {_US.format('open.ts')} AS open_ts,
-     CASE WHEN open IS NULL THEN null ELSE {_REGION.format('open')} END AS open_region
+     CASE WHEN open IS NULL THEN null ELSE {_location('open')} END AS open_region
 {_collected('code', 'sku', 'latest', 'in_store', 'in_event', 'in_ts', 'in_rank', 'out_event', 'out_consumer', 'out_ts',
           'out_region', 'out_store', 'open_party', 'open_ts', 'open_region')}
 """
@@ -545,7 +555,7 @@ CALL (ac) {{
 }}
 MATCH (x)<-[:ON]-(e:Event)
 WHERE e.ts >= since
-WITH lower, territory, e, {_REGION.format('e')} AS location,
+WITH lower, territory, e, {_location('e')} AS location,
      CASE WHEN e.action = 'ship' THEN COLLECT {{ MATCH (e)-[:TO]->(q:Party) RETURN q.region_id }}[0] END AS destination
 WITH lower, territory, e, coalesce(destination, location) AS after
 WHERE after IS NOT NULL AND NOT after IN territory
@@ -652,18 +662,19 @@ class Neo4jStore:
                 return session.execute_read(work)
         return self._reading(call)
 
-    def _read(self, query: str, **params: Any) -> list[list[Any]]:
-        """All records of one read statement, as lists of plain values: a managed read
-        transaction whose BEGIN travels with the statement (`Driver.execute_query`; a
-        round trip less than `execute_read`)."""
-        result = self._reading(lambda: self._driver.execute_query(
+    def _statement(self, query: str, params: dict[str, Any]) -> EagerResult:
+        """One read statement in a managed read transaction whose BEGIN travels with it
+        (`Driver.execute_query`: a round trip less than `execute_read`)."""
+        return self._reading(lambda: self._driver.execute_query(
             query, params, routing_=RoutingControl.READ, database_=self.database, bookmark_manager_=None))
-        return [record.values() for record in result.records]
+
+    def _read(self, query: str, **params: Any) -> list[list[Any]]:
+        """All records of one read statement, as lists of plain values."""
+        return [record.values() for record in self._statement(query, params).records]
 
     def _record(self, query: str, **params: Any) -> dict[str, Any]:
         """The one record of a `_collected` (or other one-record) read statement, by column."""
-        result = self._reading(lambda: self._driver.execute_query(
-            query, params, routing_=RoutingControl.READ, database_=self.database, bookmark_manager_=None))
+        result = self._statement(query, params)
         return dict(zip(result.keys, result.records[0].values()))
 
     def _key_pages(self, query: str) -> Iterator[list[str]]:
@@ -1022,7 +1033,8 @@ def _concat(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
 def _timeline(found: list[dict[str, Any]]) -> Timeline:
     """A Timeline (rows ordered as `Timeline.from_frames` orders them) from TIMELINE records
     (one per chunk of codes: an event or party may come in several), with its context."""
-    column = {name: [value for record in found for value in record[name]] for name in found[0] if name not in ("parties", "regions")}
+    column = {name: [value for record in found for value in record[name]]
+              for name in found[0] if name not in ("parties", "regions")}
     units = pa.table({name: pa.array(column[source], pa.string())
                       for name, source in zip(UNIT_COLUMNS, ("unit", "in_case", "sku", "batch"))})
     order = pc.sort_indices(units, [("code", "ascending")])
@@ -1086,13 +1098,13 @@ def _rows_table(table: str, values: list[list[Any]]) -> pa.Table:
     rows = sorted(dict(zip(reversed(keys), range(len(keys) - 1, -1, -1))).values()) if len(values) > 1 else range(len(keys))
     data: dict[str, pa.Array] = {}
     for column, type_ in _column_types(table, []):
-        values_ = [columns[column][i] for i in rows]
+        kept = [columns[column][i] for i in rows]
         if type_ == TS_TYPE:
-            data[column] = _ts_array(values_)
+            data[column] = _ts_array(kept)
         elif type_ == pa.float64():
-            data[column] = pa.array([None if v is None else float(v) for v in values_], pa.float64())
+            data[column] = pa.array([None if v is None else float(v) for v in kept], pa.float64())
         else:
-            data[column] = pa.array([None if v is None else str(v) for v in values_], pa.string())
+            data[column] = pa.array([None if v is None else str(v) for v in kept], pa.string())
     extra_rows = [columns["cg_extra"][i] for i in rows]
     for i, column in enumerate(extras):
         data[column] = pa.array([None if row[i] is None else str(row[i]) for row in extra_rows], pa.string())
