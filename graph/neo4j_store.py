@@ -696,7 +696,7 @@ class Neo4jStore:
                    **params: Any) -> list[dict[str, Any]]:
         """The record of `query` for each page of `pages` (the list parameter `name`), in
         order; each page is its own read, `readers` of them at a time."""
-        if self.readers < 2:
+        if self.readers < 2 or (isinstance(pages, list) and len(pages) < 2):  # no threads for a trace
             return [self._record(query, **params, **{name: page}) for page in pages]
         with ThreadPoolExecutor(self.readers) as pool:
             return list(pool.map(lambda page: self._record(query, **params, **{name: page}), pages))
