@@ -393,7 +393,8 @@ if __name__ != "__main__":  # under `python -m api.cli`, the importable module d
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors, never a traceback (set CHANNELGRAPH_DEBUG=1 for one)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("neo4j").setLevel(logging.ERROR)  # its retry notices; a failure is reported as one line
+    logging.getLogger("neo4j").setLevel(logging.CRITICAL)  # its retry notices and errors of connections that die
+    # mid-read (several reads run at once): a failure is reported as one line
     try:
         app(args=argv, standalone_mode=False)
     except (typer.Exit, SystemExit) as exc:

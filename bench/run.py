@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -213,37 +214,55 @@ def bench_neo4j_load(scale: int, uri: str, batch: int) -> dict:
 
 
 def bench_queries(scale: int, uri: str | None, samples: int = 200) -> dict:
-    """Trace latency and full diversion detection on one store (Neo4j when `uri`, else the
-    embedded store of `bench_load`), for the side-by-side table of both stores."""
-    opener = (f"Neo4jStore.connect(Settings(neo4j={uri!r}))" if uri
-              else f"EmbeddedStore(Path({str(store_of(scale))!r}))")
+    """Trace latency, full diversion detection, influencers and the analyses on one store
+    (Neo4j when `uri`, else the embedded store of `bench_load`, its facts cache removed
+    first: its first analysis builds the sales facts, the next ones read them), for the
+    side-by-side table of both stores. Wall and process CPU seconds (for Neo4j the client's
+    CPU only) of each."""
+    store = store_of(scale)
+    opener = f"Neo4jStore.connect(Settings(neo4j={uri!r}))" if uri else f"EmbeddedStore(Path({str(store)!r}))"
+    if not uri:
+        shutil.rmtree(store / (store / "CURRENT").read_text().strip() / "derived", ignore_errors=True)
     return run_child(f"""
+        import os
         import numpy as np
         from pathlib import Path
         from graph.embedded import EmbeddedStore
         from graph.neo4j_store import Neo4jStore
         from graph.settings import Settings
+        from queries.consumers import lifecycle
         from queries.diversion import find_diversions
         from queries.influence import influencers
+        from queries.rebates import load_policy, rebates
+        from queries.regions import region_sell_through
+        from queries.sales import sales_facts
+        from queries.stores import store_health
         from queries.trace import trace
         store = {opener}
-        units = EmbeddedStore(Path({str(store_of(scale))!r})).units_where()
+        units = EmbeddedStore(Path({str(store)!r})).units_where()
         picked = [units[i] for i in np.random.default_rng(0).choice(len(units), {samples})]
         trace(store, picked[0])
-        times = []
+        times, cpus = [], []
         for code in picked:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             trace(store, code)
             times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        findings = find_diversions(store)
-        diversion_s = time.perf_counter() - t
-        t = time.perf_counter()
-        influencers(store, top=10)
-        influence_s = time.perf_counter() - t
+            cpus.append(time.process_time() - cpu)
         ms = np.array(times) * 1000
         result = {{'trace_median_ms': round(float(np.median(ms)), 2), 'trace_p95_ms': round(float(np.percentile(ms, 95)), 2),
-                   'diversions_s': round(diversion_s, 2), 'findings': len(findings), 'influencers_s': round(influence_s, 2)}}
+                   'trace_cpu_median_ms': round(float(np.median(cpus)) * 1000, 2)}}
+        policy = load_policy('docs/policy.example.toml')
+        for name, call in (('diversions', lambda: find_diversions(store)), ('influencers', lambda: influencers(store, top=10)),
+                           ('sales_facts', lambda: sales_facts(store)), ('stores', lambda: store_health(store)),
+                           ('consumers', lambda: lifecycle(store)), ('rebates', lambda: rebates(store, policy=policy)),
+                           ('regions', lambda: region_sell_through(store))):
+            t, cpu = time.perf_counter(), time.process_time()
+            out = call()
+            result[name + '_s'] = round(time.perf_counter() - t, 2)
+            result[name + '_cpu_s'] = round(time.process_time() - cpu, 2)
+            if name == 'diversions':
+                result['findings'] = len(out)
+        result['load_average'] = ' '.join(f'{{x:.1f}}' for x in os.getloadavg())
     """)
 
 
@@ -309,7 +328,9 @@ def main() -> None:
         write_results("Neo4j store (and the same queries on the embedded store)", neo4j_rows,
                       "Target: Neo4j load >= 50,000 scan rows/s over Bolt. Neo4j: local 5.26 launcher on the "
                       "same machine as the client. `seconds` is the whole load (reading, validation, "
-                      "writing); `write_s` the Neo4j writes alone (Neo4jStore.apply).")
+                      "writing); `write_s` the Neo4j writes alone (Neo4jStore.apply). Queries: wall `_s` and "
+                      "the client process's CPU `_cpu_s` (Neo4j's server CPU is not in it); the embedded "
+                      "store's first analysis (sales_facts) builds its facts cache, the later ones read it.")
     if not rows:
         return
     write_results("Embedded store", rows, "Targets: load >= 300,000 scan rows/s and < 200 bytes RSS per scan row; "

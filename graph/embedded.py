@@ -275,11 +275,15 @@ class EmbeddedStore:
         """All referral rows (referral_id, referrer_id, referee_id, ts, channel, code)."""
         return self.table("referrals").select([c.name for c in TABLES["referrals"].columns])
 
-    def purchases(self) -> pa.Table:
-        """One row per consumer `scan` event: party_id, ts, code, sku, unit_price
-        (sku inherited from the nearest packed-in code that has one; price 0 if unknown)."""
+    def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
+        """One row per consumer `scan` event (of the given parties only, if given): party_id,
+        ts, code, sku, unit_price (sku inherited from the nearest packed-in code that has
+        one; price 0 if unknown)."""
         codes, scans = self.table("codes"), self.table("scans")
-        bought = scans.filter(pc.equal(scans.column("action"), "scan"))
+        bought = pc.equal(scans.column("action"), "scan")
+        if parties is not None:
+            bought = pc.and_(bought, pc.is_in(scans.column("party_id"), value_set=pa.array(list(parties), pa.string())))
+        bought = scans.filter(bought)
         sku = _inherited_all(codes, "sku")
         products = self.table("products")
         product = encode(sku, products.column("sku").combine_chunks())

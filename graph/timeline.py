@@ -28,13 +28,17 @@ class Timeline:
     """One row per (unit, effective event), grouped by unit and in event order per unit.
 
     `unit[i]` indexes `units` (code, case-level ancestor, sku, batch); `event[i]` indexes
-    `events` (the scan rows, EVENT_COLUMNS at least).
+    `events` (the scan rows, EVENT_COLUMNS at least). A store that reads them together with
+    the timeline (Neo4j: in the same transaction) sets `parties` (the stored rows of every
+    party the events name) and `regions` (the region tree), what the judge needs besides.
     """
 
     unit: np.ndarray
     event: np.ndarray
     units: pa.Table
     events: pa.Table
+    parties: pa.Table | None = None
+    regions: pa.Table | None = None
 
     @classmethod
     def from_frames(cls, units: pd.DataFrame, events: pd.DataFrame, links: pd.DataFrame) -> Timeline:

@@ -151,14 +151,17 @@ class Context:
 
 def judging_context(store, timeline: Timeline | None = None, *, all_events: bool = False) -> Context:  # noqa: ANN001
     """The context to judge `timeline` in. A store that keeps values per version (`cached`,
-    the embedded store) builds one of every party once; others read the parties the
-    timeline's events name (or every row of `timeline.events`; every party without a
-    timeline) and the region tree, each time."""
+    the embedded store) builds one of every party once; a timeline that carries its parties
+    and regions (Neo4j) brings its own; otherwise the parties the timeline's events name
+    (or every row of `timeline.events`; every party without a timeline) and the region
+    tree are read, each time."""
     cached = getattr(store, "cached", None)
     if cached is not None:
         return cached("queries.diversion.Context", lambda: Context(store.parties(), store.regions()))
     if timeline is None:
         return Context(store.parties(), store.regions())
+    if timeline.parties is not None and timeline.regions is not None:
+        return Context(timeline.parties, timeline.regions)
     events = timeline.events
     if all_events:
         rows = None

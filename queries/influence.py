@@ -205,7 +205,7 @@ def referrer_metrics(store, attribution: Attribution | None = None) -> pd.DataFr
     n, up, down = len(nodes), codes[:len(edges)], codes[len(edges):]
     parent = np.full(n, -1)
     parent[down] = up
-    purchases = store.purchases().to_pandas()
+    purchases = store.purchases(list(nodes)).to_pandas()  # the forest's members' only
     member = pd.Index(nodes).get_indexer(purchases["party_id"])
     referred_at = np.full(n, np.datetime64("NaT"), "datetime64[us]")
     referred_at[down] = edges["ts"].dt.tz_localize(None).to_numpy("datetime64[us]")
@@ -239,8 +239,8 @@ def cascade(store, party_id: str) -> list[CascadeNode]:  # noqa: ANN001 - any St
     forest = attribution.forest
     if party_id not in forest:
         raise NotFound(f"party {party_id!r} takes part in no attributed referral")
-    purchases = store.purchases().to_pandas()
     lengths = nx.single_source_shortest_path_length(forest, party_id)
+    purchases = store.purchases(list(lengths)).to_pandas()  # the cascade's members' only
     kinds = _kinds(store, list(lengths))
     referred_at = {v: ts for _, v, ts in forest.edges(data="ts")}
     nodes = []

@@ -268,7 +268,7 @@ def test_neo4j_stopped_mid_load_and_mid_query(own_neo4j, datasets, tmp_path):
     finally:
         store.close()
 
-    stopped = run_cli("diversions", "--format", "json", "--neo4j", uri, env={**env, "FAULT_TARGET": "_read", "FAULT_AT": "2"})
+    stopped = run_cli("diversions", "--format", "json", "--neo4j", uri, env={**env, "FAULT_TARGET": "_reading", "FAULT_AT": "2"})
     assert_one_line_error(stopped, uri, "reading failed")
 
 

@@ -15,7 +15,7 @@ import pytest
 from graph.embedded import DERIVED_COLUMNS, EmbeddedStore
 from graph.errors import StoreError
 from graph.model import TABLES
-from graph.neo4j_store import KIND_LABELS, Neo4jStore, _checked
+from graph.neo4j_store import KIND_LABELS, PROPERTY_OF_K, Neo4jStore, _checked, _property_of
 from graph.settings import Settings
 from graph.timeline import EVENT_COLUMNS
 from loaders.ingest import LoadReport, load_dataset
@@ -118,6 +118,8 @@ def assert_same_answers(embedded: EmbeddedStore, neo: Neo4jStore) -> None:
     assert_same_timelines(embedded, neo, ["K2", "CK", "PB", "BB", "B1", "Z1", "nope", "A1", "A1"])
     assert_same_timelines(embedded, neo, [])
     assert neo.purchases().equals(embedded.purchases())
+    for parties in (["C1", "wx-z1", "S1", "nope"], []):
+        assert neo.purchases(parties).equals(embedded.purchases(parties))
     assert neo.referrals().equals(embedded.referrals())
     for code in ("PB", "CA", "A1", "nope"):
         assert neo.descendants(code).equals(embedded.descendants(code))
@@ -260,3 +262,10 @@ def test_names_in_query_text_come_from_allow_lists():
     for bad in ("Store`) DETACH DELETE n //", "Wizard", ""):
         with pytest.raises(ValueError):
             _checked(bad, list(KIND_LABELS.values()) + [bad] * (bad == "Store`) DETACH DELETE n //"))
+
+
+def test_reads_name_unknown_columns_as_the_writes_do(neo4j_store: Neo4jStore):
+    """The reads map an unknown column to its property in Cypher (PROPERTY_OF_K), the
+    writes in Python (_property_of): the same names."""
+    for column in ("phone", "cg_seq", "cg_x_note", "", "a\x00b", "\x00", ODD_COLUMN, "中文", "Cg_ok", " cg_"):
+        assert neo4j_store._read(f"WITH $k AS k RETURN {PROPERTY_OF_K}", k=column) == [[_property_of(column)]], column
