@@ -389,7 +389,7 @@ class EmbeddedStore:
             stored = _kept(old.column(name), kept) if name in old.column_names else None
             added = new.column(name) if name in new.column_names else None
             if added is not None and stored is not None and name != "code" and (at >= 0).any():  # values left empty keep the stored ones
-                added = pc.coalesce(added, pc.take(old.column(name), pa.array(at, mask=at < 0)).cast(added.type))
+                added = pc.coalesce(added, _one_array(old.column(name)).take(pa.array(at, mask=at < 0)).cast(added.type))
             return _concat([stored if stored is not None else pa.nulls(int(kept.sum()), field.type),
                             added if added is not None else pa.nulls(new.num_rows, field.type)]).take(pa.array(order))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,12 +81,22 @@ class _ReadOnDemand:
     def _chunks(self, sources: list[Source]) -> Iterator[RawTable]:
         for source in sources:
             rows = 0
-            for chunk in read_chunks(source):
+            for chunk in _read_ahead(read_chunks(source)):
                 rows += chunk.data.num_rows
                 if self._progress:
                     self._progress(f"load {source.path.name} ({rows:,} rows)", self._done, self._total)
                 yield chunk
             self._done += 1
+
+
+def _read_ahead(chunks: Iterator[RawTable]) -> Iterator[RawTable]:
+    """`chunks`, the next one read by another thread while this one is validated (reading
+    is mostly Arrow's work, which runs without the GIL: the second core parses)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+        ahead = reader.submit(next, chunks, None)
+        while (chunk := ahead.result()) is not None:
+            ahead = reader.submit(next, chunks, None)
+            yield chunk
 
 
 def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Progress | None = None) -> LoadReport:

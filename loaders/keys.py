@@ -52,12 +52,14 @@ class _Strings:
     def __init__(self, values: pa.Array):
         n = len(values)
         valid = np.ones(n, bool) if values.null_count == 0 else pc.is_valid(values).to_numpy(zero_copy_only=False)
-        self.rows = np.arange(n) if values.null_count == 0 else np.flatnonzero(valid)
         offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4) if n else np.zeros(1, np.int32)
         data = values.buffers()[2]
         self.data = np.frombuffer(data, np.uint8) if data is not None and n else np.zeros(0, np.uint8)
-        self.starts = offsets[:-1][self.rows]
-        self.lengths = (offsets[1:] - offsets[:-1])[self.rows]
+        if values.null_count == 0:
+            self.rows, self.starts, self.lengths = np.arange(n), offsets[:-1], np.diff(offsets)
+        else:
+            self.rows = np.flatnonzero(valid)
+            self.starts, self.lengths = offsets[:-1][self.rows], np.diff(offsets)[self.rows]
         self.width = int(self.lengths.max()) if len(self.rows) else 0
         self.matrix = None  # the strings as rows of bytes, when all have `width` bytes, one after another
         if len(self.rows) and int(offsets[-1]) - int(offsets[0]) == len(self.rows) * self.width and (self.lengths == self.width).all():
@@ -228,13 +230,14 @@ class StringKeys:
         strings = _Strings(values)
         if self._packing is not None:
             asked, known = self._packing.encode(strings)
-            asked, wanted = asked[known], strings.rows[known]
+            asked, wanted = (asked, strings.rows) if known.all() else (asked[known], strings.rows[known])
         else:
             asked, wanted = strings.hashes() >> np.uint64(64 - self._hash_bits), strings.rows
         wanted, asked = by_value(asked, wanted, self._bits)  # sorted: the searches run fast
         at = np.minimum(np.searchsorted(ints, asked), len(ints) - 1)  # the first row of each integer
         hit = ints[at] == asked
-        wanted, at = wanted[hit], at[hit]
+        if not hit.all():
+            wanted, at = wanted[hit], at[hit]
         out[wanted] = rows[at]
         if self._keys is not None:  # hashed: check each match, and decide those that merely share bits exactly
             wrong = ~_equal(values, wanted, self._keys, rows[at])
