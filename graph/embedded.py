@@ -364,22 +364,20 @@ class EmbeddedStore:
             old = old.filter(pa.array(positions(old.column(key), new.column(key)) < 0))
         return pa.concat_tables([old, new], promote_options="permissive")
 
-    def _write_codes(self, validated: Validated) -> Callable[[pa.Array], np.ndarray]:
+    def _write_codes(self, validated: Validated) -> _CodeRows:
         """Writes the codes of the new version (sorted by code, with parent_idx and
-        unit_count) column by column; returns the row of each of some codes in them."""
+        unit_count) column by column; returns where codes are in them."""
         old, new = self._live("codes"), _nonempty(validated.pop_accepted("codes")) or AcceptedRows.of(empty_table("codes").select(["code"]))
-        new_code = new.column("code")
-        at = positions(new_code, old.column("code")) if old.num_rows else np.full(new.num_rows, -1)
-        kept = positions(old.column("code"), new_code) < 0 if old.num_rows and new.num_rows else np.ones(old.num_rows, bool)
-        index = StringKeys(_concat([_kept(old.column("code"), kept), new_code]))
-        del new_code
-        order = index.order()
-        row_of = np.empty(len(order), np.int64)  # sorted row of each merged row
-        row_of[order] = np.arange(len(order))
-
-        def code_rows(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-            found = index.positions(values)
-            return np.where(found >= 0, row_of[np.maximum(found, 0)], -1)
+        if not old.num_rows and new.order is not None:  # a first load: validation ordered the codes and linked their parents
+            order, rows = new.order, _CodeRows(new.order, 0, lambda: StringKeys(new.column("code")))
+        else:
+            new_code = new.column("code")
+            at = positions(new_code, old.column("code")) if old.num_rows else np.full(new.num_rows, -1)
+            kept = positions(old.column("code"), new_code) < 0 if old.num_rows and new.num_rows else np.ones(old.num_rows, bool)
+            index = StringKeys(_concat([_kept(old.column("code"), kept), new_code]))
+            del new_code
+            order = index.order()
+            rows = _CodeRows(order, int(kept.sum()), lambda: index)
 
         def column(name: str) -> pa.Array:
             """Column `name` of the merged rows, in code order."""
@@ -394,24 +392,25 @@ class EmbeddedStore:
                             added if added is not None else pa.nulls(new.num_rows, field.type)]).take(pa.array(order))
 
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
-        fields, level, parent_idx = [], None, None
+        fields, is_unit, parent_idx = [], None, None
         for name in names:
             values = column(name)
             fields.append(self._write_column("codes", len(fields), name, values))
             if name == "level":
-                level = values
+                is_unit = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
             elif name == "parent_code":
-                parent_idx = code_rows(values).astype(np.int32)
+                links = new.links.get("parent_code")
+                parent_idx = rows.find(values, links[order] if links is not None and not old.num_rows else None).astype(np.int32)
             del values
-        units = _unit_counts(level, parent_idx)
+        units = _unit_counts(is_unit, parent_idx)
         self._write_column("codes", len(fields), "parent_idx", pa.array(parent_idx, pa.int32()))
         self._write_column("codes", len(fields) + 1, "unit_count", pa.array(units, pa.int64()))
-        return code_rows
+        return rows
 
-    def _write_scans(self, validated: Validated, code_rows: Callable[[pa.Array], np.ndarray], retractions: pa.Table) -> None:
-        """Writes the scans of the new version column by column, with code_idx (`code_rows`
-        of the codes), event_order (global rank by ts, action rank, event_id) and retracted
-        (an errorDeclaration names the event), sorted by (code_idx, event_order)."""
+    def _write_scans(self, validated: Validated, code_rows: _CodeRows, retractions: pa.Table) -> None:
+        """Writes the scans of the new version column by column, with code_idx (the row of
+        the code), event_order (global rank by ts, action rank, event_id) and retracted (an
+        errorDeclaration names the event), sorted by (code_idx, event_order)."""
         old, new = self._live("scans"), _nonempty(validated.pop_accepted("scans")) or AcceptedRows.of(empty_table("scans").select(["event_id"]))
 
         def merged(name: str, order: pa.Array | None = None) -> pa.Array:
@@ -423,7 +422,7 @@ class EmbeddedStore:
                               new.column(name) if name in new.column_names else pa.nulls(new.num_rows, field.type)])
             return values if order is None else values.take(order)
 
-        code_idx = code_rows(merged("code"))
+        code_idx = code_rows.find(merged("code"), new.links.get("code") if not old.num_rows else None)
         event_ids = merged("event_id")
         event_order, by_time = _event_order(merged("ts"), merged("action"), event_ids)
         retracted = pc.is_in(event_ids, value_set=retractions.column("event_id"))
@@ -499,9 +498,8 @@ def _kept(values: pa.ChunkedArray, keep: np.ndarray) -> pa.Array:
     return values if keep.all() else values.filter(pa.array(keep))
 
 
-def _unit_counts(level: pa.Array, parent_idx: np.ndarray) -> np.ndarray:
+def _unit_counts(is_unit: np.ndarray, parent_idx: np.ndarray) -> np.ndarray:
     """Units packed inside each code (1 for a unit)."""
-    is_unit = pc.equal(level, LEVELS[0]).to_numpy(zero_copy_only=False)
     units = is_unit.astype(np.int64)
     walker = np.flatnonzero(is_unit)
     for _ in range(len(LEVELS)):
@@ -535,6 +533,28 @@ def _event_order(ts: pa.Array, action: pa.Array, event_id: pa.Array) -> tuple[np
     event_order = np.empty(n, np.int64)
     event_order[by_time] = np.arange(n, dtype=np.int64)
     return event_order, by_time
+
+
+class _CodeRows:
+    """Where codes are in the new version's codes table: `row_of` is the place of each
+    merged code (the live ones kept, then the accepted ones, from `accepted_at` on). A code
+    is found by the accepted code validation linked it to, else in an index of the merged
+    codes (`index()`, built when first needed)."""
+
+    def __init__(self, order: np.ndarray, accepted_at: int, index: Callable[[], StringKeys]):
+        self.row_of = np.empty(len(order), np.int32 if len(order) < 2**31 else np.int64)
+        self.row_of[order] = np.arange(len(order))
+        self.accepted_at, self._index, self._built = accepted_at, index, None
+
+    def find(self, values: pa.Array, links: np.ndarray | None) -> np.ndarray:
+        """The row of each value (-1: none); `links`, if given, are validation's links of
+        the values (`AcceptedRows.links`)."""
+        if links is None or (links[pc.is_valid(values).to_numpy(zero_copy_only=False)] < 0).any():
+            self._built = self._built or self._index()
+            merged = self._built.positions(values)
+        else:
+            merged = np.where(links >= 0, links + self.accepted_at, -1)
+        return np.where(merged >= 0, self.row_of[np.maximum(merged, 0)], -1)
 
 
 class _SortedStrings:

@@ -162,12 +162,21 @@ def _read_column(part: pa.Table | Path, name: str) -> pa.ChunkedArray | None:
 
 class AcceptedRows:
     """The accepted rows of a validated table, column by column (a big table's are read
-    from the spill folder only when asked for)."""
+    from the spill folder only when asked for). What validation found out on the way is
+    handed on, so a store need not find it again:
+
+    - `order`: the rows in the order of their key (codes: bytewise);
+    - `links[column]`: for a column naming rows of a table of this load (a code's
+      parent_code, a scan's code), the accepted row of that table it names, or -1 when it
+      names none of them (nothing, or a row already stored).
+    """
 
     def __init__(self, chunks: _Chunks, keep: np.ndarray, schema: pa.Schema):
         self._chunks, self.schema = chunks, schema
         self._rows = np.flatnonzero(keep) if not keep.all() else None  # the rows kept, None: all
         self.num_rows = int(keep.sum())
+        self.order: np.ndarray | None = None
+        self.links: dict[str, np.ndarray] = {}
 
     @classmethod
     def of(cls, table: pa.Table) -> AcceptedRows:
@@ -605,30 +614,33 @@ def _validate_parties(chunks: Iterable[RawTable], known: Known, region_ids: pa.A
     return v.outcome()
 
 
-def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None) -> tuple[TableOutcome, Callable[[pa.Array], np.ndarray]]:
-    """The outcome, and a test of whether values are codes of this load."""
+def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None) -> tuple[TableOutcome, Callable[[pa.Array], tuple[np.ndarray, np.ndarray]]]:
+    """The outcome, and a lookup of values among the codes of this load: (whether each is
+    one, its row among the accepted codes or -1)."""
     v = _TableValidation("codes", chunks, known, spill=spill)
     v.dedupe_input(conflicts_rejected=True)
     parent = v.array("parent_code")
-    level_rank = pc.fill_null(pc.index_in(v.array("level"), value_set=pa.array(list(LEVEL_RANK))), -1).to_numpy(zero_copy_only=False)
+    level_rank = _level_ranks(v.array("level"))
     has_parent = pc.is_valid(parent).to_numpy(zero_copy_only=False)
     stored_parents = known.stored("codes", pc.drop_null(parent))
-    stored_rank = pc.index_in(stored_parents.column("level"), value_set=pa.array(list(LEVEL_RANK))).to_numpy(zero_copy_only=False)
     # A parent is the first valid input row with its code (later ones are duplicates or
     # rejected), else the stored code. Rejecting a row only ever removes parents.
-    parent_row = v.index().positions(parent, among=v.ok)
-    stored_at = positions(parent, stored_parents.column("code")) if stored_parents.num_rows else np.full(v.n, -1)
+    parent_row = v.index().positions(parent, among=v.ok).astype(np.int32 if v.n < 2**31 else np.int64)
+    stored_at = positions(parent, stored_parents.column("code")) if stored_parents.num_rows else None
+    stored_rank = _level_ranks(stored_parents.column("level"))
     del parent
     while True:
         live = v.ok & ~v.duplicate
         in_load = (parent_row >= 0) & live[np.maximum(parent_row, 0)]
-        unknown = has_parent & v.ok & ~in_load & (stored_at < 0)
+        unknown = has_parent & v.ok & ~in_load
+        if stored_at is not None:
+            unknown &= stored_at < 0
         if unknown.any():
             v.fail_values(unknown, "unknown parent_code {!r}", "parent_code")
             continue
         linked = has_parent & v.ok
         parent_rank = np.where(in_load, level_rank[np.maximum(parent_row, 0)],
-                               stored_rank[np.maximum(stored_at, 0)] if len(stored_rank) else -1)
+                               stored_rank[np.maximum(stored_at, 0)] if stored_at is not None else -1)
         inverted = linked & (parent_rank <= level_rank)
         if not inverted.any():
             break
@@ -643,10 +655,31 @@ def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None
             f"level inversion: {level} packed in a code of level {list(LEVEL_RANK)[int(parent_rank[i])]} ({parent!r}); "
             "a parent must be a higher level"
             for i, level, parent in zip(rows, v.values("level", rows), v.values("parent_code", rows))])
-    del parent_row, stored_at
+    del stored_at, level_rank, has_parent
     _check_immutable_codes(v)
+    keep = v.ok & ~v.duplicate
+    accepted_row = np.full(v.n, -1, parent_row.dtype)
+    accepted_row[keep] = np.arange(int(keep.sum()))
     valid_codes = v.index().within(v.ok.copy())  # valid rows: accepted, or the same as a stored or earlier row
-    return v.outcome(), lambda values: valid_codes.positions(values) >= 0
+    outcome = v.outcome()  # lets the index of every row go
+    if outcome.accepted is not None:
+        by_code = valid_codes.order()
+        outcome.accepted.order = accepted_row[by_code[keep[by_code]]]
+        del by_code
+        parent_row = parent_row[keep]
+        outcome.accepted.links["parent_code"] = np.where(parent_row >= 0, accepted_row[np.maximum(parent_row, 0)], -1)
+    del parent_row
+
+    def lookup(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        found = valid_codes.positions(values)
+        return found >= 0, np.where(found >= 0, accepted_row[np.maximum(found, 0)], -1)
+
+    return outcome, lookup
+
+
+def _level_ranks(levels: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each level's packaging rank (index in LEVELS), -1 for none."""
+    return pc.fill_null(pc.index_in(levels, value_set=pa.array(list(LEVEL_RANK))), -1).to_numpy(zero_copy_only=False).astype(np.int8)
 
 
 def _packaging_cycles(codes: list[str], parents: list[str]) -> dict[str, str]:
@@ -689,10 +722,11 @@ def _check_immutable_codes(v: _TableValidation) -> None:
 
 
 def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region_ids: pa.Array, new_parties: pa.Array,
-                     loaded_code: Callable[[pa.Array], np.ndarray], spill: Path | None) -> tuple[TableOutcome, list[pa.Table]]:
+                     loaded_code: Callable[[pa.Array], tuple[np.ndarray, np.ndarray]],
+                     spill: Path | None) -> tuple[TableOutcome, list[pa.Table]]:
     """Scans and referrals: references, implicit consumers, ids and de-duplication. Returns
-    the outcome and, per column that may name a new consumer, its earliest rows
-    (`_earliest_regions`)."""
+    the outcome (scans: with the accepted code each names, `links["code"]`) and, per
+    column that may name a new consumer, its earliest rows (`_earliest_regions`)."""
     if name == "scans":
         implicit_cols = ["party_id"]
         id_col, id_fields, prefix = "event_id", ("code", "action", "party_id", "counterparty_id", "ts", "region_id"), "h"
@@ -700,6 +734,7 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
         implicit_cols = ["referrer_id", "referee_id"]
         id_col, id_fields, prefix = "referral_id", ("referrer_id", "referee_id", "ts", "channel", "code"), "r"
     candidates: dict[str, list[np.ndarray]] = {c: [] for c in implicit_cols}  # per chunk: rows that may name a new consumer
+    code_links: list[np.ndarray] = []  # per chunk: the accepted code each row names
 
     def known_party(values: pa.Array) -> np.ndarray:
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
@@ -711,7 +746,9 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
         code = typed["code"]
         has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
         stored_codes = known.stored("codes", pc.drop_null(code)).column("code")
-        unknown = has_code & ~loaded_code(code)
+        in_load, accepted = loaded_code(code)
+        code_links.append(accepted)
+        unknown = has_code & ~in_load
         if unknown.any() and len(stored_codes):
             unknown &= positions(code, stored_codes) < 0
         rows.fail_values(unknown, "unknown code {!r}", "code")
@@ -752,7 +789,10 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
                 "region_id": v.column("region_id").filter(pa.array(mask)) if name == "scans" and c == "party_id"
                 else pa.nulls(int(mask.sum()), pa.string()),
                 "row": pa.array(np.flatnonzero(mask))})))
-    return v.outcome(), implicit
+    outcome = v.outcome()
+    if name == "scans" and outcome.accepted is not None:
+        outcome.accepted.links["code"] = np.concatenate(code_links)[live]
+    return outcome, implicit
 
 
 def _earliest_regions(rows: pa.Table) -> pa.Table:
