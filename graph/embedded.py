@@ -43,8 +43,8 @@ import pyarrow.compute as pc
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
 from graph.timeline import Timeline, encode, ranges
-from loaders.keys import StringKeys, by_value, positions
-from loaders.validate import TYPES, AcceptedRows, Validated
+from loaders.keys import StringKeys, positions, sorted_rows
+from loaders.validate import TYPES, AcceptedRows, Validated, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +319,8 @@ class EmbeddedStore:
         number = int(self.version.name[1:]) + 1 if self.version else 1
         final = self.path / f"v{number:06d}"
         retractions = self._merged("retractions", validated)
-        code_rows = self._write_codes(validated)
-        self._write_scans(validated, code_rows, retractions)
-        del code_rows
+        self._write_scans(validated, [self._write_codes(validated)], retractions)
+        release_memory()
         for name in TABLES:
             if name not in ("codes", "scans"):
                 self._write_table(name, retractions if name == "retractions" else self._merged(name, validated))
@@ -407,10 +406,11 @@ class EmbeddedStore:
         self._write_column("codes", len(fields) + 1, "unit_count", pa.array(units, pa.int64()))
         return rows
 
-    def _write_scans(self, validated: Validated, code_rows: _CodeRows, retractions: pa.Table) -> None:
+    def _write_scans(self, validated: Validated, code_rows: list[_CodeRows], retractions: pa.Table) -> None:
         """Writes the scans of the new version column by column, with code_idx (the row of
         the code), event_order (global rank by ts, action rank, event_id) and retracted (an
-        errorDeclaration names the event), sorted by (code_idx, event_order)."""
+        errorDeclaration names the event), sorted by (code_idx, event_order). Takes the
+        codes' rows out of `code_rows` (their memory goes once they are used)."""
         old, new = self._live("scans"), _nonempty(validated.pop_accepted("scans")) or AcceptedRows.of(empty_table("scans").select(["event_id"]))
 
         def merged(name: str, order: pa.Array | None = None) -> pa.Array:
@@ -422,20 +422,22 @@ class EmbeddedStore:
                               new.column(name) if name in new.column_names else pa.nulls(new.num_rows, field.type)])
             return values if order is None else values.take(order)
 
-        code_idx = code_rows.find(merged("code"), new.links.get("code") if not old.num_rows else None)
+        code_idx = code_rows.pop().find(merged("code"), new.links.pop("code", None) if not old.num_rows else None).astype(np.int32)
         event_ids = merged("event_id")
         event_order, by_time = _event_order(merged("ts"), merged("action"), event_ids)
         retracted = pc.is_in(event_ids, value_set=retractions.column("event_id"))
         del event_ids
         # (code row, event order) packed in one integer: one value sort, no argsort
-        packed = (np.where(code_idx >= 0, code_idx, np.iinfo(np.int32).max).astype(np.int64) << 32) | event_order
+        packed = np.where(code_idx >= 0, code_idx, np.iinfo(np.int32).max).astype(np.int64)
+        packed <<= 32
+        packed |= event_order
         packed.sort()
         order = pa.array(by_time[packed & 0xFFFFFFFF])
         del packed, by_time
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         for i, name in enumerate(names):
             self._write_column("scans", i, name, merged(name, order))
-        self._write_column("scans", len(names), "code_idx", pa.array(code_idx.astype(np.int32), mask=code_idx < 0).take(order))
+        self._write_column("scans", len(names), "code_idx", pa.array(code_idx, mask=code_idx < 0).take(order))
         self._write_column("scans", len(names) + 1, "event_order", pa.array(event_order).take(order))
         self._write_column("scans", len(names) + 2, "retracted", retracted.take(order))
 
@@ -453,6 +455,7 @@ class EmbeddedStore:
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([field])) as writer:
             writer.write_batch(pa.record_batch([values], schema=pa.schema([field])))
         _fsync(path)
+        release_memory()
         return field
 
 
@@ -516,19 +519,15 @@ def _event_order(ts: pa.Array, action: pa.Array, event_id: pa.Array) -> tuple[np
     n = len(ts)
     rank = pc.index_in(action, value_set=pa.array(ACTIONS)).to_numpy(zero_copy_only=False)
     when = ts.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    if n:  # times as steps from the first (seconds, say), so (time, action rank, row) fit in one integer
-        when = when - when.min()
-        when //= max(int(np.gcd.reduce(when)), 1)
-    when = when * len(ACTIONS) + rank
-    by_time = by_value(when.astype(np.uint64), np.arange(n), int(when.max()).bit_length() if n else 0)[0]
+    by_time = sorted_rows(when, rank)
     tied = np.zeros(n, bool)  # events at the same time and action rank: ordered by event_id
-    same = when[by_time][1:] == when[by_time][:-1]
+    same = (when[by_time][1:] == when[by_time][:-1]) & (rank[by_time][1:] == rank[by_time][:-1])
     tied[1:] |= same
     tied[:-1] |= same
     if tied.any():
         rows = by_time[tied]
-        by_id = pc.sort_indices(pa.table({"when": when[rows], "id": event_id.take(pa.array(rows))}),
-                                [("when", "ascending"), ("id", "ascending")]).to_numpy()
+        by_id = pc.sort_indices(pa.table({"when": when[rows], "rank": rank[rows], "id": event_id.take(pa.array(rows))}),
+                                [("when", "ascending"), ("rank", "ascending"), ("id", "ascending")]).to_numpy()
         by_time[tied] = rows[by_id]
     event_order = np.empty(n, np.int64)
     event_order[by_time] = np.arange(n, dtype=np.int64)

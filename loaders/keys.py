@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MAX_PACKED_BYTES = 256  # longer strings are hashed
+BLOCK = 1 << 22  # values looked up (or hashed) at a time: bounds the memory of a lookup
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
@@ -56,9 +57,9 @@ class _Strings:
         data = values.buffers()[2]
         self.data = np.frombuffer(data, np.uint8) if data is not None and n else np.zeros(0, np.uint8)
         if values.null_count == 0:
-            self.rows, self.starts, self.lengths = np.arange(n), offsets[:-1], np.diff(offsets)
+            self.rows, self.starts, self.lengths = np.arange(n, dtype=_row_type(n)), offsets[:-1], np.diff(offsets)
         else:
-            self.rows = np.flatnonzero(valid)
+            self.rows = np.flatnonzero(valid).astype(_row_type(n))
             self.starts, self.lengths = offsets[:-1][self.rows], np.diff(offsets)[self.rows]
         self.width = int(self.lengths.max()) if len(self.rows) else 0
         self.matrix = None  # the strings as rows of bytes, when all have `width` bytes, one after another
@@ -86,19 +87,34 @@ class _Strings:
         return sample
 
     def hashes(self) -> np.ndarray:
-        """A 64-bit hash of each string (its length, then its bytes 8 at a time)."""
-        h = _mix(self.lengths.astype(np.uint64) * _MULTIPLIER)
-        padded = np.zeros(len(self.data) + 8, np.uint8)  # 8 bytes can be read from any string's start
-        padded[:len(self.data)] = self.data
-        eights = np.ndarray((len(self.data) + 1,), "<u8", padded, 0, (1,))
-        rows = np.flatnonzero(self.lengths > 0)
-        at = 0
-        while len(rows):
-            word = eights[self.starts[rows] + at] & _KEEP[np.minimum(self.lengths[rows] - at, 8)]
-            h[rows] = _mix(h[rows] ^ word)
-            at += 8
-            rows = rows[self.lengths[rows] > at]
+        """A 64-bit hash of each string (its length, then its bytes 8 at a time), computed
+        block by block of strings."""
+        h = np.empty(len(self), np.uint64)
+        safe = max(len(self.data) - 7, 0)  # offsets with 8 bytes of data from there on
+        eights = np.ndarray((safe,), "<u8", self.data, 0, (1,))
+        tail = np.zeros(len(self.data) - safe + 8, np.uint8)  # the last bytes, padded: 8 can be read from each
+        tail[:len(self.data) - safe] = self.data[safe:]
+        tail_eights = np.ndarray((len(tail) - 7,), "<u8", tail, 0, (1,))
+        for start in range(0, len(self), BLOCK):
+            starts, lengths = self.starts[start:start + BLOCK], self.lengths[start:start + BLOCK]
+            block = _mix(lengths.astype(np.uint64) * _MULTIPLIER)
+            rows, at = np.flatnonzero(lengths > 0), 0
+            while len(rows):
+                where = starts[rows].astype(np.int64) + at
+                word = eights[np.minimum(where, max(safe - 1, 0))] if safe else np.zeros(len(rows), np.uint64)
+                beyond = np.flatnonzero(where >= safe)
+                word[beyond] = tail_eights[where[beyond] - safe]
+                word &= _KEEP[np.minimum(lengths[rows] - at, 8)]
+                block[rows] = _mix(block[rows] ^ word)
+                at += 8
+                rows = rows[lengths[rows] > at]
+            h[start:start + BLOCK] = block
         return h
+
+
+def _row_type(n: int) -> type:
+    """The integer type of row numbers below `n`: int32 when they fit (half the memory)."""
+    return np.int32 if n < 2**31 else np.int64
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -178,7 +194,7 @@ def by_value(values: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarra
     value, and their values: one sort of (value, row) packed into one integer when they fit.
     Rows come back as int32 when they fit (half the memory of int64)."""
     row_bits = max(int(rows[-1]).bit_length(), 1) if len(rows) else 1
-    row_type = np.int32 if row_bits < 32 else np.int64
+    row_type = _row_type(1 << row_bits)
     if bits + row_bits > 64:
         order = np.argsort(values, kind="stable")
         return rows[order].astype(row_type, copy=False), values[order]
@@ -186,6 +202,25 @@ def by_value(values: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarra
     packed |= rows.astype(np.uint64)
     packed.sort()
     return (packed & np.uint64((1 << row_bits) - 1)).astype(row_type), packed >> np.uint64(row_bits)
+
+
+def sorted_rows(*keys: np.ndarray) -> np.ndarray:
+    """Rows stably sorted by the integer `keys` (the first key sorts first): each key as
+    steps from its least value (times in seconds, say), all of them and the row packed in
+    one integer when they fit, for one value sort; else numpy's lexsort."""
+    n = len(keys[0]) if keys else 0
+    packed, bits = np.zeros(n, np.uint64), 0
+    for key in keys:
+        if n:
+            key = key.astype(np.int64) - int(key.min())
+            key //= max(int(np.gcd.reduce(key)), 1)
+        width = int(key.max()).bit_length() if n else 0
+        bits += width
+        if bits + max(n.bit_length(), 1) > 64:
+            return np.lexsort(keys[::-1])
+        packed <<= np.uint64(width)
+        packed |= key.view(np.uint64)
+    return by_value(packed, np.arange(n, dtype=_row_type(n)), bits)[0]
 
 
 class StringKeys:
@@ -224,12 +259,18 @@ class StringKeys:
 
     def positions(self, values: pa.Array | pa.ChunkedArray, *, among: np.ndarray | None = None) -> np.ndarray:
         """Row of each value among the keys (the first, if a key repeats; only rows where
-        `among` is true count), -1 when absent or null."""
+        `among` is true count), -1 when absent or null. Looked up block by block."""
         values = string_array(values)
         out = np.full(len(values), -1, np.int64)
         rows, ints = self._sorted(among)
         if not len(values) or not len(rows):
             return out
+        for start in range(0, len(values), BLOCK):
+            out[start:start + BLOCK] = self._positions(values.slice(start, BLOCK), rows, ints)
+        return out
+
+    def _positions(self, values: pa.Array, rows: np.ndarray, ints: np.ndarray) -> np.ndarray:
+        out = np.full(len(values), -1, np.int64)
         strings = _Strings(values)
         if self._packing is not None:
             asked, known = self._packing.encode(strings)

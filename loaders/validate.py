@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
-from loaders.keys import StringKeys, positions, sort_order, string_array
+from loaders.keys import StringKeys, positions, sort_order, sorted_rows, string_array
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
@@ -497,6 +497,13 @@ class _TableValidation(_Verdicts):
 # ---------------------------------------------------------------- the dataset
 
 
+def release_memory() -> None:
+    """Hands the memory Arrow's allocator kept for reuse back to the system: called between
+    the phases of a load, so that memory one phase freed does not stay resident while the
+    next one allocates other memory (Arrow's and numpy's allocators do not share it)."""
+    pa.default_memory_pool().release_unused()
+
+
 def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill: Path | None = None) -> Validated:
     """Validate every table of a load, in reference order, against this load and `known`.
     `raw` holds each table's chunks (lists, or iterators that read them); each table's are
@@ -511,12 +518,14 @@ def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill:
     out["parties"] = parties
     new_parties = parties.accepted.column("party_id") if parties.accepted is not None else pa.array([], pa.string())
     out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known, spill)
+    release_memory()
     out["referrals"], implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids,
                                                       new_parties, loaded_code, spill)
     handed_over = [loaded_code]  # the scans are the last to look codes up: they let the index go
     del loaded_code
     out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, new_parties,
                                                    handed_over.pop(), spill)
+    release_memory()
     out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
         if name in raw:
@@ -799,13 +808,12 @@ def _earliest_regions(rows: pa.Table) -> pa.Table:
     """One row per party_id of `rows` (party_id, ts, region_id, row; `row` orders rows read
     at the same time): its earliest row that names a region, by ts then row, else a row
     without region. Applied again to such results it gives the same as to all their rows."""
-    rows = rows.combine_chunks()
+    rows = rows.take(pa.array(sorted_rows(rows.column("row").to_numpy())))  # so that ties in what follows keep this order
     encoded = pc.dictionary_encode(rows.column("party_id")).chunk(0)
-    party = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    has_region = rows.column("region_id").is_valid().to_numpy(zero_copy_only=False)
+    party = encoded.indices.to_numpy(zero_copy_only=False)
     ts = rows.column("ts").cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
-    order = np.flatnonzero(has_region)
-    order = order[np.lexsort((rows.column("row").to_numpy()[order], ts[order], party[order]))]
+    order = np.flatnonzero(rows.column("region_id").is_valid().to_numpy(zero_copy_only=False))
+    order = order[sorted_rows(party[order], ts[order])]
     starts = np.ones(len(order), bool)
     starts[1:] = party[order][1:] != party[order][:-1]
     chosen = np.full(len(encoded.dictionary), -1, np.int64)

@@ -78,3 +78,16 @@ def test_many_keys_of_one_length(null):
 
 def test_docstring_examples():
     assert doctest.testmod(keys).failed == 0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_sorted_rows_match_lexsort(seed):
+    """Packed (spans that fit, steps of a common divisor) or not (spans of 2**62), the
+    order is numpy's stable lexsort."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 300))
+    small = rng.integers(-5, 5, n) * 1_000_000
+    wide = rng.integers(-2**62, 2**62, n)
+    tiny = rng.integers(0, 3, n).astype(np.int8)
+    for columns in ([small], [small, tiny], [tiny, wide], [wide, small, tiny]):
+        assert keys.sorted_rows(*columns).tolist() == np.lexsort(columns[::-1]).tolist()
