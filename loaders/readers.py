@@ -144,23 +144,39 @@ def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
     values = values.cast(pa.string())
     if _may_have_white_space(values):
         values = pc.utf8_trim_whitespace(values)
-    present = pc.and_(pc.is_valid(values), pc.greater(pc.binary_length(values), 0))
-    if pc.all(present).as_py() is not False:
-        return values
+    if values.null_count == 0:
+        present = np.diff(_offsets(values)) > 0
+        if present.all():
+            return values
+        present = pa.array(present)
+    else:
+        present = pc.and_(pc.is_valid(values), pc.greater(pc.binary_length(values), 0))
+        if pc.all(present).as_py() is not False:
+            return values
     if values.offset:
         return pc.if_else(present, values, pa.scalar(None, pa.string()))
     return pa.Array.from_buffers(pa.string(), len(values), [present.buffers()[1], *values.buffers()[1:]])
 
 
+def _offsets(values: pa.Array) -> np.ndarray:
+    """The offsets of a string or binary array's values in its data."""
+    return np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+
+
+def _text_of(values: pa.Array) -> np.ndarray:
+    """The bytes of a string or binary array's values, one after another."""
+    offsets, data = _offsets(values), values.buffers()[2]
+    return np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None and len(values) else np.zeros(0, np.uint8)
+
+
 def _may_have_white_space(values: pa.Array) -> bool:
     """False when no value starts or ends with a byte of a white space character (any
     byte up to space, or of a non-ASCII character)."""
-    if len(values) == 0 or values.buffers()[2] is None:
+    text = _text_of(values)
+    if not len(text) or (text.min() > 0x20 and text.max() < 0x80):  # no such byte anywhere: the common case
         return False
-    offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+    offsets = _offsets(values)
     text = np.frombuffer(values.buffers()[2], np.uint8)
-    if len(text) == 0:
-        return False
     first, last = text[np.minimum(offsets[:-1], len(text) - 1)], text[np.maximum(offsets[1:] - 1, 0)]
     edge = (first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80)
     return bool((edge & (offsets[1:] > offsets[:-1])).any())
@@ -248,7 +264,7 @@ def _trailing_blank_lines(path: Path, parsed: pa.Table) -> int:
     if parsed.num_rows == 0 or parsed.num_columns == 0:
         return 0
     empty = _empty_rows(parsed)
-    if not empty[-1]:
+    if not len(empty) or not empty[-1]:
         return 0
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 65536))
@@ -259,9 +275,14 @@ def _trailing_blank_lines(path: Path, parsed: pa.Table) -> int:
 
 
 def _empty_rows(parsed: pa.Table) -> np.ndarray:
+    """Which rows have only empty values (none, when some column has a value in every row:
+    usually the first tells)."""
     empty = np.ones(parsed.num_rows, bool)
     for column in parsed.columns:
-        empty &= pc.equal(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+        lengths = np.concatenate([np.diff(_offsets(chunk)) for chunk in column.chunks]) if column.num_chunks else np.zeros(0, np.int32)
+        empty &= lengths == 0
+        if not empty.any():
+            return empty
     return empty
 
 
@@ -274,10 +295,7 @@ def _blank_or_multiline(parsed: pa.Table) -> bool:
 
 
 def _has_line_break(values: pa.Array) -> bool:
-    if values.buffers()[2] is None or len(values) == 0:
-        return False
-    offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
-    text = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    text = _text_of(values)
     if not len(text) or text.min() > ord("\r"):  # no control character at all: the common case, one pass
         return False
     return bool(((text == ord("\n")) | (text == ord("\r"))).any())
@@ -314,7 +332,7 @@ def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.ChunkedArray], set[int]
     for name in parsed.column_names:
         col = parsed.column(name)
         try:
-            columns[name] = col.cast(pa.string())
+            columns[name] = pa.chunked_array([_as_text(chunk) for chunk in col.chunks], pa.string())
         except pa.ArrowInvalid:
             values = col.to_pylist()
             for i, value in enumerate(values):
@@ -324,6 +342,15 @@ def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.ChunkedArray], set[int]
                     bad.add(i)
             columns[name] = pa.array([v.decode("utf-8", errors="replace") for v in values], pa.string())
     return columns, bad
+
+
+def _as_text(values: pa.Array) -> pa.Array:
+    """Binary values as text: ASCII as it is, other bytes checked to be UTF-8 (ArrowInvalid
+    if they are not)."""
+    text = _text_of(values)
+    if not len(text) or text.max() < 0x80:
+        return pa.Array.from_buffers(pa.string(), len(values), values.buffers(), values.null_count, values.offset)
+    return values.cast(pa.string())
 
 
 def _row_repr(parsed: pa.Table, i: int) -> dict:

@@ -667,21 +667,20 @@ def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None
     del stored_at, level_rank, has_parent
     _check_immutable_codes(v)
     keep = v.ok & ~v.duplicate
-    accepted_row = np.full(v.n, -1, parent_row.dtype)
-    accepted_row[keep] = np.arange(int(keep.sum()))
+    accepted_row = np.full(v.n + 1, -1, parent_row.dtype)  # and a last -1, for the rows not found (-1)
+    accepted_row[:-1][keep] = np.arange(int(keep.sum()))
     valid_codes = v.index().within(v.ok.copy())  # valid rows: accepted, or the same as a stored or earlier row
     outcome = v.outcome()  # lets the index of every row go
     if outcome.accepted is not None:
         by_code = valid_codes.order()
         outcome.accepted.order = accepted_row[by_code[keep[by_code]]]
         del by_code
-        parent_row = parent_row[keep]
-        outcome.accepted.links["parent_code"] = np.where(parent_row >= 0, accepted_row[np.maximum(parent_row, 0)], -1)
+        outcome.accepted.links["parent_code"] = accepted_row[parent_row[keep]]
     del parent_row
 
     def lookup(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         found = valid_codes.positions(values)
-        return found >= 0, np.where(found >= 0, accepted_row[np.maximum(found, 0)], -1)
+        return found >= 0, accepted_row[found]
 
     return outcome, lookup
 
