@@ -123,7 +123,7 @@ class _Chunks:
             return table
         path = self.folder / name
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table.combine_chunks())  # one batch: read back as one array per column
+            writer.write_table(table)  # a batch per parsed block: combined when read back (`_combined`)
         return path
 
     def column(self, name: str, type_: pa.DataType) -> pa.ChunkedArray:
