@@ -74,6 +74,7 @@ class EmbeddedStore:
         self.uri = str(self.path)
         self._cache: dict[str, Any] = {}  # tables, and arrays and indexes derived from them
         self.version = self._live_version()
+        self._new: Path | None = None  # the folder of the version a load is writing
 
     # ------------------------------------------------------------ reading
 
@@ -311,7 +312,7 @@ class EmbeddedStore:
         """Merge validated rows into a new version and make it live atomically (inside
         `loading`, or in a load of its own). Takes the accepted rows out of `validated` as
         it writes them, column by column."""
-        if getattr(self, "_new", None) is None:
+        if self._new is None:
             with self.loading():
                 return self.apply(validated)
         if not validated.changes_anything():
@@ -325,6 +326,8 @@ class EmbeddedStore:
             if name not in ("codes", "scans"):
                 self._write_table(name, retractions if name == "retractions" else self._merged(name, validated))
         shutil.rmtree(self._new / "spill", ignore_errors=True)  # all read: a version folder holds tables only
+        for folder in self._new.iterdir():
+            _fsync(folder)
         _fsync(self._new)
         os.rename(self._new, final)
         pointer = self.path / "CURRENT.tmp"
@@ -391,10 +394,10 @@ class EmbeddedStore:
                             added if added is not None else pa.nulls(new.num_rows, field.type)]).take(pa.array(order))
 
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
-        fields, is_unit, parent_idx = [], None, None
-        for name in names:
+        is_unit, parent_idx = None, None
+        for i, name in enumerate(names):
             values = column(name)
-            fields.append(self._write_column("codes", len(fields), name, values))
+            self._write_column("codes", i, name, values)
             if name == "level":
                 is_unit = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
             elif name == "parent_code":
@@ -402,8 +405,8 @@ class EmbeddedStore:
                 parent_idx = rows.find(values, links[order] if links is not None and not old.num_rows else None).astype(np.int32)
             del values
         units = _unit_counts(is_unit, parent_idx)
-        self._write_column("codes", len(fields), "parent_idx", pa.array(parent_idx, pa.int32()))
-        self._write_column("codes", len(fields) + 1, "unit_count", pa.array(units, pa.int64()))
+        self._write_column("codes", len(names), "parent_idx", pa.array(parent_idx, pa.int32()))
+        self._write_column("codes", len(names) + 1, "unit_count", pa.array(units, pa.int64()))
         return rows
 
     def _write_scans(self, validated: Validated, code_rows: list[_CodeRows], retractions: pa.Table) -> None:
@@ -445,7 +448,7 @@ class EmbeddedStore:
         for i, (field, values) in enumerate(zip(table.schema, table.columns)):
             self._write_column(name, i, field.name, values)
 
-    def _write_column(self, table: str, i: int, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Field:
+    def _write_column(self, table: str, i: int, name: str, values: pa.Array | pa.ChunkedArray) -> None:
         """Writes column `i` of `table` in the new version (one batch: takes by row stay O(rows))."""
         folder = self._new / table
         folder.mkdir(exist_ok=True)
@@ -456,7 +459,6 @@ class EmbeddedStore:
             writer.write_batch(pa.record_batch([values], schema=pa.schema([field])))
         _fsync(path)
         release_memory()
-        return field
 
 
 def _read_table(version: Path, name: str) -> pa.Table:

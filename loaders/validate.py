@@ -413,8 +413,7 @@ class _TableValidation(_Verdicts):
 
     def array(self, name: str) -> pa.Array:
         """The typed column `name` of every row, as one array."""
-        values = self.column(name)
-        return values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
+        return _combined(self.column(name))
 
     def values(self, column: str, rows: np.ndarray) -> list:
         return pc.take(self.column(column), pa.array(rows)).to_pylist()
