@@ -394,16 +394,22 @@ class EmbeddedStore:
                             added if added is not None else pa.nulls(new.num_rows, field.type)]).take(pa.array(order))
 
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
+        links = new.links.get("parent_code") if not old.num_rows else None
         is_unit, parent_idx = None, None
         for i, name in enumerate(names):
-            values = column(name)
+            if name == "parent_code" and links is not None and "code" in names[:i]:
+                # every parent is an accepted code (-1: none): its code, read in order (the codes are sorted)
+                parent_idx = rows.of_links(links[order])
+                values = self._new_column("codes", "code").take(pa.array(parent_idx, mask=parent_idx < 0))
+            else:
+                values = column(name)
             self._write_column("codes", i, name, values)
             if name == "level":
                 is_unit = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
-            elif name == "parent_code":
-                links = new.links.get("parent_code")
-                parent_idx = rows.find(values, links[order] if links is not None and not old.num_rows else None).astype(np.int32)
+            elif name == "parent_code" and parent_idx is None:
+                parent_idx = rows.find(values, None)
             del values
+        parent_idx = parent_idx.astype(np.int32)
         units = _unit_counts(is_unit, parent_idx)
         self._write_column("codes", len(names), "parent_idx", pa.array(parent_idx, pa.int32()))
         self._write_column("codes", len(names) + 1, "unit_count", pa.array(units, pa.int64()))
@@ -439,10 +445,17 @@ class EmbeddedStore:
         del packed, by_time
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         for i, name in enumerate(names):
-            self._write_column("scans", i, name, merged(name, order))
+            if name == "code" and (code_idx >= 0).all():  # the code of each scan's code row: read in order (sorted by code_idx)
+                self._write_column("scans", i, name, self._new_column("codes", "code").take(pa.array(code_idx).take(order)))
+            else:
+                self._write_column("scans", i, name, merged(name, order))
         self._write_column("scans", len(names), "code_idx", pa.array(code_idx, mask=code_idx < 0).take(order))
         self._write_column("scans", len(names) + 1, "event_order", pa.array(event_order).take(order))
         self._write_column("scans", len(names) + 2, "retracted", retracted.take(order))
+
+    def _new_column(self, table: str, name: str) -> pa.Array:
+        """A column already written into the new version (memory-mapped)."""
+        return _one_array(_read_table(self._new, table).column(name))
 
     def _write_table(self, name: str, table: pa.Table) -> None:
         for i, (field, values) in enumerate(zip(table.schema, table.columns)):
@@ -550,12 +563,15 @@ class _CodeRows:
     def find(self, values: pa.Array, links: np.ndarray | None) -> np.ndarray:
         """The row of each value (-1: none); `links`, if given, are validation's links of
         the values (`AcceptedRows.links`)."""
-        if links is None or (links[pc.is_valid(values).to_numpy(zero_copy_only=False)] < 0).any():
-            self._built = self._built or self._index()
-            merged = self._built.positions(values)
-        else:
-            merged = np.where(links >= 0, links + self.accepted_at, -1)
+        if links is not None and not (links[pc.is_valid(values).to_numpy(zero_copy_only=False)] < 0).any():
+            return self.of_links(links)
+        self._built = self._built or self._index()
+        merged = self._built.positions(values)
         return np.where(merged >= 0, self.row_of[np.maximum(merged, 0)], -1)
+
+    def of_links(self, links: np.ndarray) -> np.ndarray:
+        """The row of each accepted code validation linked (-1: none)."""
+        return np.where(links >= 0, self.row_of[np.maximum(links, 0) + self.accepted_at], -1)
 
 
 class _SortedStrings:
