@@ -15,7 +15,7 @@ from graph.errors import StoreError
 from graph.model import LOAD_ORDER
 from graph.store import Store
 from loaders.readers import RawTable, Reject, Source, discover, read_chunks, read_source
-from loaders.validate import release_memory, validate_dataset
+from loaders.validate import validate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,10 @@ class _ReadOnDemand:
 def _read_ahead(chunks: Iterator[RawTable]) -> Iterator[RawTable]:
     """`chunks`, the next one read by another thread while this one is validated (reading
     is mostly Arrow's work, which runs without the GIL: the second core parses)."""
-    def read() -> RawTable | None:
-        chunk = next(chunks, None)
-        release_memory()  # what this thread's allocator kept of chunks freed since
-        return chunk
-
     with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-        ahead = reader.submit(read)
+        ahead = reader.submit(next, chunks, None)
         while (chunk := ahead.result()) is not None:
-            ahead = reader.submit(read)
+            ahead = reader.submit(next, chunks, None)
             yield chunk
 
 
