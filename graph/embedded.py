@@ -326,7 +326,9 @@ class EmbeddedStore:
             if name not in ("codes", "scans"):
                 self._write_table(name, retractions if name == "retractions" else self._merged(name, validated))
         shutil.rmtree(self._new / "spill", ignore_errors=True)  # all read: a version folder holds tables only
-        for folder in self._new.iterdir():
+        for folder in self._new.iterdir():  # on disk before the version is: written back meanwhile, synced now
+            for path in folder.iterdir():
+                _fsync(path)
             _fsync(folder)
         _fsync(self._new)
         os.rename(self._new, final)
@@ -470,7 +472,6 @@ class EmbeddedStore:
         path = folder / f"{i}.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([field])) as writer:
             writer.write_batch(pa.record_batch([values], schema=pa.schema([field])))
-        _fsync(path)
         release_memory()
 
 
