@@ -745,7 +745,7 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
 
     def known_party(values: pa.Array) -> np.ndarray:
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
-        stored = known.stored("parties", pc.unique(pc.drop_null(values))).column("party_id").combine_chunks()
+        stored = known.stored("parties", pc.drop_null(values)).column("party_id").combine_chunks()
         pool = pa.concat_arrays([new_parties.cast(pa.string()), stored.cast(pa.string())])
         return present & pc.is_in(values, value_set=pool).to_numpy(zero_copy_only=False)
 
