@@ -128,13 +128,14 @@ class _Chunks:
 
     def column(self, name: str, type_: pa.DataType) -> pa.ChunkedArray:
         """The typed column `name` over all chunks (nulls in chunks without it)."""
-        parts = []
-        for raw, typed, start, end in zip(self.raw, self.typed, self.starts, self.starts[1:]):
-            values = _read_column(typed, name)
-            if values is None and raw is not None:
-                values = _read_column(raw, name)
-            parts += values.chunks if values is not None else [pa.nulls(end - start, type_)]
-        return pa.chunked_array(parts, type_)
+        return pa.chunked_array([part for i in range(len(self.typed)) for part in self.part(i, name, type_).chunks], type_)
+
+    def part(self, i: int, name: str, type_: pa.DataType) -> pa.ChunkedArray:
+        """The typed column `name` of chunk i (nulls if it has none)."""
+        values = _read_column(self.typed[i], name)
+        if values is None and self.raw[i] is not None:
+            values = _read_column(self.raw[i], name)
+        return values if values is not None else pa.chunked_array([pa.nulls(self.starts[i + 1] - self.starts[i], type_)], type_)
 
     def raw_rows(self, rows: np.ndarray) -> list[dict]:
         """The raw rows at `rows` (ascending; of chunks with raw columns) as dicts of every
@@ -410,6 +411,10 @@ class _TableValidation(_Verdicts):
     def column(self, name: str) -> pa.ChunkedArray:
         """The typed column `name` of every row."""
         return self.chunks.column(name, self.schema.field(name).type)
+
+    def part(self, i: int, name: str) -> pa.ChunkedArray:
+        """The typed column `name` of the rows of chunk i."""
+        return self.chunks.part(i, name, self.schema.field(name).type)
 
     def array(self, name: str) -> pa.Array:
         """The typed column `name` of every row, as one array."""
@@ -790,12 +795,17 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
     implicit = []
     for c in implicit_cols:
         mask = np.concatenate(candidates[c]) & live if candidates[c] else np.zeros(0, bool)
-        if mask.any():
-            implicit.append(_earliest_regions(pa.table({
-                "party_id": v.column(c).filter(pa.array(mask)), "ts": v.column("ts").filter(pa.array(mask)),
-                "region_id": v.column("region_id").filter(pa.array(mask)) if name == "scans" and c == "party_id"
-                else pa.nulls(int(mask.sum()), pa.string()),
-                "row": pa.array(np.flatnonzero(mask))})))
+        parts = []  # chunk by chunk: a chunk's columns in memory at a time
+        for i, (start, end) in enumerate(zip(v.chunks.starts, v.chunks.starts[1:])):
+            rows = pa.array(np.flatnonzero(mask[start:end]))
+            if len(rows):
+                parts.append(_earliest_regions(pa.table({
+                    "party_id": v.part(i, c).take(rows), "ts": v.part(i, "ts").take(rows),
+                    "region_id": v.part(i, "region_id").take(rows) if name == "scans" and c == "party_id"
+                    else pa.nulls(len(rows), pa.string()),
+                    "row": pc.add(rows, start).cast(pa.int64())})))
+        if parts:
+            implicit.append(_earliest_regions(pa.concat_tables(parts)))
     outcome = v.outcome()
     if name == "scans" and outcome.accepted is not None:
         outcome.accepted.links["code"] = np.concatenate(code_links)[live]
@@ -806,7 +816,10 @@ def _earliest_regions(rows: pa.Table) -> pa.Table:
     """One row per party_id of `rows` (party_id, ts, region_id, row; `row` orders rows read
     at the same time): its earliest row that names a region, by ts then row, else a row
     without region. Applied again to such results it gives the same as to all their rows."""
-    rows = rows.take(pa.array(sorted_rows(rows.column("row").to_numpy())))  # so that ties in what follows keep this order
+    rows = rows.combine_chunks()
+    row = rows.column("row").to_numpy()
+    if (np.diff(row) < 0).any():  # in row order, so that ties in what follows keep it
+        rows = rows.take(pa.array(sorted_rows(row)))
     encoded = pc.dictionary_encode(rows.column("party_id")).chunk(0)
     party = encoded.indices.to_numpy(zero_copy_only=False)
     ts = rows.column("ts").cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
