@@ -454,7 +454,7 @@ class _TableValidation(_Verdicts):
         """(live rows whose key is stored, their rows in `stored`, stored): the stored rows
         with the keys of the live input rows."""
         live = self.ok & ~self.duplicate
-        stored = self.known.stored(self.spec.name, pc.filter(self.key(), pa.array(live)))
+        stored = self.known.stored(self.spec.name, self.key())  # (with the keys of rows not live: they do not match below)
         if stored.num_rows == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), stored
         rows = self.index().positions(stored.column(self.spec.key[0]), among=live)  # live keys are unique
@@ -787,7 +787,7 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
     del check, loaded_code  # may hold the last reference to the index of every loaded code
     v.dedupe_input(conflicts_rejected=False)
     live = v.ok & ~v.duplicate
-    stored_ids = known.stored(name, pc.filter(v.key(), pa.array(live))).column(id_col)
+    stored_ids = known.stored(name, v.key()).column(id_col)
     if len(stored_ids):
         stored_rows = v.index().positions(stored_ids, among=live)  # the live row of each stored id
         v.duplicate[stored_rows[stored_rows >= 0]] = True
