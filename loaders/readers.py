@@ -364,6 +364,8 @@ def _csv_exact_chunks(path: Path, table: str, rows: int, skip: int) -> Iterator[
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
+        if any(_has_surrogate(name) for name in header):  # a quoted name went on to a line that is not UTF-8
+            raise DatasetError(f"{path}: the header row is not UTF-8 text (the file must be UTF-8)")
         for _ in range(skip):
             next(reader)
         start = reader.line_num + 1

@@ -174,6 +174,14 @@ def test_csv_value_with_a_line_break_keeps_physical_line_numbers(tmp_path):
     assert EmbeddedStore(tmp_path / "s").stored("products", pa.array(["P5"])).column("name").to_pylist() == ["Gift box\nof two"]
 
 
+def test_header_spanning_lines_that_are_not_utf8_is_a_clear_error(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "regions.csv").write_bytes(b'region_id,"name\n\xff\xfe",parent_id\nA,B,C\n')
+    with pytest.raises(DatasetError, match="regions.csv: the header row is not UTF-8"):
+        load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+
+
 def test_header_without_rows_or_line_break_is_an_empty_table(tmp_path):
     data = write_world({"regions": channel_world()["regions"]}, tmp_path / "d")
     (data / "products.csv").write_text("sku,name,unit_price")
