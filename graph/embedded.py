@@ -3,16 +3,19 @@
 Layout of a store folder::
 
     CURRENT            name of the live version folder (replaced atomically)
-    v000007/           one file per table: regions.arrow, parties.arrow, ...
+    v000007/           one folder per table: regions/, parties/, ...
+    v000007/scans/     one Arrow IPC file per column: 0.arrow, 1.arrow, ... (in column order)
     v000007/derived/   caches of analyses of that version (queries/sales.py), rebuilt when missing
     rejects/           reject records of each load (JSON lines)
-    .lock              held while a load writes
+    .lock              held while a load validates and writes
 
-A load writes a complete new version folder next to the live one and then swaps
-`CURRENT`; a load interrupted at any point leaves the previous version live, and the
-folders it leaves behind (half-written or superseded) are removed by the next load.
-Tables are memory-mapped when read, so re-opening a store costs milliseconds whatever
-its size.
+A load (`loading`, then `apply`) writes a complete new version folder next to the live
+one and then swaps `CURRENT`; a load interrupted at any point leaves the previous version
+live, and the folders it leaves behind (half-written or superseded) are removed by the
+next load. A table is written column by column, so writing one never needs the whole
+table in memory. Tables are memory-mapped when read, so re-opening a store costs
+milliseconds whatever its size. (Versions written before column files hold one file per
+table, `scans.arrow`; they are read as well.)
 
 Derived columns written with each version (never loaded from input):
 `codes.parent_idx` (row of the parent code, -1 for none), `codes.unit_count` (units
@@ -40,14 +43,16 @@ import pyarrow.compute as pc
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
 from graph.timeline import Lookup, Timeline, encode, ranges
-from loaders.keys import StringKeys, positions
-from loaders.validate import TS_TYPE, Validated
+from loaders.keys import StringKeys, positions, sorted_rows
+from loaders.validate import TYPES, AcceptedRows, Validated, release_memory
 
 log = logging.getLogger(__name__)
 
 MASTER_TABLES = ("regions", "products", "parties", "codes", "epcis_events", "retractions")
-DERIVED_COLUMNS = ("parent_idx", "unit_count", "code_idx", "event_order", "retracted")
-_TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": TS_TYPE}
+DERIVED_FIELDS = (pa.field("parent_idx", pa.int32()), pa.field("unit_count", pa.int64()), pa.field("code_idx", pa.int32()),
+                  pa.field("event_order", pa.int64()), pa.field("retracted", pa.bool_()))
+DERIVED_COLUMNS = tuple(field.name for field in DERIVED_FIELDS)
+DERIVED_OF = {"codes": ("parent_idx", "unit_count"), "scans": ("code_idx", "event_order", "retracted")}
 _FEW = 256  # up to this many keys are looked up one by one instead of by a hash join
 _LEVEL_RANKS = Lookup(pa.array(LEVELS))
 
@@ -56,15 +61,10 @@ def empty_table(name: str) -> pa.Table:
     """A table with the canonical columns of `name` (and the derived columns a version
     holds, so a never-loaded store answers queries) and no rows."""
     spec = TABLES[name]
-    fields = [pa.field(c.name, _TYPES[c.type]) for c in spec.columns]
+    fields = [pa.field(c.name, TYPES[c.type]) for c in spec.columns]
     if name == "tasks":
         fields = [pa.field("task_id", pa.string())]
-    table = pa.schema(fields).empty_table()
-    if name == "codes":
-        return _with_code_links(table)[0]
-    if name == "scans":
-        return _sorted_scans(table, lambda values: np.full(len(values), -1), empty_table("retractions"))
-    return table
+    return pa.schema(fields + [field for field in DERIVED_FIELDS if field.name in DERIVED_OF.get(name, ())]).empty_table()
 
 
 class EmbeddedStore:
@@ -75,6 +75,7 @@ class EmbeddedStore:
         self.uri = str(self.path)
         self._cache: dict[str, Any] = {}  # tables, and arrays and indexes derived from them
         self.version = self._live_version()
+        self._new: Path | None = None  # the folder of the version a load is writing
 
     # ------------------------------------------------------------ reading
 
@@ -90,17 +91,7 @@ class EmbeddedStore:
     def table(self, name: str) -> pa.Table:
         """The live table `name` (memory-mapped); an empty canonical table if never loaded."""
         if name not in self._cache:
-            path = self.version / f"{name}.arrow" if self.version else None
-            if path is None or not path.exists():
-                self._cache[name] = empty_table(name)
-            else:
-                try:
-                    with pa.memory_map(str(path)) as source:
-                        table = pa.ipc.open_file(source).read_all()
-                    # Versions are written as one batch (zero-copy here); older ones are combined once.
-                    self._cache[name] = table if table.num_rows == 0 or table.column(0).num_chunks == 1 else table.combine_chunks()
-                except (OSError, pa.ArrowInvalid) as exc:
-                    raise StoreError(f"{path}: unreadable store table: {exc}") from exc
+            self._cache[name] = _read_table(self.version, name) if self.version else empty_table(name)
         return self._cache[name]
 
     def stored(self, table: str, keys: pa.Array) -> pa.Table:
@@ -309,6 +300,28 @@ class EmbeddedStore:
     # ------------------------------------------------------------ writing
 
     @contextmanager
+    def loading(self) -> Iterator[Path]:
+        """Held for a whole load (validation, then `apply`): the store is locked, so the load
+        validates against the version it replaces; yields the scratch folder for the rows
+        validation sets aside, inside the folder of the new version. Anything the load
+        leaves behind is removed at the end (or, if the process dies, by the next load)."""
+        with self._locked():
+            self.version = self._live_version()
+            self._cache.clear()
+            for stale in [*self.path.glob(".tmp-*"), *self.path.glob("v[0-9]*")]:  # left by a killed load
+                if stale != self.version:
+                    shutil.rmtree(stale, ignore_errors=True)
+            self._new = self.path / f".tmp-{uuid.uuid4().hex}"
+            try:
+                self._new.mkdir()
+                yield self._new / "spill"
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot write the store ({exc.strerror or exc}); the previous version is intact") from exc
+            finally:
+                shutil.rmtree(self._new, ignore_errors=True)
+                self._new = None
+
+    @contextmanager
     def _locked(self) -> Iterator[None]:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -320,83 +333,270 @@ class EmbeddedStore:
             yield
 
     def apply(self, validated: Validated) -> None:
-        """Merge validated rows into a new version and make it live atomically. Takes the
-        accepted tables out of `validated` as it writes them (one table in memory at a time)."""
-        if not validated.changes_anything() and not self.path.is_dir():
+        """Merge validated rows into a new version and make it live atomically (inside
+        `loading`, or in a load of its own). Takes the accepted rows out of `validated` as
+        it writes them, column by column."""
+        if self._new is None:
+            with self.loading():
+                return self.apply(validated)
+        if not validated.changes_anything():
             return
-        with self._locked():
-            self.version = self._live_version()
-            self._cache.clear()
-            for stale in [*self.path.glob(".tmp-*"), *self.path.glob("v[0-9]*")]:  # left by a killed load
-                if stale != self.version:
-                    shutil.rmtree(stale, ignore_errors=True)
-            if not validated.changes_anything():
-                return
-            self._write_version(self._new_tables(validated))
-
-    def _new_tables(self, validated: Validated) -> Iterator[tuple[str, pa.Table]]:
-        """The tables of the new version, one by one, with their derived columns."""
+        number = int(self.version.name[1:]) + 1 if self.version else 1
+        final = self.path / f"v{number:06d}"
         retractions = self._merged("retractions", validated)
-        codes, code_rows = _with_code_links(self._merged("codes", validated))
+        self._write_scans(validated, [self._write_codes(validated)], retractions)
+        release_memory()
         for name in TABLES:
-            if name == "codes":
-                table, codes = codes, None
-            elif name == "scans":
-                table = _sorted_scans(self._merged("scans", validated), code_rows, retractions)
-            elif name == "retractions":
-                table = retractions
-            else:
-                table = self._merged(name, validated)
-            yield name, table
-            del table
+            if name not in ("codes", "scans"):
+                self._write_table(name, retractions if name == "retractions" else self._merged(name, validated))
+        shutil.rmtree(self._new / "spill", ignore_errors=True)  # all read: a version folder holds tables only
+        for folder in self._new.iterdir():  # on disk before the version is: written back meanwhile, synced now
+            for path in folder.iterdir():
+                _fsync(path)
+            _fsync(folder)
+        _fsync(self._new)
+        os.rename(self._new, final)
+        pointer = self.path / "CURRENT.tmp"
+        pointer.write_text(final.name)
+        _fsync(pointer)
+        os.replace(pointer, self.path / "CURRENT")
+        _fsync(self.path)
+        previous, self.version = self.version, final
+        self._cache.clear()
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def _live(self, name: str) -> pa.Table:
+        """The live table without its derived columns."""
+        table = self.table(name)
+        return table.drop_columns([c for c in DERIVED_COLUMNS if c in table.column_names])
 
     def _merged(self, name: str, validated: Validated) -> pa.Table:
-        old = self.table(name)
-        new = validated.pop_accepted(name)
+        """A small table of the new version: the live rows and the accepted ones (master
+        tables: an accepted row replaces the stored row of its key, keeping the stored
+        values it leaves empty)."""
+        old = self._live(name)
+        accepted = validated.pop_accepted(name)
+        new = accepted.to_table() if accepted is not None else None
         if name == "parties" and validated.implicit_consumers is not None:
             implicit = validated.implicit_consumers
             taken = [old.column("party_id")] + ([new.column("party_id")] if new is not None else [])
             for column in taken:
                 implicit = implicit.filter(pa.array(positions(implicit.column("party_id"), column) < 0))
             new = implicit if new is None else pa.concat_tables([new, implicit], promote_options="permissive")
-        old = old.drop_columns([c for c in DERIVED_COLUMNS if c in old.column_names])
         if new is None or new.num_rows == 0:
             return old
         if name in MASTER_TABLES and old.num_rows:
             new = _fill_from_old(new, old, TABLES[name].key[0])
             key = TABLES[name].key[0]
             old = old.filter(pa.array(positions(old.column(key), new.column(key)) < 0))
-        return _one_chunk(pa.concat_tables([old, new], promote_options="permissive"))
+        return pa.concat_tables([old, new], promote_options="permissive")
 
-    def _write_version(self, tables: Iterator[tuple[str, pa.Table]]) -> None:
-        tmp = self.path / f".tmp-{uuid.uuid4().hex}"
-        number = int(self.version.name[1:]) + 1 if self.version else 1
-        final = self.path / f"v{number:06d}"
-        try:
-            tmp.mkdir()
-            for name, table in tables:
-                path = tmp / f"{name}.arrow"
-                with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(_one_chunk(table))  # one batch: takes by row stay O(rows)
-                del table
-                _fsync(path)
-            _fsync(tmp)
-            os.rename(tmp, final)
-            pointer = self.path / "CURRENT.tmp"
-            pointer.write_text(final.name)
-            _fsync(pointer)
-            os.replace(pointer, self.path / "CURRENT")
-            _fsync(self.path)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"{self.path}: cannot write the store ({exc.strerror or exc}); the previous version is intact") from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        previous, self.version = self.version, final
-        self._cache.clear()
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+    def _write_codes(self, validated: Validated) -> _CodeRows:
+        """Writes the codes of the new version (sorted by code, with parent_idx and
+        unit_count) column by column; returns where codes are in them."""
+        old, new = self._live("codes"), _nonempty(validated.pop_accepted("codes")) or AcceptedRows.of(empty_table("codes").select(["code"]))
+        if not old.num_rows and new.order is not None:  # a first load: validation ordered the codes and linked their parents
+            order, rows = new.order, _CodeRows(new.order, 0, lambda: StringKeys(new.column("code")))
+        else:
+            new_code = new.column("code")
+            at = positions(new_code, old.column("code")) if old.num_rows else np.full(new.num_rows, -1)
+            kept = positions(old.column("code"), new_code) < 0 if old.num_rows and new.num_rows else np.ones(old.num_rows, bool)
+            index = StringKeys(_concat([_kept(old.column("code"), kept), new_code]))
+            del new_code
+            order = index.order()
+            rows = _CodeRows(order, int(kept.sum()), lambda: index)
+
+        def column(name: str) -> pa.Array:
+            """Column `name` of the merged rows, in code order."""
+            field = (old.schema if name in old.column_names else new.schema).field(name)
+            if not old.num_rows:  # the accepted rows alone
+                return new.take(name, order) if name in new.column_names else pa.nulls(len(order), field.type)
+            stored = _kept(old.column(name), kept) if name in old.column_names else None
+            added = new.column(name) if name in new.column_names else None
+            if added is not None and stored is not None and name != "code" and (at >= 0).any():  # values left empty keep the stored ones
+                added = pc.coalesce(added, _one_array(old.column(name)).take(pa.array(at, mask=at < 0)).cast(added.type))
+            return _concat([stored if stored is not None else pa.nulls(int(kept.sum()), field.type),
+                            added if added is not None else pa.nulls(new.num_rows, field.type)]).take(pa.array(order))
+
+        names = list(dict.fromkeys([*old.column_names, *new.column_names]))
+        links = new.links.get("parent_code") if not old.num_rows else None
+        is_unit, parent_idx = None, None
+        for i, name in enumerate(names):
+            if name == "parent_code" and links is not None and "code" in names[:i]:
+                # every parent is an accepted code (-1: none): its code, read in order (the codes are sorted)
+                parent_idx = rows.of_links(links[order])
+                values = self._new_column("codes", "code").take(pa.array(parent_idx, mask=parent_idx < 0))
+            else:
+                values = column(name)
+            self._write_column("codes", i, name, values)
+            if name == "level":
+                is_unit = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
+            elif name == "parent_code" and parent_idx is None:
+                parent_idx = rows.find(values, None)
+            del values
+        parent_idx = parent_idx.astype(np.int32)
+        units = _unit_counts(is_unit, parent_idx)
+        self._write_column("codes", len(names), "parent_idx", pa.array(parent_idx, pa.int32()))
+        self._write_column("codes", len(names) + 1, "unit_count", pa.array(units, pa.int64()))
+        return rows
+
+    def _write_scans(self, validated: Validated, code_rows: list[_CodeRows], retractions: pa.Table) -> None:
+        """Writes the scans of the new version column by column, with code_idx (the row of
+        the code), event_order (global rank by ts, action rank, event_id) and retracted (an
+        errorDeclaration names the event), sorted by (code_idx, event_order). Takes the
+        codes' rows out of `code_rows` (their memory goes once they are used)."""
+        old, new = self._live("scans"), _nonempty(validated.pop_accepted("scans")) or AcceptedRows.of(empty_table("scans").select(["event_id"]))
+
+        def merged(name: str, order: pa.Array | None = None) -> pa.Array:
+            """Column `name` of the live rows then the accepted ones (taken in `order`)."""
+            field = (old.schema if name in old.column_names else new.schema).field(name)
+            if not old.num_rows and order is not None:  # the accepted rows alone
+                return new.take(name, order.to_numpy()) if name in new.column_names else pa.nulls(len(order), field.type)
+            values = _concat([_one_array(old.column(name)) if name in old.column_names else pa.nulls(old.num_rows, field.type),
+                              new.column(name) if name in new.column_names else pa.nulls(new.num_rows, field.type)])
+            return values if order is None else values.take(order)
+
+        code_idx = code_rows.pop().find(merged("code"), new.links.pop("code", None) if not old.num_rows else None).astype(np.int32)
+        event_ids = merged("event_id")
+        event_order, by_time = _event_order(merged("ts"), merged("action"), event_ids)
+        retracted = pc.is_in(event_ids, value_set=retractions.column("event_id"))
+        del event_ids
+        # (code row, event order) packed in one integer: one value sort, no argsort
+        packed = np.where(code_idx >= 0, code_idx, np.iinfo(np.int32).max).astype(np.int64)
+        packed <<= 32
+        packed |= event_order
+        packed.sort()
+        order = pa.array(by_time[packed & 0xFFFFFFFF])
+        del packed, by_time
+        names = list(dict.fromkeys([*old.column_names, *new.column_names]))
+        for i, name in enumerate(names):
+            if name == "code" and (code_idx >= 0).all():  # the code of each scan's code row: read in order (sorted by code_idx)
+                self._write_column("scans", i, name, self._new_column("codes", "code").take(pa.array(code_idx).take(order)))
+            else:
+                self._write_column("scans", i, name, merged(name, order))
+        self._write_column("scans", len(names), "code_idx", pa.array(code_idx, mask=code_idx < 0).take(order))
+        self._write_column("scans", len(names) + 1, "event_order", pa.array(event_order).take(order))
+        self._write_column("scans", len(names) + 2, "retracted", retracted.take(order))
+
+    def _new_column(self, table: str, name: str) -> pa.Array:
+        """A column already written into the new version (memory-mapped)."""
+        return _one_array(_read_table(self._new, table).column(name))
+
+    def _write_table(self, name: str, table: pa.Table) -> None:
+        for i, (field, values) in enumerate(zip(table.schema, table.columns)):
+            self._write_column(name, i, field.name, values)
+
+    def _write_column(self, table: str, i: int, name: str, values: pa.Array | pa.ChunkedArray) -> None:
+        """Writes column `i` of `table` in the new version (one batch: takes by row stay O(rows))."""
+        folder = self._new / table
+        folder.mkdir(exist_ok=True)
+        values = _one_array(values)
+        field = pa.field(name, values.type)
+        path = folder / f"{i}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([field])) as writer:
+            writer.write_batch(pa.record_batch([values], schema=pa.schema([field])))
+        release_memory()
+
+
+def _read_table(version: Path, name: str) -> pa.Table:
+    """Table `name` of a version folder (memory-mapped), empty if the version has none."""
+    folder, legacy = version / name, version / f"{name}.arrow"
+    try:
+        if folder.is_dir():
+            parts = []
+            for path in sorted(folder.glob("*.arrow"), key=lambda p: int(p.stem)):
+                with pa.memory_map(str(path)) as source:
+                    parts.append(pa.ipc.open_file(source).read_all())
+            return pa.Table.from_arrays([part.column(0) for part in parts], schema=pa.schema([part.schema.field(0) for part in parts]))
+        if legacy.exists():
+            with pa.memory_map(str(legacy)) as source:
+                table = pa.ipc.open_file(source).read_all()
+            return table if table.num_rows == 0 or table.column(0).num_chunks == 1 else table.combine_chunks()
+    except (OSError, ValueError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"{folder}: unreadable store table: {exc}") from exc
+    return empty_table(name)
+
+
+def _nonempty(accepted: AcceptedRows | None) -> AcceptedRows | None:
+    """`accepted` if it has rows (no rows: none of its columns are added either)."""
+    return accepted if accepted is not None and accepted.num_rows else None
+
+
+def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values
+    chunks = [c for c in values.chunks if len(c)]
+    return chunks[0] if len(chunks) == 1 else values.combine_chunks()
+
+
+def _concat(arrays: list[pa.Array]) -> pa.Array:
+    """The arrays one after another (no copy when all but one are empty)."""
+    full = [a for a in arrays if len(a)]
+    return full[0] if len(full) == 1 else pa.concat_arrays([a.cast(arrays[0].type) for a in arrays])
+
+
+def _kept(values: pa.ChunkedArray, keep: np.ndarray) -> pa.Array:
+    values = _one_array(values)
+    return values if keep.all() else values.filter(pa.array(keep))
+
+
+def _unit_counts(is_unit: np.ndarray, parent_idx: np.ndarray) -> np.ndarray:
+    """Units packed inside each code (1 for a unit)."""
+    units = is_unit.astype(np.int64)
+    walker = np.flatnonzero(is_unit)
+    for _ in range(len(LEVELS)):
+        walker = parent_idx[walker]
+        walker = walker[walker >= 0]
+        if not len(walker):
+            break
+        units += np.bincount(walker, minlength=len(units))
+    return units
+
+
+def _event_order(ts: pa.Array, action: pa.Array, event_id: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Each event's rank by ts, action rank, event_id; and the events in that order."""
+    n = len(ts)
+    rank = pc.index_in(action, value_set=pa.array(ACTIONS)).to_numpy(zero_copy_only=False)
+    when = ts.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    by_time = sorted_rows(when, rank)
+    tied = np.zeros(n, bool)  # events at the same time and action rank: ordered by event_id
+    same = (when[by_time][1:] == when[by_time][:-1]) & (rank[by_time][1:] == rank[by_time][:-1])
+    tied[1:] |= same
+    tied[:-1] |= same
+    if tied.any():
+        rows = by_time[tied]
+        by_id = pc.sort_indices(pa.table({"when": when[rows], "rank": rank[rows], "id": event_id.take(pa.array(rows))}),
+                                [("when", "ascending"), ("rank", "ascending"), ("id", "ascending")]).to_numpy()
+        by_time[tied] = rows[by_id]
+    event_order = np.empty(n, np.int64)
+    event_order[by_time] = np.arange(n, dtype=np.int64)
+    return event_order, by_time
+
+
+class _CodeRows:
+    """Where codes are in the new version's codes table: `row_of` is the place of each
+    merged code (the live ones kept, then the accepted ones, from `accepted_at` on). A code
+    is found by the accepted code validation linked it to, else in an index of the merged
+    codes (`index()`, built when first needed)."""
+
+    def __init__(self, order: np.ndarray, accepted_at: int, index: Callable[[], StringKeys]):
+        self.row_of = np.empty(len(order), np.int32 if len(order) < 2**31 else np.int64)
+        self.row_of[order] = np.arange(len(order))
+        self.accepted_at, self._index, self._built = accepted_at, index, None
+
+    def find(self, values: pa.Array, links: np.ndarray | None) -> np.ndarray:
+        """The row of each value (-1: none); `links`, if given, are validation's links of
+        the values (`AcceptedRows.links`)."""
+        if links is not None and not (links[pc.is_valid(values).to_numpy(zero_copy_only=False)] < 0).any():
+            return self.of_links(links)
+        self._built = self._built or self._index()
+        merged = self._built.positions(values)
+        return np.where(merged >= 0, self.row_of[np.maximum(merged, 0)], -1)
+
+    def of_links(self, links: np.ndarray) -> np.ndarray:
+        """The row of each accepted code validation linked (-1: none)."""
+        return np.where(links >= 0, self.row_of[np.maximum(links, 0) + self.accepted_at], -1)
 
 
 class _SortedStrings:
@@ -479,87 +679,3 @@ def _fill_from_old(new: pa.Table, old: pa.Table, key: str) -> pa.Table:
     return pa.table(columns)
 
 
-def _one_chunk(table: pa.Table) -> pa.Table:
-    """`table` with every column in one chunk, copying only columns that need it."""
-    columns = []
-    for column in table.columns:
-        chunks = [c for c in column.chunks if len(c)]
-        columns.append(chunks[0] if len(chunks) == 1 else column.combine_chunks())
-    return pa.Table.from_arrays(columns, schema=table.schema)
-
-
-def _with_code_links(codes: pa.Table) -> tuple[pa.Table, Callable[[pa.ChunkedArray], np.ndarray]]:
-    """Codes sorted by code with parent_idx and unit_count added, and a function giving
-    the row in that table of each of some codes (-1 for unknown ones)."""
-    index = StringKeys(codes.column("code"))
-    order = index.order()
-    row_of = np.empty(len(order), np.int64)  # sorted row of each input row
-    row_of[order] = np.arange(len(order))
-
-    def code_rows(values: pa.ChunkedArray) -> np.ndarray:
-        at = index.positions(values)
-        return np.where(at >= 0, row_of[np.maximum(at, 0)], -1)
-
-    parent_idx = code_rows(codes.column("parent_code"))[order].astype(np.int32)
-    columns = dict(zip(codes.column_names, codes.columns))
-    del codes
-    codes = _taken(columns, order)
-    is_unit = pc.equal(codes.column("level"), LEVELS[0]).to_numpy(zero_copy_only=False)
-    units = is_unit.astype(np.int64)
-    walker = np.flatnonzero(is_unit)
-    for _ in range(len(LEVELS)):
-        walker = parent_idx[walker]
-        walker = walker[walker >= 0]
-        if not len(walker):
-            break
-        units += np.bincount(walker, minlength=len(units))
-    codes = codes.append_column("parent_idx", pa.array(parent_idx, pa.int32())).append_column(
-        "unit_count", pa.array(units, pa.int64()))
-    return codes, code_rows
-
-
-def _sorted_scans(scans: pa.Table, code_rows: Callable[[pa.ChunkedArray], np.ndarray], retractions: pa.Table) -> pa.Table:
-    """Attach code_idx (`code_rows` of the codes), event_order (global rank by ts, action
-    rank, event_id) and retracted (an errorDeclaration names the event), and sort by
-    (code_idx, event_order)."""
-    scans = scans.drop_columns([c for c in DERIVED_COLUMNS if c in scans.column_names])
-    n = scans.num_rows
-    code_idx = code_rows(scans.column("code"))
-    rank = pc.index_in(scans.column("action"), value_set=pa.array(ACTIONS)).to_numpy(zero_copy_only=False)
-    ts = scans.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    when = ts * len(ACTIONS) + rank
-    by_time = np.argsort(when, kind="stable")
-    tied = np.zeros(n, bool)  # events at the same time and action rank: ordered by event_id
-    same = when[by_time][1:] == when[by_time][:-1]
-    tied[1:] |= same
-    tied[:-1] |= same
-    if tied.any():
-        rows = by_time[tied]
-        by_id = pc.sort_indices(pa.table({"when": when[rows], "id": scans.column("event_id").take(pa.array(rows))}),
-                                [("when", "ascending"), ("id", "ascending")]).to_numpy()
-        by_time[tied] = rows[by_id]
-    event_order = np.empty(n, np.int64)
-    event_order[by_time] = np.arange(n, dtype=np.int64)
-    retracted = pc.is_in(scans.column("event_id"), value_set=retractions.column("event_id"))
-    # (code row, event order) packed in one integer: one value sort, no argsort
-    packed = (np.where(code_idx >= 0, code_idx, np.iinfo(np.int32).max).astype(np.int64) << 32) | event_order
-    packed.sort()
-    order = by_time[packed & 0xFFFFFFFF]
-    columns = dict(zip(scans.column_names, scans.columns))
-    del scans
-    columns["code_idx"] = pa.chunked_array([pa.array(code_idx.astype(np.int32), mask=code_idx < 0)])
-    columns["event_order"] = pa.chunked_array([pa.array(event_order)])
-    columns["retracted"] = retracted
-    return _taken(columns, order)
-
-
-def _taken(columns: dict[str, pa.ChunkedArray], rows: np.ndarray) -> pa.Table:
-    """The table of `columns` in the order of `rows`, built column by column; takes the
-    columns out of `columns`, so each can be freed once its copy exists."""
-    indices = pa.array(rows)
-    names = list(columns)
-    taken = []
-    for name in names:
-        column = columns.pop(name)
-        taken.append(_one_chunk(pa.table({name: column.take(indices)})).column(0))
-    return pa.table(dict(zip(names, taken)))

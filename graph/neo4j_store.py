@@ -61,12 +61,14 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -892,6 +894,12 @@ class Neo4jStore:
 
     # ------------------------------------------------------------ writing
 
+    @contextmanager
+    def loading(self) -> Iterator[Path]:
+        """A scratch folder (a temporary directory) for the rows validation sets aside."""
+        with tempfile.TemporaryDirectory(prefix="channelgraph-load-") as scratch:
+            yield Path(scratch)
+
     def apply(self, validated: Validated) -> None:
         """Write validated rows (see the module docstring: batched, idempotent, resumable)."""
         self._ensure_schema()
@@ -905,7 +913,7 @@ class Neo4jStore:
         number = int(self._write(BEGIN_LOAD, id=load_id)[0][0])
         base = number << 32
         for name, outcome in validated.tables.items():
-            accepted = outcome.accepted
+            accepted = outcome.accepted.to_table() if outcome.accepted is not None else None
             implicit = validated.implicit_consumers if name == "parties" else None
             if (accepted is None or accepted.num_rows == 0) and (implicit is None or implicit.num_rows == 0):
                 continue

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
@@ -25,6 +27,10 @@ class Store(Protocol):
 
     def parties(self) -> pa.Table:
         """All stored parties (canonical columns, then unknown columns)."""
+
+    def loading(self) -> AbstractContextManager[Path]:
+        """Held for a whole load (validation, then `apply`): yields a scratch folder for the
+        rows validation sets aside, removed afterwards."""
 
     def apply(self, validated: Validated) -> None:
         """Merge validated rows atomically: all of them become visible, or none do."""

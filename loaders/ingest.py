@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ import orjson
 from graph.errors import StoreError
 from graph.model import LOAD_ORDER
 from graph.store import Store
-from loaders.readers import RawTable, Reject, Source, discover, read_source
+from loaders.readers import RawTable, Reject, Source, discover, read_chunks, read_source
 from loaders.validate import validate_dataset
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,9 @@ class LoadReport:
                 "implicit_consumers": self.implicit_consumers, "rejects_path": self.rejects_path}
 
 
-def read_dataset(dataset: Path, progress: Progress | None = None, *, known: Store | None = None) -> dict[str, list[RawTable]]:
-    """Every source of `dataset` as raw tables, by canonical table name. EPCIS documents are
-    made consistent with this load and with `known` (see `loaders.epcis.combine_epcis`)."""
-    return _read_all(discover(dataset), progress, known)
-
-
 def _read_all(sources: list[Source], progress: Progress | None, known: Store | None) -> dict[str, list[RawTable]]:
+    """Every source in memory, EPCIS documents made consistent with this load and with
+    `known` (see `loaders.epcis.combine_epcis`)."""
     raw: dict[str, list[RawTable]] = {}
     epcis: list[list[RawTable]] = []
     for done, source in enumerate(sources, start=1):
@@ -61,8 +58,8 @@ def _read_all(sources: list[Source], progress: Progress | None, known: Store | N
 
 
 class _ReadOnDemand:
-    """The tables of a dataset without EPCIS documents, each read when validation takes it
-    out (`pop`), so one table's raw rows are in memory at a time rather than all."""
+    """The tables of a dataset without EPCIS documents, each read chunk by chunk as
+    validation consumes it (`pop` gives an iterator), so a table is never in memory whole."""
 
     def __init__(self, sources: list[Source], progress: Progress | None):
         self._sources: dict[str, list[Source]] = {}
@@ -76,40 +73,51 @@ class _ReadOnDemand:
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._sources))
 
-    def pop(self, table: str, default: list[RawTable] | None = None) -> list[RawTable] | None:
+    def pop(self, table: str, default: list[RawTable] | None = None) -> Iterator[RawTable] | list[RawTable] | None:
         if table not in self._sources:
             return default
-        tables = []
-        for source in self._sources.pop(table):
-            if self._progress:
-                self._progress(f"read {source.path.name}", self._done, self._total)
-            tables.append(read_source(source))
+        return self._chunks(self._sources.pop(table))
+
+    def _chunks(self, sources: list[Source]) -> Iterator[RawTable]:
+        for source in sources:
+            rows = 0
+            for chunk in _read_ahead(read_chunks(source)):
+                rows += chunk.data.num_rows
+                if self._progress:
+                    self._progress(f"load {source.path.name} ({rows:,} rows)", self._done, self._total)
+                yield chunk
             self._done += 1
-        if self._progress:
-            self._progress(f"validate {table}", self._done, self._total)
-        return tables
+
+
+def _read_ahead(chunks: Iterator[RawTable]) -> Iterator[RawTable]:
+    """`chunks`, the next one read by another thread while this one is validated (reading
+    is mostly Arrow's work, which runs without the GIL: the second core parses)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+        ahead = reader.submit(next, chunks, None)
+        while (chunk := ahead.result()) is not None:
+            ahead = reader.submit(next, chunks, None)
+            yield chunk
 
 
 def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Progress | None = None) -> LoadReport:
     """Load every table of `dataset` into `store`. Bad rows become reject records in a
     JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
     sources = discover(Path(dataset))
-    if any(source.table == "epcis" for source in sources):
-        raw = _read_all(sources, progress, store)
-    else:
-        raw = _ReadOnDemand(sources, progress)
-    read = set(raw)
-    if progress and isinstance(raw, dict):
-        progress("validate", 0, 1)
-    validated = validate_dataset(raw, store)  # empties `raw`: each table is freed once validated
-    rejects = [r for outcome in validated.tables.values() for r in outcome.rejects]
-    rejects_path = write_rejects(rejects, rejects_dir) if rejects else None
-    del rejects
-    counts = validated.counts()
-    implicit = validated.implicit_consumers.num_rows if validated.implicit_consumers is not None else 0
-    if progress:
-        progress("write", 0, 1)
-    store.apply(validated)
+    with store.loading() as scratch:
+        if any(source.table == "epcis" for source in sources):
+            raw = _read_all(sources, progress, store)
+        else:
+            raw = _ReadOnDemand(sources, progress)
+        read = set(raw)
+        validated = validate_dataset(raw, store, spill=scratch)  # empties `raw`: each table is read as validated
+        rejects = [r for outcome in validated.tables.values() for r in outcome.rejects]
+        rejects_path = write_rejects(rejects, rejects_dir) if rejects else None
+        del rejects
+        counts = validated.counts()
+        implicit = validated.implicit_consumers.num_rows if validated.implicit_consumers is not None else 0
+        if progress:
+            progress("write", 0, 1)
+        store.apply(validated)
     tables = [t for t in LOAD_ORDER if t in read or counts["accepted"].get(t)]
     return LoadReport(
         accepted={t: counts["accepted"].get(t, 0) for t in tables},

@@ -1,12 +1,20 @@
 """String keys (codes, event ids, party ids) matched and ordered by sorting integers.
 
-Arrow's and pandas' hash tables take about a microsecond a row on big string columns on
-the 2-core machines we run on; sorting 64-bit integers is many times faster. Each string
-becomes its length and its bytes as big-endian 64-bit words, and a 64-bit hash of those.
-Rows are grouped by one sort of (hash, row) packed into one integer; every match found so
-is then checked word for word (byte for byte), and strings that merely share a hash are
-decided by Arrow's exact kernels. So every function here is exact; only its speed
-depends on the hash.
+Arrow's and pandas' hash tables take a fraction of a microsecond to a microsecond a row on
+big string columns on the 2-core machines we run on; sorting 64-bit integers takes a few
+nanoseconds. So every valid string becomes one integer, in one of two ways:
+
+- packed, when the strings are short or most of their bytes are the same in every string
+  (codes and event ids such as `UN0000000946`): each byte replaced by its rank among the
+  bytes seen at its position, the ranks of all positions in one integer. Equal strings get
+  equal integers and the integers sort as the strings do (bytewise), so matching and
+  ordering are integer operations and exact as they are;
+- hashed, otherwise: the high bits of a 64-bit hash of the string's length and bytes.
+  Every match found so is then checked string for string, and strings that merely share
+  those bits are decided by Arrow's exact kernels.
+
+Rows are grouped by one sort of (integer, row) packed into one integer. So every function
+here is exact; only its speed depends on the strings.
 
 >>> positions(pa.array(["b", "x", None, "a"]), pa.array(["a", "b", "a"])).tolist()
 [1, -1, -1, 0]
@@ -17,14 +25,17 @@ depends on the hash.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DENSE_BYTES = 32  # bytes of each string kept as words; longer strings are compared as strings
+MAX_PACKED_BYTES = 256  # longer strings are hashed
+BLOCK = 1 << 22  # values looked up (or hashed) at a time: bounds the memory of a lookup
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
-_KEEP = np.array([0] + [((1 << (8 * k)) - 1) << (64 - 8 * k) for k in range(1, 9)], np.uint64)  # first k bytes
+_KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
 
 
 def string_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -36,59 +47,74 @@ def string_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values if pa.types.is_string(values.type) else values.cast(pa.string())
 
 
-class _Encoded:
-    """A string array as integers: byte lengths, validity, the first DENSE_BYTES bytes
-    as big-endian words (zero past the end) and a 64-bit hash of all its bytes."""
+class _Strings:
+    """The valid strings of a string array: their rows, lengths and bytes."""
 
     def __init__(self, values: pa.Array):
-        self.values = values
         n = len(values)
-        self.valid = np.ones(n, bool) if values.null_count == 0 else pc.is_valid(values).to_numpy(zero_copy_only=False)
-        offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4).astype(np.int64)
+        valid = np.ones(n, bool) if values.null_count == 0 else pc.is_valid(values).to_numpy(zero_copy_only=False)
+        offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4) if n else np.zeros(1, np.int32)
         data = values.buffers()[2]
-        raw = np.frombuffer(data, np.uint8) if data is not None and n else np.zeros(0, np.uint8)
-        self.lengths = np.where(self.valid, offsets[1:] - offsets[:-1], 0)
-        longest = int(self.lengths.max()) if n else 0
-        width = -(-min(longest, DENSE_BYTES) // 8) * 8
-        padded = np.zeros(len(raw) + max(width, 8), np.uint8)
-        padded[: len(raw)] = raw
-        starts = np.minimum(offsets[:-1], len(raw))
-        self.words = []
-        if width:  # each row's first `width` bytes, zero past its end, as big-endian words
-            matrix = np.lib.stride_tricks.as_strided(padded, (len(raw) + 1, width), (1, 1))[starts].view(">u8")
-            for j in range(width // 8):
-                word = matrix[:, j].astype(np.uint64)
-                left = self.lengths - 8 * j
-                if left.min() < 8:
-                    word &= _KEEP[np.clip(left, 0, 8)]
-                self.words.append(word)
-        self.long = np.flatnonzero(self.lengths > DENSE_BYTES)
-        h = self.lengths.astype(np.uint64) * _MULTIPLIER
-        for j, word in enumerate(self.words):  # only a string's own words: the hash does not depend on `width`
-            h = np.where(self.lengths > 8 * j, _mix(h ^ word), h)
-        rows, at = self.long, DENSE_BYTES
-        eights = np.ndarray((len(raw) + 1,), ">u8", padded, 0, (1,))  # 8 bytes from every byte offset
-        while len(rows):
-            h[rows] = _mix(h[rows] ^ self._word(eights, starts[rows], self.lengths[rows] - at, at))
-            at += 8
-            rows = rows[self.lengths[rows] > at]
-        self.hash = _mix(h)
+        self.data = np.frombuffer(data, np.uint8) if data is not None and n else np.zeros(0, np.uint8)
+        if values.null_count == 0:
+            self.rows, self.starts, self.lengths = np.arange(n, dtype=_row_type(n)), offsets[:-1], np.diff(offsets)
+        else:
+            self.rows = np.flatnonzero(valid).astype(_row_type(n))
+            self.starts, self.lengths = offsets[:-1][self.rows], np.diff(offsets)[self.rows]
+        self.width = int(self.lengths.max()) if len(self.rows) else 0
+        self.matrix = None  # the strings as rows of bytes, when all have `width` bytes, one after another
+        if len(self.rows) and int(offsets[-1]) - int(offsets[0]) == len(self.rows) * self.width and (self.lengths == self.width).all():
+            self.matrix = self.data[offsets[0]:offsets[-1]].reshape(len(self.rows), self.width)
 
-    @staticmethod
-    def _word(eights: np.ndarray, starts: np.ndarray, left: np.ndarray, at: int) -> np.ndarray:
-        """The 8 bytes at `starts + at`, of which `left` (1..) belong to the string."""
-        return eights[starts + at].astype(np.uint64) & _KEEP[np.minimum(left, 8)]
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    def same(self, rows: np.ndarray, other: _Encoded, other_rows: np.ndarray) -> np.ndarray:
-        """Whether the strings at `rows` equal those at `other_rows` of `other` (pairwise)."""
-        equal = self.lengths[rows] == other.lengths[other_rows]
-        for word, other_word in zip(self.words, other.words):  # equal lengths: missing words are zero
-            equal &= word[rows] == other_word[other_rows]
-        long = np.flatnonzero(equal & (self.lengths[rows] > DENSE_BYTES))
-        if len(long):
-            equal[long] = pc.equal(self.values.take(pa.array(rows[long])),
-                                   other.values.take(pa.array(other_rows[long]))).to_numpy(zero_copy_only=False)
-        return equal
+    def at(self, p: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each string's byte at position p (any value where it has none), and which
+        strings have no byte there (None: every string has one)."""
+        if self.matrix is not None and p < self.width:
+            return np.ascontiguousarray(self.matrix[:, p]), None
+        if not len(self.data):
+            return np.zeros(len(self), np.uint8), np.ones(len(self), bool)
+        return self.data[np.minimum(self.starts + p, len(self.data) - 1)], self.lengths <= p
+
+    def sample(self, size: int) -> _Strings:
+        """About `size` of the strings, spread over all of them."""
+        sample = copy.copy(self)
+        pick = np.arange(0, len(self), max(len(self) // size, 1))
+        sample.rows, sample.starts, sample.lengths = self.rows[pick], self.starts[pick], self.lengths[pick]
+        sample.matrix = self.matrix[pick] if self.matrix is not None else None
+        return sample
+
+    def hashes(self) -> np.ndarray:
+        """A 64-bit hash of each string (its length, then its bytes 8 at a time), computed
+        block by block of strings."""
+        h = np.empty(len(self), np.uint64)
+        safe = max(len(self.data) - 7, 0)  # offsets with 8 bytes of data from there on
+        eights = np.ndarray((safe,), "<u8", self.data, 0, (1,))
+        tail = np.zeros(len(self.data) - safe + 8, np.uint8)  # the last bytes, padded: 8 can be read from each
+        tail[:len(self.data) - safe] = self.data[safe:]
+        tail_eights = np.ndarray((len(tail) - 7,), "<u8", tail, 0, (1,))
+        for start in range(0, len(self), BLOCK):
+            starts, lengths = self.starts[start:start + BLOCK], self.lengths[start:start + BLOCK]
+            block = _mix(lengths.astype(np.uint64) * _MULTIPLIER)
+            rows, at = np.flatnonzero(lengths > 0), 0
+            while len(rows):
+                where = starts[rows].astype(np.int64) + at
+                word = eights[np.minimum(where, max(safe - 1, 0))] if safe else np.zeros(len(rows), np.uint64)
+                beyond = np.flatnonzero(where >= safe)
+                word[beyond] = tail_eights[where[beyond] - safe]
+                word &= _KEEP[np.minimum(lengths[rows] - at, 8)]
+                block[rows] = _mix(block[rows] ^ word)
+                at += 8
+                rows = rows[lengths[rows] > at]
+            h[start:start + BLOCK] = block
+        return h
+
+
+def _row_type(n: int) -> type:
+    """The integer type of row numbers below `n`: int32 when they fit (half the memory)."""
+    return np.int32 if n < 2**31 else np.int64
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -96,88 +122,215 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
-def _hash_runs(h: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`rows` ordered by the high bits of their hash, ascending row within equal bits (one
-    sort of packed integers, no argsort), and for each sorted position where its run starts."""
-    bits = max(int(len(h)).bit_length(), 1)
-    packed = (h[rows] >> np.uint64(bits) << np.uint64(bits)) | rows.astype(np.uint64)
+class _Packing:
+    """Strings as integers that compare and sort as the strings do: position by position,
+    each byte's rank among the bytes seen at that position (0 for no byte: the string
+    ended), the ranks of all positions in one integer."""
+
+    UNSEEN = np.uint16(0xFFFF)
+
+    def __init__(self) -> None:
+        self.ranks: list[np.ndarray] = []  # per position: each byte's rank there (UNSEEN: never seen there)
+        self.ended: list[bool] = []  # per position: whether some string ends before it
+        self.bits: list[int] = []  # per position: the bits its ranks take
+        self.total_bits = 0
+
+    @classmethod
+    def of(cls, strings: _Strings) -> tuple[_Packing, np.ndarray] | None:
+        """The packing of these strings and their integers, or None if the integers would
+        need more than 64 bits (tried on a sample first: its bytes are some of all the
+        bytes, so they need no more bits)."""
+        sample = 1 << 16
+        if len(strings) > 2 * sample and cls.of(strings.sample(sample)) is None:
+            return None
+        packing, ints = cls(), np.zeros(len(strings), np.uint64)
+        for p in range(min(strings.width, MAX_PACKED_BYTES + 1)):
+            column, ended = strings.at(p)
+            seen = np.zeros(256, bool)
+            seen[column if ended is None else column[~ended]] = True
+            has_end = ended is not None and bool(ended.any())
+            rank = np.full(256, cls.UNSEEN, np.uint16)
+            rank[seen] = np.arange(has_end, has_end + int(seen.sum()), dtype=np.uint16)
+            bits = (int(seen.sum()) + has_end - 1).bit_length()
+            packing.ranks.append(rank)
+            packing.ended.append(has_end)
+            packing.bits.append(bits)
+            packing.total_bits += bits
+            if packing.total_bits > 64 or p == MAX_PACKED_BYTES:
+                return None
+            if bits:
+                ints <<= np.uint64(bits)
+                ints |= _ranks(rank, column, ended)
+        return packing, ints
+
+    def encode(self, strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
+        """(each string's integer, whether it is one the packing can hold: at most as long
+        as the longest packed string, each byte seen at its position)."""
+        known = strings.lengths <= len(self.ranks)
+        ints = np.zeros(len(strings), np.uint64)
+        for p, (rank, has_end, bits) in enumerate(zip(self.ranks, self.ended, self.bits)):
+            column, ended = strings.at(p)
+            if not bits and not has_end:  # one byte seen here: the string must have it
+                known &= column == np.flatnonzero(rank != self.UNSEEN)[0]
+                if ended is not None:
+                    known &= ~ended
+                continue
+            value = _ranks(rank, column, ended)
+            known &= (value != self.UNSEEN) if ended is None else np.where(ended, has_end, value != self.UNSEEN)
+            if bits:  # an unknown string's bits do not matter
+                ints <<= np.uint64(bits)
+                ints |= value
+        return ints, known
+
+
+def _ranks(rank: np.ndarray, column: np.ndarray, ended: np.ndarray | None) -> np.ndarray:
+    """`rank` of each byte of `column` (0 where the string ended)."""
+    value = pc.take(pa.array(rank), pa.array(column)).to_numpy()  # Arrow takes by uint8 indices as they are
+    return value if ended is None else np.where(ended, np.uint16(0), value)
+
+
+def by_value(values: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` (ascending; `values[i]` is row `rows[i]`'s, of `bits` bits) stably sorted by
+    value, and their values: one sort of (value, row) packed into one integer when they fit.
+    Rows come back as int32 when they fit (half the memory of int64)."""
+    row_bits = max(int(rows[-1]).bit_length(), 1) if len(rows) else 1
+    row_type = _row_type(1 << row_bits)
+    if bits + row_bits > 64:
+        order = np.argsort(values, kind="stable")
+        return rows[order].astype(row_type, copy=False), values[order]
+    packed = values << np.uint64(row_bits)
+    packed |= rows.astype(np.uint64)
     packed.sort()
-    order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
-    high = packed >> np.uint64(bits)
-    starts = np.ones(len(order), bool)
-    starts[1:] = high[1:] != high[:-1]
-    run_start = np.flatnonzero(starts)[np.cumsum(starts) - 1] if len(order) else np.zeros(0, np.int64)
-    return order, run_start
+    return (packed & np.uint64((1 << row_bits) - 1)).astype(row_type), packed >> np.uint64(row_bits)
+
+
+def sorted_rows(*keys: np.ndarray) -> np.ndarray:
+    """Rows stably sorted by the integer `keys` (the first key sorts first): each key as
+    steps from its least value (times in seconds, say), all of them and the row packed in
+    one integer when they fit, for one value sort; else numpy's lexsort."""
+    n = len(keys[0]) if keys else 0
+    packed, bits = np.zeros(n, np.uint64), 0
+    for key in keys:
+        if n:
+            key = key.astype(np.int64) - int(key.min())
+            key //= max(int(np.gcd.reduce(key)), 1)
+        width = int(key.max()).bit_length() if n else 0
+        bits += width
+        if bits + max(n.bit_length(), 1) > 64:
+            return np.lexsort(keys[::-1])
+        packed <<= np.uint64(width)
+        packed |= key.view(np.uint64)
+    return by_value(packed, np.arange(n, dtype=_row_type(n)), bits)[0]
 
 
 class StringKeys:
     """A string column prepared once for many exact lookups and its sort order."""
 
     def __init__(self, keys: pa.Array | pa.ChunkedArray):
-        self.keys = string_array(keys)
-        self._encoded = _Encoded(self.keys)
+        keys = string_array(keys)
+        self._n = len(keys)
+        strings = _Strings(keys)
+        packed = _Packing.of(strings)
+        self._packing = packed[0] if packed else None
+        self._hash_bits = 64 - max(self._n.bit_length(), 1)
+        if packed:
+            ints, self._keys = packed[1], None
+        else:  # the hash's high bits, so that (bits, row) packs into one integer
+            ints, self._keys = strings.hashes() >> np.uint64(64 - self._hash_bits), keys
+        self._bits = self._packing.total_bits if packed else self._hash_bits
+        self._rows, self._ints = by_value(ints, strings.rows, self._bits)  # valid rows sorted by integer, stably
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._n
+
+    def within(self, among: np.ndarray) -> StringKeys:
+        """These keys with only the rows where `among` is true: for many lookups among the
+        same rows."""
+        subset = copy.copy(self)
+        keep = among[self._rows]
+        subset._rows, subset._ints = self._rows[keep], self._ints[keep]
+        return subset
+
+    def _sorted(self, among: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if among is None:
+            return self._rows, self._ints
+        keep = among[self._rows]
+        return self._rows[keep], self._ints[keep]
 
     def positions(self, values: pa.Array | pa.ChunkedArray, *, among: np.ndarray | None = None) -> np.ndarray:
         """Row of each value among the keys (the first, if a key repeats; only rows where
-        `among` is true count), -1 when absent or null."""
+        `among` is true count), -1 when absent or null. Looked up block by block."""
         values = string_array(values)
         out = np.full(len(values), -1, np.int64)
-        n = len(self.keys)
-        if not len(values) or not n:
+        rows, ints = self._sorted(among)
+        if not len(values) or not len(rows):
             return out
-        keys, asked = self._encoded, _Encoded(values)
-        usable = keys.valid if among is None else keys.valid & among
-        rows = np.concatenate([np.flatnonzero(usable), n + np.flatnonzero(asked.valid)])
-        order, run_start = _hash_runs(np.concatenate([keys.hash, asked.hash]), rows)
-        first = order[run_start]  # a run lists its keys first: they have the lower rows
-        hit = np.flatnonzero((order >= n) & (first < n))
-        out[order[hit] - n] = first[hit]
-        value_rows = np.flatnonzero(out >= 0)  # checked in row order: fewer scattered reads
-        same = asked.same(value_rows, keys, out[value_rows])
-        if not same.all():  # different strings that share their hash's high bits: decided exactly
-            sorted_at = np.empty(len(values), np.int64)
-            sorted_at[order[hit] - n] = hit
-            out[value_rows[~same]] = -1
-            members = order[np.isin(run_start, np.unique(run_start[sorted_at[value_rows[~same]]]))]
-            subset_values, subset_keys = members[members >= n] - n, members[members < n]
-            found = pc.index_in(values.take(pa.array(subset_values)), value_set=self.keys.take(pa.array(subset_keys)))
-            found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-            out[subset_values] = np.where(found >= 0, subset_keys[np.maximum(found, 0)], -1)
+        for start in range(0, len(values), BLOCK):
+            out[start:start + BLOCK] = self._positions(values.slice(start, BLOCK), rows, ints)
+        return out
+
+    def _positions(self, values: pa.Array, rows: np.ndarray, ints: np.ndarray) -> np.ndarray:
+        out = np.full(len(values), -1, np.int64)
+        strings = _Strings(values)
+        if self._packing is not None:
+            asked, known = self._packing.encode(strings)
+            asked, wanted = (asked, strings.rows) if known.all() else (asked[known], strings.rows[known])
+        else:
+            asked, wanted = strings.hashes() >> np.uint64(64 - self._hash_bits), strings.rows
+        wanted, asked = by_value(asked, wanted, self._bits)  # sorted: the searches run fast
+        at = np.minimum(np.searchsorted(ints, asked), len(ints) - 1)  # the first row of each integer
+        hit = ints[at] == asked
+        if not hit.all():
+            wanted, at = wanted[hit], at[hit]
+        out[wanted] = rows[at]
+        if self._keys is not None:  # hashed: check each match, and decide those that merely share bits exactly
+            wrong = ~_equal(values, wanted, self._keys, rows[at])
+            if wrong.any():
+                out[wanted[wrong]] = -1
+                members = np.flatnonzero(np.isin(ints, np.unique(ints[at[wrong]])))
+                found = pc.index_in(values.take(pa.array(wanted[wrong])), value_set=self._keys.take(pa.array(rows[members])))
+                found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+                out[wanted[wrong]] = np.where(found >= 0, rows[members][np.maximum(found, 0)], -1)
         return out
 
     def first_rows(self, *, among: np.ndarray | None = None) -> np.ndarray:
         """For each row, the first row holding the same string (itself when first); -1 for
         null rows and rows outside `among`."""
-        encoded = self._encoded
-        usable = encoded.valid if among is None else encoded.valid & among
-        order, run_start = _hash_runs(encoded.hash, np.flatnonzero(usable))
-        out = np.full(len(self.keys), -1, np.int64)
-        out[order] = order[run_start]
-        later = np.flatnonzero(run_start != np.arange(len(order)))
-        same = encoded.same(order[later], encoded, order[run_start[later]])
-        if not same.all():  # different strings that share their hash's high bits: decided exactly
-            members = np.sort(order[np.isin(run_start, np.unique(run_start[later[~same]]))])
-            dictionary = pc.dictionary_encode(self.keys.take(pa.array(members)))
-            ids = dictionary.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            first = np.full(len(dictionary.dictionary), len(self.keys), np.int64)
-            np.minimum.at(first, ids, members)
-            out[members] = first[ids]
+        rows, ints = self._sorted(among)
+        out = np.full(self._n, -1, np.int64)
+        out[rows] = rows
+        later = np.flatnonzero(ints[1:] == ints[:-1]) + 1  # sorted positions after the first of their integer
+        if not len(later):
+            return out
+        run_start = np.ones(len(rows), bool)
+        run_start[later] = False
+        first = np.maximum.accumulate(np.where(run_start, np.arange(len(rows)), 0))[later]
+        out[rows[later]] = rows[first]
+        if self._keys is not None:  # hashed: check each match, and decide those that merely share bits exactly
+            wrong = ~_equal(self._keys, rows[later], self._keys, rows[first])
+            if wrong.any():
+                members = np.sort(rows[np.isin(ints, np.unique(ints[later[wrong]]))])
+                dictionary = pc.dictionary_encode(self._keys.take(pa.array(members)))
+                ids = dictionary.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+                firsts = np.full(len(dictionary.dictionary), self._n, np.int64)
+                np.minimum.at(firsts, ids, members)
+                out[members] = firsts[ids]
         return out
 
     def order(self) -> np.ndarray:
         """Row order sorting the strings bytewise (Unicode code point order), stable, nulls last."""
-        encoded = self._encoded
-        if len(encoded.long):
-            return pc.sort_indices(pa.table({"v": self.keys}), [("v", "ascending", "at_end")]).to_numpy()
-        keys = [encoded.lengths, *reversed(encoded.words), ~encoded.valid]  # last key sorts first
-        if encoded.valid.all():
-            keys.pop()
-        if len(keys) > 1 and (encoded.lengths == encoded.lengths[0]).all():
-            keys.pop(0)  # strings of one length: the words decide
-        return np.lexsort(keys) if keys else np.arange(len(self.keys))
+        if self._keys is not None:
+            return pc.sort_indices(pa.table({"v": self._keys}), [("v", "ascending", "at_end")]).to_numpy()
+        valid = np.zeros(self._n, bool)
+        valid[self._rows] = True
+        return np.concatenate([self._rows, np.flatnonzero(~valid)])
+
+
+def _equal(a: pa.Array, rows_a: np.ndarray, b: pa.Array, rows_b: np.ndarray) -> np.ndarray:
+    """Whether a[rows_a[i]] == b[rows_b[i]], pair by pair."""
+    if not len(rows_a):
+        return np.zeros(0, bool)
+    return pc.equal(a.take(pa.array(rows_a)), b.take(pa.array(rows_b))).to_numpy(zero_copy_only=False)
 
 
 def positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Read dataset files into raw string tables.
 
-Every reader returns `RawTable`s: a pyarrow Table whose data columns are strings (null
-when missing or empty) plus `_file` and `_line` columns, and the reject records of rows
-that could not even be split into columns. Nothing here judges values; that is
-`loaders.validate`.
+A file is read in chunks (`read_chunks`) of at most CHUNK_ROWS rows, so a big file is
+never in memory whole. Every chunk is a `RawTable`: a pyarrow Table whose data columns are
+strings (null when missing or empty) plus `_file` and `_line` columns, and the reject
+records of rows that could not even be split into columns. Nothing here judges values;
+that is `loaders.validate`.
 
 Line numbers: CSV counts physical lines with the header as line 1; JSONL counts lines;
 Parquet counts rows from 1.
@@ -32,6 +33,8 @@ from graph.model import TABLES
 log = logging.getLogger(__name__)
 csv.field_size_limit(2**31 - 1)  # the exact CSV reader takes fields as large as pyarrow does
 
+CHUNK_ROWS = 1 << 20  # rows per chunk: bounds the memory of reading (and of validating) a big file
+CSV_BLOCK_BYTES = 4 << 20  # CSV text parsed at a time (a chunk is whole blocks)
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 EPCIS_SUFFIXES = (".xml", ".json", ".jsonld")
 META_COLUMNS = ("_file", "_line")
@@ -101,21 +104,31 @@ def _looks_like_epcis(path: Path) -> bool:
     return b"EPCIS" in head or b"epcis" in head
 
 
-def read_source(source: Source) -> RawTable:
-    """Read one table file completely. Raises DatasetError if the file is unreadable."""
-    readers = {".csv": read_csv, ".jsonl": read_jsonl, ".parquet": read_parquet}
+def read_chunks(source: Source, rows: int | None = None) -> Iterator[RawTable]:
+    """The rows of one table file in file order, in chunks of about `rows` rows (CHUNK_ROWS;
+    at least one chunk, maybe empty). Raises DatasetError naming the file if it is
+    unreadable, which may be after some chunks."""
+    readers = {".csv": _csv_chunks, ".jsonl": _jsonl_chunks, ".parquet": _parquet_chunks}
     try:
-        return readers[source.path.suffix](source.path, source.table)
+        yield from readers[source.path.suffix](source.path, source.table, rows or CHUNK_ROWS)
     except DatasetError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise DatasetError(f"{source.path}: cannot read {source.table} table: {exc}") from exc
 
 
-def _finish(table: str, path: Path, columns: dict[str, pa.Array], lines: pa.Array,
+def read_source(source: Source) -> RawTable:
+    """Read one table file completely. Raises DatasetError if the file is unreadable."""
+    chunks = list(read_chunks(source))
+    data = pa.concat_tables([c.data for c in chunks], promote_options="permissive")
+    return RawTable(source.table, data, [r for c in chunks for r in c.rejects])
+
+
+def _finish(table: str, path: Path, columns: dict[str, pa.Array | pa.ChunkedArray], lines: pa.Array,
             rejects: list[Reject]) -> RawTable:
     """Values are trimmed, empty ones become null; adds the _file/_line columns (`_file`
-    as a dictionary column: one copy of the path, whatever the rows)."""
+    as a dictionary column: one copy of the path, whatever the rows). Columns may be
+    chunked (CSV: one chunk per parsed block); they stay so."""
     n = len(lines)
     arrays = {name: _trimmed_or_null(arr) for name, arr in columns.items()}
     arrays["_file"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([str(path)], pa.string()))
@@ -123,31 +136,47 @@ def _finish(table: str, path: Path, columns: dict[str, pa.Array], lines: pa.Arra
     return RawTable(table, pa.table(arrays), rejects)
 
 
-def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """String values without surrounding white space; empty ones null. Copies the text
     only when some value may have white space at an end."""
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        return pa.chunked_array([_trimmed_or_null(chunk) for chunk in values.chunks], pa.string())
     values = values.cast(pa.string())
     if _may_have_white_space(values):
         values = pc.utf8_trim_whitespace(values)
-    present = pc.and_(pc.is_valid(values), pc.greater(pc.binary_length(values), 0))
-    if pc.all(present).as_py() is not False:
-        return values
+    if values.null_count == 0:
+        present = np.diff(_offsets(values)) > 0
+        if present.all():
+            return values
+        present = pa.array(present)
+    else:
+        present = pc.and_(pc.is_valid(values), pc.greater(pc.binary_length(values), 0))
+        if pc.all(present).as_py() is not False:
+            return values
     if values.offset:
         return pc.if_else(present, values, pa.scalar(None, pa.string()))
     return pa.Array.from_buffers(pa.string(), len(values), [present.buffers()[1], *values.buffers()[1:]])
 
 
+def _offsets(values: pa.Array) -> np.ndarray:
+    """The offsets of a string or binary array's values in its data."""
+    return np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+
+
+def _text_of(values: pa.Array) -> np.ndarray:
+    """The bytes of a string or binary array's values, one after another."""
+    offsets, data = _offsets(values), values.buffers()[2]
+    return np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None and len(values) else np.zeros(0, np.uint8)
+
+
 def _may_have_white_space(values: pa.Array) -> bool:
     """False when no value starts or ends with a byte of a white space character (any
     byte up to space, or of a non-ASCII character)."""
-    if len(values) == 0 or values.buffers()[2] is None:
+    text = _text_of(values)
+    if not len(text) or (text.min() > 0x20 and text.max() < 0x80):  # no such byte anywhere: the common case
         return False
-    offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+    offsets = _offsets(values)
     text = np.frombuffer(values.buffers()[2], np.uint8)
-    if len(text) == 0:
-        return False
     first, last = text[np.minimum(offsets[:-1], len(text) - 1)], text[np.maximum(offsets[1:] - 1, 0)]
     edge = (first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80)
     return bool((edge & (offsets[1:] > offsets[:-1])).any())
@@ -156,73 +185,120 @@ def _may_have_white_space(values: pa.Array) -> bool:
 # ---------------------------------------------------------------- CSV
 
 
-def read_csv(path: Path, table: str) -> RawTable:
-    """Fast pyarrow parse; exact fallback with Python's csv module when rows are irregular."""
+def _csv_chunks(path: Path, table: str, rows: int) -> Iterator[RawTable]:
+    """Fast pyarrow parsing while every row is one regular line; from the chunk where one
+    is not (a row with too few or too many values, a blank line before the end, a line
+    break inside a value, a row pyarrow cannot report) exact reading with Python's csv
+    module, which knows each record's physical line."""
+    header = _csv_header(path)
+    if not header:
+        raise DatasetError(f"{path}: empty file (no header row)")
+    _check_unique(path, header)
+    with path.open("rb") as f:
+        head = f.read(CSV_BLOCK_BYTES)
+    if len(head) < CSV_BLOCK_BYTES and not re.search(rb"[\r\n]", head):  # a header and no line break: no rows
+        yield _finish(table, path, {name: pa.array([], pa.string()) for name in header}, pa.array([], pa.int64()), [])
+        return
     irregular: list[str] = []
 
     def on_invalid(row: pa_csv.InvalidRow) -> str:
         irregular.append(row.text)
         return "skip"
 
-    header = _csv_header(path)
-    if not header:
-        raise DatasetError(f"{path}: empty file (no header row)")
-    _check_unique(path, header)
-
-    def parse(kind: pa.DataType) -> pa.Table:
-        return pa_csv.read_csv(
-            path,
-            read_options=pa_csv.ReadOptions(block_size=16 << 20),
-            parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
-            convert_options=pa_csv.ConvertOptions(
-                column_types={name: kind for name in header}, strings_can_be_null=False,
-                quoted_strings_can_be_null=False),
-        )
-
     try:
+        reader = pa_csv.open_csv(
+            path,
+            read_options=pa_csv.ReadOptions(column_names=header, skip_rows=1, block_size=CSV_BLOCK_BYTES, use_threads=False),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(header, pa.binary()),
+                                                  strings_can_be_null=False, quoted_strings_can_be_null=False))
+    except pa.ArrowInvalid:  # the first block has a row pyarrow cannot report (an irregular row that is not UTF-8)
+        yield from _csv_exact_chunks(path, table, rows, skip=0)
+        return
+    done = 0  # rows yielded: lines 2 .. done + 1
+    batches = _with_last(reader)
+    while True:
+        pending, last, n = [], False, 0
         try:
-            parsed = parse(pa.string())  # valid UTF-8 throughout: the common case
-        except pa.ArrowInvalid:  # some text is not UTF-8: those rows are rejected below
-            irregular.clear()
-            parsed = parse(pa.binary())
-    except pa.ArrowInvalid:  # e.g. an irregular row that is not UTF-8 (pyarrow cannot report it)
-        irregular.append("")
-    else:  # pyarrow reads a blank line as a row of empty values; blank lines at the end are dropped
-        parsed, blank_inside = _without_trailing_blank_lines(path, parsed)
-        if blank_inside:
+            while n < rows and not last:
+                batch, last = next(batches, (None, True))
+                if batch is not None:
+                    pending.append(batch)
+                    n += batch.num_rows
+        except pa.ArrowInvalid:  # e.g. an irregular row that is not UTF-8 (pyarrow cannot report it)
             irregular.append("")
-    if irregular:
-        log.info("%s: irregular or blank rows; re-reading with exact line numbers", path)
-        return _read_csv_exact(path, table)
-    columns, bad_rows = _decode_utf8(parsed)
-    lines = pa.array(np.arange(2, parsed.num_rows + 2, dtype=np.int64))
-    rejects = []
-    if bad_rows:
-        keep = pa.array([i not in bad_rows for i in range(parsed.num_rows)])
-        rejects = [Reject(table, str(path), i + 2, "invalid UTF-8 text (file must be UTF-8)",
-                          _row_repr(parsed, i)) for i in sorted(bad_rows)]
-        columns = {k: v.filter(keep) for k, v in columns.items()}
-        lines = lines.filter(keep)
-    return _finish(table, path, columns, lines, rejects)
+        parsed = pa.Table.from_batches(pending, reader.schema)
+        if last and not irregular:  # pyarrow reads a blank line as a row of empty values: those at the end are no rows
+            parsed = parsed.slice(0, parsed.num_rows - _trailing_blank_lines(path, parsed))
+        if irregular or _blank_or_multiline(parsed):
+            log.info("%s: irregular or blank rows; reading exactly from line %d", path, done + 2)
+            yield from _csv_exact_chunks(path, table, rows, skip=done)
+            return
+        columns, bad_rows = _decode_utf8(parsed)
+        lines = pa.array(np.arange(done + 2, done + parsed.num_rows + 2, dtype=np.int64))
+        rejects = []
+        if bad_rows:
+            keep = pa.array([i not in bad_rows for i in range(parsed.num_rows)])
+            rejects = [Reject(table, str(path), done + i + 2, "invalid UTF-8 text (file must be UTF-8)",
+                              _row_repr(parsed, i)) for i in sorted(bad_rows)]
+            columns = {k: pc.filter(v, keep) for k, v in columns.items()}
+            lines = lines.filter(keep)
+        done += parsed.num_rows
+        yield _finish(table, path, columns, lines, rejects)
+        if last:
+            return
 
 
-def _without_trailing_blank_lines(path: Path, parsed: pa.Table) -> tuple[pa.Table, bool]:
-    """`parsed` without the rows of blank lines at the end of the file, and whether a row
-    before them has only empty values (a blank line inside, which the exact reader skips)."""
+def _with_last(reader: pa.RecordBatchReader) -> Iterator[tuple[pa.RecordBatch, bool]]:
+    """Each batch with whether it is the last (one batch read ahead)."""
+    batches = iter(reader)
+    batch = next(batches, None)
+    while batch is not None:
+        following = next(batches, None)
+        yield batch, following is None
+        batch = following
+
+
+def _trailing_blank_lines(path: Path, parsed: pa.Table) -> int:
+    """How many rows at the end of `parsed` (the last rows of the file) are blank lines."""
     if parsed.num_rows == 0 or parsed.num_columns == 0:
-        return parsed, False
-    empty = np.ones(parsed.num_rows, bool)
-    for column in parsed.columns:
-        empty &= pc.equal(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-    if not empty.any():
-        return parsed, False
+        return 0
+    empty = _empty_rows(parsed)
+    if not len(empty) or not empty[-1]:
+        return 0
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 65536))
         tail = f.read()
     run = re.search(rb"[\r\n]*$", tail).group()  # the line breaks ending the file
     blank = max(0, len(re.findall(rb"\r\n|\n|\r", run)) - 1)
-    keep = parsed.num_rows - min(blank, int(empty[::-1].argmin()) if not empty.all() else parsed.num_rows)
-    return parsed.slice(0, keep), bool(empty[:keep].any())
+    return min(blank, int(empty[::-1].argmin()) if not empty.all() else parsed.num_rows)
+
+
+def _empty_rows(parsed: pa.Table) -> np.ndarray:
+    """Which rows have only empty values (none, when some column has a value in every row:
+    usually the first tells)."""
+    empty = np.ones(parsed.num_rows, bool)
+    for column in parsed.columns:
+        lengths = np.concatenate([np.diff(_offsets(chunk)) for chunk in column.chunks]) if column.num_chunks else np.zeros(0, np.int32)
+        empty &= lengths == 0
+        if not empty.any():
+            return empty
+    return empty
+
+
+def _blank_or_multiline(parsed: pa.Table) -> bool:
+    """Whether a row has only empty values (a blank line, which the exact reader skips) or
+    a value holds a line break (its row spans lines)."""
+    if parsed.num_rows == 0 or parsed.num_columns == 0:
+        return False
+    return bool(_empty_rows(parsed).any()) or any(_has_line_break(chunk) for column in parsed.columns for chunk in column.chunks)
+
+
+def _has_line_break(values: pa.Array) -> bool:
+    text = _text_of(values)
+    if not len(text) or text.min() > ord("\r"):  # no control character at all: the common case, one pass
+        return False
+    return bool(((text == ord("\n")) | (text == ord("\r"))).any())
 
 
 def _check_unique(path: Path, names: list[str]) -> None:
@@ -248,16 +324,15 @@ def _csv_header(path: Path) -> list[str]:
     return [name.strip() for name in names]
 
 
-def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.Array], set[int]]:
-    columns: dict[str, pa.Array] = {}
+def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.ChunkedArray], set[int]]:
+    """The binary columns as text, and the rows with text that is not UTF-8 (their values
+    decoded with U+FFFD)."""
+    columns: dict[str, pa.ChunkedArray] = {}
     bad: set[int] = set()
     for name in parsed.column_names:
-        col = parsed.column(name).combine_chunks()
-        if pa.types.is_string(col.type):
-            columns[name] = col
-            continue
+        col = parsed.column(name)
         try:
-            columns[name] = col.cast(pa.string())
+            columns[name] = pa.chunked_array([_as_text(chunk) for chunk in col.chunks], pa.string())
         except pa.ArrowInvalid:
             values = col.to_pylist()
             for i, value in enumerate(values):
@@ -269,39 +344,58 @@ def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.Array], set[int]]:
     return columns, bad
 
 
+def _as_text(values: pa.Array) -> pa.Array:
+    """Binary values as text: ASCII as it is, other bytes checked to be UTF-8 (ArrowInvalid
+    if they are not)."""
+    text = _text_of(values)
+    if not len(text) or text.max() < 0x80:
+        return pa.Array.from_buffers(pa.string(), len(values), values.buffers(), values.null_count, values.offset)
+    return values.cast(pa.string())
+
+
 def _row_repr(parsed: pa.Table, i: int) -> dict:
     return {name: parsed.column(name)[i].as_py().decode("utf-8", errors="replace")
             for name in parsed.column_names}
 
 
-def _read_csv_exact(path: Path, table: str) -> RawTable:
-    """Slow, exact CSV reading: every record with the physical line it starts on."""
-    raw = path.read_bytes()
-    text = raw.decode("utf-8-sig", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in next(reader, [])]
-    values: dict[str, list] = {name: [] for name in header}
-    lines: list[int] = []
-    rejects: list[Reject] = []
-    start = reader.line_num + 1
-    for record in reader:
-        line, start = start, reader.line_num + 1
-        if not record or record == [""]:
-            continue
-        if len(record) != len(header):
-            rejects.append(Reject(table, str(path), line,
-                                  f"expected {len(header)} columns, got {len(record)}",
-                                  _repaired(",".join(record))))
-            continue
-        if any(_has_surrogate(v) for v in record):
-            rejects.append(Reject(table, str(path), line, "invalid UTF-8 text (file must be UTF-8)",
-                                  {k: _repaired(v) for k, v in zip(header, record)}))
-            continue
-        for name, value in zip(header, record):
-            values[name].append(value)
-        lines.append(line)
-    columns = {name: pa.array(vals, pa.string()) for name, vals in values.items()}
-    return _finish(table, path, columns, pa.array(lines, pa.int64()), rejects)
+def _csv_exact_chunks(path: Path, table: str, rows: int, skip: int) -> Iterator[RawTable]:
+    """Slow, exact CSV reading: every record with the physical line it starts on; the first
+    `skip` records (already read, each one regular line) are passed over."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if any(_has_surrogate(name) for name in header):  # a quoted name went on to a line that is not UTF-8
+            raise DatasetError(f"{path}: the header row is not UTF-8 text (the file must be UTF-8)")
+        for _ in range(skip):
+            next(reader)
+        start = reader.line_num + 1
+        while True:
+            values: dict[str, list] = {name: [] for name in header}
+            lines: list[int] = []
+            rejects: list[Reject] = []
+            for record in reader:
+                line, start = start, reader.line_num + 1
+                if not record or record == [""]:
+                    continue
+                if len(record) != len(header):
+                    rejects.append(Reject(table, str(path), line,
+                                          f"expected {len(header)} columns, got {len(record)}",
+                                          _repaired(",".join(record))))
+                elif any(_has_surrogate(v) for v in record):
+                    rejects.append(Reject(table, str(path), line, "invalid UTF-8 text (file must be UTF-8)",
+                                          {k: _repaired(v) for k, v in zip(header, record)}))
+                else:
+                    for name, value in zip(header, record):
+                        values[name].append(value)
+                    lines.append(line)
+                    if len(lines) == rows:
+                        break
+            else:
+                yield _finish(table, path, {name: pa.array(vals, pa.string()) for name, vals in values.items()},
+                              pa.array(lines, pa.int64()), rejects)
+                return
+            yield _finish(table, path, {name: pa.array(vals, pa.string()) for name, vals in values.items()},
+                          pa.array(lines, pa.int64()), rejects)
 
 
 def _repaired(text: str) -> str:
@@ -320,40 +414,49 @@ def _has_surrogate(value: str) -> bool:
 # ---------------------------------------------------------------- JSONL
 
 
-def read_jsonl(path: Path, table: str) -> RawTable:
-    """One JSON object a line; scalars become strings, nested values JSON text."""
-    values: dict[str, list] = {}
-    lines: list[int] = []
-    rejects: list[Reject] = []
-    n = 0
+def _jsonl_chunks(path: Path, table: str, rows: int) -> Iterator[RawTable]:
+    """One JSON object a line; scalars become strings, nested values JSON text. A chunk
+    has every key seen so far in the file as a column, in the order first seen."""
+    names: list[str] = []
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                rejects.append(Reject(table, str(path), number, f"invalid JSON: {exc}",
-                                      raw.decode("utf-8", errors="replace").rstrip("\r\n")))
-                continue
-            if not isinstance(obj, dict):
-                rejects.append(Reject(table, str(path), number, "line is not a JSON object",
-                                      raw.decode("utf-8", errors="replace").rstrip("\r\n")))
-                continue
-            for key, value in obj.items():
-                column = values.get(key)
-                if column is None:
-                    column = values[key] = [None] * n
-                column.append(_jsonl_text(value))
-            n += 1
-            for column in values.values():
-                if len(column) < n:
-                    column.append(None)
-            lines.append(number)
-    columns = {name: pa.array(vals, pa.string()) for name, vals in values.items()}
-    return _finish(table, path, columns, pa.array(lines, pa.int64()), rejects)
+        numbered = enumerate(f, start=1)
+        while True:
+            values: dict[str, list] = {name: [] for name in names}
+            lines: list[int] = []
+            rejects: list[Reject] = []
+            for number, raw in numbered:
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                try:
+                    obj = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    rejects.append(Reject(table, str(path), number, f"invalid JSON: {exc}",
+                                          raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+                    continue
+                if not isinstance(obj, dict):
+                    rejects.append(Reject(table, str(path), number, "line is not a JSON object",
+                                          raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+                    continue
+                for key, value in obj.items():
+                    column = values.get(key)
+                    if column is None:
+                        names.append(key)
+                        column = values[key] = [None] * len(lines)
+                    column.append(_jsonl_text(value))
+                lines.append(number)
+                for column in values.values():
+                    if len(column) < len(lines):
+                        column.append(None)
+                if len(lines) == rows:
+                    break
+            else:
+                yield _finish(table, path, {name: pa.array(vals, pa.string()) for name, vals in values.items()},
+                              pa.array(lines, pa.int64()), rejects)
+                return
+            yield _finish(table, path, {name: pa.array(vals, pa.string()) for name, vals in values.items()},
+                          pa.array(lines, pa.int64()), rejects)
 
 
 def _jsonl_text(value: object) -> str | None:
@@ -371,13 +474,18 @@ def _jsonl_text(value: object) -> str | None:
 # ---------------------------------------------------------------- Parquet
 
 
-def read_parquet(path: Path, table: str) -> RawTable:
+def _parquet_chunks(path: Path, table: str, rows: int) -> Iterator[RawTable]:
     """Parquet columns of any type become strings; timestamps become ISO 8601 (naive = UTC)."""
     _check_unique(path, pq.read_schema(path).names)
-    data = pq.read_table(path)
-    columns = {name: _to_string(data.column(name).combine_chunks()) for name in data.column_names}
-    lines = pa.array(range(1, data.num_rows + 1), pa.int64())
-    return _finish(table, path, columns, lines, [])
+    file = pq.ParquetFile(path)
+    done = 0
+    for batch in file.iter_batches(batch_size=rows):
+        columns = {name: _to_string(batch.column(name)) for name in batch.schema.names}
+        yield _finish(table, path, columns, pa.array(np.arange(done + 1, done + batch.num_rows + 1, dtype=np.int64)), [])
+        done += batch.num_rows
+    if not done:
+        columns = {f.name: _to_string(pa.array([], f.type)) for f in file.schema_arrow}
+        yield _finish(table, path, columns, pa.array([], pa.int64()), [])
 
 
 def _to_string(arr: pa.Array) -> pa.Array:
@@ -397,8 +505,3 @@ def _to_string(arr: pa.Array) -> pa.Array:
             pass
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
                      for v in arr.to_pylist()], pa.string())
-
-
-def iter_chunks(raw: RawTable, rows: int = 1 << 20) -> Iterator[pa.Table]:
-    for offset in range(0, raw.data.num_rows, rows):
-        yield raw.data.slice(offset, rows)

@@ -1,15 +1,24 @@
 """Validate raw string tables against the data contract (DOMAIN.md §2).
 
 `validate_dataset` is the one code path every store uses: it turns raw rows into typed
-accepted tables, reject records (row, file, line, reason) and duplicate counts. It never
+accepted rows, reject records (row, file, line, reason) and duplicate counts. It never
 raises on a bad row. References are checked against the rows of this load and against
 what the store already holds (`Known`).
+
+Tables arrive in chunks (`loaders.readers`). The rules a row meets on its own (required
+values, enums, numbers, times, and references to the tables validated before it) are
+checked chunk by chunk; the rules across rows (duplicates, parents, cycles, what the
+store holds) then run on whole columns, read when a rule needs them. Rows are numbered
+across the chunks of a table. With a spill folder, the chunks of the big tables (codes,
+scans, referrals) are written there as they are checked instead of kept in memory, and
+the store reads the accepted rows back column by column (`AcceptedRows`).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import networkx as nx
@@ -19,18 +28,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
-from loaders.keys import StringKeys, first_rows, positions, sort_order, string_array
+from loaders.keys import StringKeys, positions, sort_order, sorted_rows, string_array
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
+TYPES = {"str": pa.string(), "enum": pa.string(), "float": pa.float64(), "ts": TS_TYPE}  # typed column of each Column.type
 MAX_PACKAGING_DEPTH = len(LEVEL_RANK)
 # Identifiers (keys and the columns that refer to them) are indexed by Neo4j, whose index
 # entries are limited to about 8 kB; 1024 characters is at most 4 kB of UTF-8.
 MAX_ID_LENGTH = 1024
 ID_COLUMNS = frozenset({"region_id", "parent_id", "party_id", "upstream_id", "sku", "code", "parent_code",
                         "event_id", "counterparty_id", "referral_id", "referrer_id", "referee_id"})
+SPILLED = ("codes", "scans", "referrals")  # tables that can be big: their chunks go to the spill folder
 
 
 class Known(Protocol):
@@ -45,7 +56,7 @@ class Known(Protocol):
 
 @dataclass
 class TableOutcome:
-    accepted: pa.Table | None = None  # typed rows to write (new or changed)
+    accepted: AcceptedRows | None = None  # typed rows to write (new or changed)
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0
     read: int = 0
@@ -61,7 +72,7 @@ class Validated:
         return (self.implicit_consumers is not None and self.implicit_consumers.num_rows > 0) or any(
             o.accepted is not None and o.accepted.num_rows > 0 for o in self.tables.values())
 
-    def pop_accepted(self, table: str) -> pa.Table | None:
+    def pop_accepted(self, table: str) -> AcceptedRows | None:
         """Hands over the accepted rows of `table` and forgets them here, so a store that
         writes table by table holds one copy of each at a time."""
         outcome = self.tables.get(table)
@@ -78,57 +89,179 @@ class Validated:
         }
 
 
-class _Rows:
-    """A raw table under validation: its columns, which rows are still valid (`ok`) and
-    the first failing reason of each rejected row."""
+# ---------------------------------------------------------------- rows and where they are kept
+
+
+class _Chunks:
+    """The rows of a table under validation, chunk by chunk: each chunk's typed columns,
+    and (when the rows may still be rejected later, which needs their raw values) its raw
+    columns with `_file` and `_line`. Typed columns equal to raw ones are kept once, as
+    raw. In memory, or (with a folder) written to Arrow IPC files, memory-mapped when read
+    back, so only the pages of the columns asked for are touched."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.raw: list[pa.Table | Path | None] = []
+        self.typed: list[pa.Table | Path] = []
+        self.starts = [0]  # row number of each chunk's first row, then the number of rows
+        self.names: dict[str, None] = {}  # raw column names, in the order first seen
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def n(self) -> int:
+        return self.starts[-1]
+
+    def add(self, n: int, typed: pa.Table, raw: pa.Table | None) -> None:
+        number = len(self.typed)
+        self.typed.append(self._kept(typed, f"{number:05d}.typed.arrow"))
+        self.raw.append(self._kept(raw, f"{number:05d}.raw.arrow") if raw is not None else None)
+        self.starts.append(self.n + n)
+
+    def _kept(self, table: pa.Table, name: str) -> pa.Table | Path:
+        if self.folder is None:
+            return table
+        path = self.folder / name
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)  # a batch per parsed block: combined when read back (`_combined`)
+        return path
+
+    def column(self, name: str, type_: pa.DataType) -> pa.ChunkedArray:
+        """The typed column `name` over all chunks (nulls in chunks without it)."""
+        return pa.chunked_array([part for i in range(len(self.typed)) for part in self.part(i, name, type_).chunks], type_)
+
+    def part(self, i: int, name: str, type_: pa.DataType) -> pa.ChunkedArray:
+        """The typed column `name` of chunk i (nulls if it has none)."""
+        values = _read_column(self.typed[i], name)
+        if values is None and self.raw[i] is not None:
+            values = _read_column(self.raw[i], name)
+        return values if values is not None else pa.chunked_array([pa.nulls(self.starts[i + 1] - self.starts[i], type_)], type_)
+
+    def raw_rows(self, rows: np.ndarray) -> list[dict]:
+        """The raw rows at `rows` (ascending; of chunks with raw columns) as dicts of every
+        raw column, `_file` and `_line`."""
+        out: list[dict] = []
+        chunk_of = np.searchsorted(self.starts, rows, "right") - 1
+        for chunk in np.unique(chunk_of):
+            local = rows[chunk_of == chunk] - self.starts[chunk]
+            out += _read_table(self.raw[chunk]).take(pa.array(local)).to_pylist()
+        return out
+
+
+def _read_table(part: pa.Table | Path) -> pa.Table:
+    """A chunk's table (from a file: memory-mapped, no column read until used)."""
+    if isinstance(part, pa.Table):
+        return part
+    with pa.memory_map(str(part)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _read_column(part: pa.Table | Path, name: str) -> pa.ChunkedArray | None:
+    table = _read_table(part)
+    return table.column(name) if name in table.column_names else None
+
+
+class AcceptedRows:
+    """The accepted rows of a validated table, column by column (a big table's are read
+    from the spill folder only when asked for). What validation found out on the way is
+    handed on, so a store need not find it again:
+
+    - `order`: the rows in the order of their key (codes: bytewise);
+    - `links[column]`: for a column naming rows of a table of this load (a code's
+      parent_code, a scan's code), the accepted row of that table it names, or -1 when it
+      names none of them (nothing, or a row already stored).
+    """
+
+    def __init__(self, chunks: _Chunks, keep: np.ndarray, schema: pa.Schema):
+        self._chunks, self.schema = chunks, schema
+        self._rows = np.flatnonzero(keep) if not keep.all() else None  # the rows kept, None: all
+        self.num_rows = int(keep.sum())
+        self.order: np.ndarray | None = None
+        self.links: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, table: pa.Table) -> AcceptedRows:
+        """Rows already typed and accepted (tasks)."""
+        chunks = _Chunks(None)
+        chunks.add(table.num_rows, table, None)
+        return cls(chunks, np.ones(table.num_rows, bool), table.schema)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.schema.names
+
+    def column(self, name: str) -> pa.Array:
+        """Column `name` of every accepted row, as one array."""
+        values = _combined(self._chunks.column(name, self.schema.field(name).type))
+        return values if self._rows is None else values.take(pa.array(self._rows))
+
+    def take(self, name: str, rows: np.ndarray) -> pa.Array:
+        """Column `name` of the accepted rows at `rows` (a copy of those values only)."""
+        values = _combined(self._chunks.column(name, self.schema.field(name).type))
+        return values.take(pa.array(rows if self._rows is None else self._rows[rows]))
+
+    def to_table(self) -> pa.Table:
+        """All accepted rows in memory (fine for small tables; big ones: column by column)."""
+        return pa.Table.from_arrays([self.column(name) for name in self.schema.names], schema=self.schema)
+
+
+def _combined(values: pa.ChunkedArray) -> pa.Array:
+    chunks = [c for c in values.chunks if len(c)]
+    return chunks[0] if len(chunks) == 1 else values.combine_chunks()
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+class _Verdicts:
+    """Which rows are still valid (`ok`) and the first failing reason of each rejected row."""
+
+    def __init__(self, n: int):
+        self.ok = np.ones(n, bool)
+        self.failed: list[tuple[np.ndarray, str | list[str]]] = []  # (rows, one reason or one per row)
+
+    def fail(self, mask: np.ndarray | pa.Array | pa.ChunkedArray, reason: str | Callable[[np.ndarray], list[str]]) -> None:
+        """Reject the rows in `mask` that have no reason yet: `reason`, or `reason(rows)`,
+        one per row."""
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = mask.to_numpy(zero_copy_only=False) if isinstance(mask, pa.Array) else mask.to_numpy()
+        rows = np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok)
+        if len(rows):
+            self.ok[rows] = False
+            self.failed.append((rows, reason if isinstance(reason, str) else reason(rows)))
+
+    def fail_values(self, mask: np.ndarray, template: str, column: str) -> None:
+        """Reject rows in `mask` with `template` formatted with the row's raw `column` value."""
+        self.fail(mask, lambda rows: [template.format(v) for v in self.values(column, rows)])
+
+    def values(self, column: str, rows: np.ndarray) -> list:
+        raise NotImplementedError
+
+
+class _Rows(_Verdicts):
+    """A chunk of raw rows under validation."""
 
     def __init__(self, spec: TableSpec, raw: pa.Table):
+        super().__init__(raw.num_rows)
         self.spec = spec
         self.raw = raw
         self.n = raw.num_rows
-        self.ok = np.ones(self.n, bool)
-        self._failed: list[tuple[np.ndarray, str | list[str]]] = []  # (rows, one reason or one per row)
+        self._columns: dict[str, pa.Array] = {}
 
-    def col(self, name: str) -> pa.Array:
-        if name in self.raw.column_names:
-            return string_array(self.raw.column(name))
-        return pa.nulls(self.n, pa.string())
+    def col(self, name: str) -> pa.Array | pa.ChunkedArray:
+        """The raw column `name` (nulls if the chunk has none): the same array every time."""
+        if name not in self._columns:
+            self._columns[name] = self.raw.column(name) if name in self.raw.column_names else pa.nulls(self.n, pa.string())
+        return self._columns[name]
 
-    def np(self, name: str) -> np.ndarray:
-        return self.col(name).to_numpy(zero_copy_only=False)
-
-    def fail(self, mask: np.ndarray | pa.Array, reason: str | np.ndarray) -> None:
-        """Reject rows in `mask` that have no reason yet. `reason` may be per row."""
-        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
-            mask = mask.to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok)
-        if len(rows):
-            self.ok[rows] = False
-            self._failed.append((rows, list(reason[rows]) if isinstance(reason, np.ndarray) else reason))
-
-    def fail_values(self, mask: np.ndarray, template: str, column: str) -> None:
-        """Reject rows in `mask` with `template` formatted with the row's `column` value."""
-        rows = np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok)
-        if len(rows):
-            self.ok[rows] = False
-            values = pc.take(self.col(column), pa.array(rows)).to_pylist()
-            self._failed.append((rows, [template.format(v) for v in values]))
-
-    def rejects(self) -> list[Reject]:
-        if not self._failed:
-            return []
-        bad = np.concatenate([rows for rows, _ in self._failed])
-        reasons = [r for rows, reason in self._failed for r in ([reason] * len(rows) if isinstance(reason, str) else reason)]
-        order = np.argsort(bad, kind="stable")
-        rows = self.raw.take(pa.array(bad[order])).to_pylist()
-        return [Reject(self.spec.name, row.pop("_file"), row.pop("_line"), reasons[i],
-                       {k: v for k, v in row.items() if v is not None})
-                for i, row in zip(order, rows)]
+    def values(self, column: str, rows: np.ndarray) -> list:
+        return pc.take(self.col(column), pa.array(rows)).to_pylist()
 
 
-def _parse_ts(values: pa.Array) -> pa.Array:
+def _parse_ts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """ISO 8601 with or without offset (no offset = UTC) -> timestamp[us, UTC]; bad -> null.
     A column that repeats its values (production hours, say) is parsed value by value."""
+    values = string_array(values)
     if len(values) > 65_536 and pc.count_distinct(values.slice(0, 8192)).as_py() < 4096:
         encoded = pc.dictionary_encode(values)  # few distinct values: a small, fast hash table
         return _parse_ts(encoded.dictionary).take(encoded.indices)
@@ -137,7 +270,7 @@ def _parse_ts(values: pa.Array) -> pa.Array:
     return pa.array(parsed.astype("datetime64[us, UTC]"), type=TS_TYPE, from_pandas=True)
 
 
-def _parse_float(values: pa.Array) -> pa.Array:
+def _parse_float(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Decimal text -> float64; bad, NaN and infinite values -> null."""
     try:
         parsed = values.cast(pa.float64())
@@ -148,11 +281,10 @@ def _parse_float(values: pa.Array) -> pa.Array:
 
 
 def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
-    """Check required values, enums, numbers and times; returns the typed columns."""
+    """Check required values, enums, numbers and times; returns the typed columns (a
+    column missing from the chunk is all nulls here; a table without it anywhere is
+    `_TableValidation`'s to reject)."""
     typed: dict[str, pa.Array] = {}
-    for column in rows.spec.columns:
-        if column.required and column.name not in rows.raw.column_names:
-            rows.fail(np.ones(rows.n, bool), f"missing required column: {column.name}")
     for column in rows.spec.columns:
         values = rows.col(column.name)
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
@@ -184,11 +316,6 @@ def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
     return typed
 
 
-def _extras(rows: _Rows) -> dict[str, pa.Array]:
-    known = set(rows.spec.column_names) | set(META_COLUMNS)
-    return {name: rows.col(name) for name in rows.raw.column_names if name not in known}
-
-
 def _with_content_ids(ids: pa.Array, columns: dict[str, pa.Array], names: tuple[str, ...], prefix: str) -> pa.Array:
     """`ids`, with a stable id derived from the row's content where it is missing."""
     missing = pc.is_null(ids)
@@ -204,17 +331,18 @@ def _with_content_ids(ids: pa.Array, columns: dict[str, pa.Array], names: tuple[
     return pc.coalesce(ids, pa.array(derived, pa.string()))
 
 
-def _same_values(a: dict[str, pa.Array], rows_a: np.ndarray, b: pa.Table | dict[str, pa.Array],
-                 rows_b: np.ndarray, names: list[str]) -> np.ndarray:
-    """Per pair, whether row rows_a[i] of `a` and row rows_b[i] of `b` hold the same values
-    (both missing counts as the same) in every column of `names`."""
+def _same_values(a: Callable[[str], pa.ChunkedArray | pa.Array], rows_a: np.ndarray,
+                 b: Callable[[str], pa.ChunkedArray | pa.Array], rows_b: np.ndarray, names: list[str]) -> np.ndarray:
+    """Per pair, whether row rows_a[i] of columns `a(name)` and row rows_b[i] of columns
+    `b(name)` hold the same values (both missing counts as the same) in every column of
+    `names`."""
     same = np.ones(len(rows_a), bool)
     if not len(rows_a):
         return same
     ia, ib = pa.array(rows_a), pa.array(rows_b)
     for name in names:
-        x = pc.take(a[name], ia)
-        y = pc.take(b[name], ib)
+        x = pc.take(a(name), ia)
+        y = pc.take(b(name), ib)
         if y.type != x.type:
             y = y.cast(x.type)
         equal = pc.fill_null(pc.equal(x, y), False)
@@ -223,28 +351,84 @@ def _same_values(a: dict[str, pa.Array], rows_a: np.ndarray, b: pa.Table | dict[
     return same
 
 
-class _TableValidation:
-    """Shared steps: typing, de-duplication by key, and comparison with stored rows."""
+# ---------------------------------------------------------------- one table
 
-    def __init__(self, name: str, raws: list[RawTable], known: Known):
-        """Takes the tables out of `raws` (so their memory goes with this validation's)."""
+
+class _TableValidation(_Verdicts):
+    """One table's validation over all its chunks: typing and `check` (the table's rules
+    of a row on its own) chunk by chunk as the chunks arrive, then the rules across rows:
+    de-duplication by key and comparison with stored rows (rows numbered across chunks)."""
+
+    def __init__(self, name: str, chunks: Iterable[RawTable], known: Known, *, spill: Path | None = None,
+                 check: Callable[[_Rows, dict[str, pa.Array]], None] | None = None, late_rejects: bool = True):
+        """`late_rejects`: whether the rules across rows can reject a row (else a chunk's
+        rejects are recorded at once, and its raw values are let go)."""
         self.spec = TABLES[name]
         self.known = known
-        data = _concat_raw([r.data for r in raws]) if raws else None
-        self.pre_rejects = [rej for r in raws for rej in r.rejects]
-        raws.clear()
-        self.rows = _Rows(self.spec, data if data is not None else pa.table({"_file": pa.array([], pa.string()), "_line": pa.array([], pa.int64())}))
-        self.typed = _typed_columns(self.rows)
-        self.extras = _extras(self.rows)
-        self.duplicate = np.zeros(self.rows.n, bool)
+        self.chunks = _Chunks(spill / name if spill is not None else None)
+        self.pre_rejects: list[Reject] = []
+        self._early: list[tuple[int, Reject]] = []  # (row, reject) recorded with their chunk
+        failed, oks, present = [], [], set()
+        for raw in chunks:
+            rows = _Rows(self.spec, raw.data)
+            typed = _typed_columns(rows)
+            if check is not None:
+                check(rows, typed)
+            start = self.chunks.n
+            present.update(raw.data.column_names)
+            self.chunks.names.update(dict.fromkeys(raw.data.column_names))
+            self.pre_rejects += raw.rejects
+            oks.append(rows.ok)
+            # A table without a required column rejects every row once it is read (below).
+            late = late_rejects or any(c.required and c.name not in raw.data.column_names for c in self.spec.columns)
+            if late:
+                failed += [(found + start, reason) for found, reason in rows.failed]
+                differing = {k: v for k, v in typed.items() if v is not rows.col(k)}
+                self.chunks.add(rows.n, pa.table(differing), raw.data)
+            else:
+                self._early += self._records(rows.failed, lambda found, raw=raw.data: raw.take(pa.array(found)).to_pylist(), start)
+                extras = {name: rows.col(name) for name in raw.data.column_names
+                          if name not in self.spec.column_names and name not in META_COLUMNS}
+                self.chunks.add(rows.n, pa.table({**typed, **extras}), None)
+        super().__init__(self.chunks.n)
+        self.ok = np.concatenate(oks) if oks else self.ok
+        self.failed = failed
+        missing = [c.name for c in self.spec.columns if c.required and c.name not in present]
+        if missing and self.chunks.n:  # the table has no such column at all: every row fails so
+            self.ok[:] = False
+            self.failed = [(np.arange(self.chunks.n), f"missing required column: {missing[0]}")]
+            self._early = []
+        extras = [name for name in self.chunks.names if name not in self.spec.column_names and name not in META_COLUMNS]
+        self.schema = pa.schema([pa.field(c.name, TYPES[c.type]) for c in self.spec.columns]
+                                + [pa.field(name, pa.string()) for name in extras])
+        self.duplicate = np.zeros(self.chunks.n, bool)
         self._index: StringKeys | None = None
 
+    @property
+    def n(self) -> int:
+        return self.chunks.n
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """The typed column `name` of every row."""
+        return self.chunks.column(name, self.schema.field(name).type)
+
+    def part(self, i: int, name: str) -> pa.ChunkedArray:
+        """The typed column `name` of the rows of chunk i."""
+        return self.chunks.part(i, name, self.schema.field(name).type)
+
+    def array(self, name: str) -> pa.Array:
+        """The typed column `name` of every row, as one array."""
+        return _combined(self.column(name))
+
+    def values(self, column: str, rows: np.ndarray) -> list:
+        return pc.take(self.column(column), pa.array(rows)).to_pylist()
+
     def key(self) -> pa.Array:
-        return self.typed[self.spec.key[0]]
+        return self.array(self.spec.key[0])
 
     def index(self) -> StringKeys:
-        """The key column prepared for lookups (rebuilt if the key column was replaced)."""
-        if self._index is None or self._index.keys is not string_array(self.key()):
+        """The key column prepared for lookups."""
+        if self._index is None:
             self._index = StringKeys(self.key())
         return self._index
 
@@ -252,24 +436,25 @@ class _TableValidation:
         """Rows repeating an earlier valid row's key: identical ones are duplicates; others
         are rejected (`conflicts_rejected`) or also counted as duplicates (event ids)."""
         name = self.spec.key[0]
-        first = self.index().first_rows(among=self.rows.ok)
-        idx = np.flatnonzero((first >= 0) & (first != np.arange(self.rows.n)))
+        first = self.index().first_rows(among=self.ok)
+        idx = np.flatnonzero((first >= 0) & (first != np.arange(self.n)))
         if not len(idx):
             return
         if not conflicts_rejected:
             self.duplicate[idx] = True
             return
-        same = _same_values(self.typed, idx, self.typed, first[idx], list(self.typed))
+        canonical = list(self.spec.column_names)
+        same = _same_values(self.column, idx, self.column, first[idx], canonical)
         self.duplicate[idx[same]] = True
-        conflict = np.zeros(self.rows.n, bool)
+        conflict = np.zeros(self.n, bool)
         conflict[idx[~same]] = True
-        self.rows.fail_values(conflict, f"conflicting duplicate {name} {{!r}} (an earlier row has other values)", name)
+        self.fail_values(conflict, f"conflicting duplicate {name} {{!r}} (an earlier row has other values)", name)
 
     def stored_rows(self) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         """(live rows whose key is stored, their rows in `stored`, stored): the stored rows
         with the keys of the live input rows."""
-        live = self.rows.ok & ~self.duplicate
-        stored = self.known.stored(self.spec.name, pc.filter(self.key(), pa.array(live)))
+        live = self.ok & ~self.duplicate
+        stored = self.known.stored(self.spec.name, self.key())  # (with the keys of rows not live: they do not match below)
         if stored.num_rows == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), stored
         rows = self.index().positions(stored.column(self.spec.key[0]), among=live)  # live keys are unique
@@ -282,41 +467,52 @@ class _TableValidation:
     def compare_with_store(self) -> None:
         """Marks rows identical to the stored row as duplicates."""
         rows, at, stored = self.stored_rows()
-        same = _same_values(self.typed, rows, stored, at, list(self.typed))
+        same = _same_values(self.column, rows, stored.column, at, list(self.spec.column_names))
         self.duplicate[rows[same]] = True
 
+    def rejects(self) -> list[Reject]:
+        """The reject records: the readers' first, then the rows' in row order."""
+        late = self._records(self.failed, self.chunks.raw_rows)
+        return self.pre_rejects + [reject for _, reject in sorted(self._early + late, key=lambda pair: pair[0])]
+
+    def _records(self, failed: list[tuple[np.ndarray, str | list[str]]], raw_rows: Callable[[np.ndarray], list[dict]],
+                 start: int = 0) -> list[tuple[int, Reject]]:
+        """(row + start, reject record) of the failed rows; `raw_rows(rows)` gives their raw
+        rows (ascending rows)."""
+        if not failed:
+            return []
+        bad = np.concatenate([rows for rows, _ in failed])
+        reasons = [r for rows, reason in failed for r in ([reason] * len(rows) if isinstance(reason, str) else reason)]
+        order = np.argsort(bad, kind="stable")
+        names = [name for name in self.chunks.names if name not in META_COLUMNS]  # in the order first seen
+        return [(int(bad[i]) + start, Reject(self.spec.name, row["_file"], row["_line"], reasons[i],
+                                             {k: row[k] for k in names if row.get(k) is not None}))
+                for i, row in zip(order, raw_rows(bad[order]))]
+
     def outcome(self) -> TableOutcome:
-        """The accepted rows, the rejects and the counts; ends the validation. Each raw
-        column is let go once its accepted rows are copied, so the raw and the accepted
-        rows are never both held whole."""
-        keep = self.rows.ok & ~self.duplicate
-        rejects = self.pre_rejects + self.rows.rejects()
-        n, duplicates = self.rows.n, int((self.rows.ok & self.duplicate).sum())
-        columns = {**self.typed, **self.extras}
-        self.rows.raw, self.typed, self.extras, self._index = None, {}, {}, None
-        accepted = None
-        if n:
-            mask = None if keep.all() else pa.array(keep)
-            names, filtered = list(columns), []
-            for name in names:
-                column = columns.pop(name)
-                filtered.append(column if mask is None else column.filter(mask))
-            accepted = pa.table(dict(zip(names, filtered)))
-        return TableOutcome(accepted=accepted, rejects=rejects, duplicates=duplicates, read=n + len(self.pre_rejects))
+        """The accepted rows, the rejects and the counts; ends the validation."""
+        keep = self.ok & ~self.duplicate
+        accepted = AcceptedRows(self.chunks, keep, self.schema) if self.n else None
+        self._index = None
+        return TableOutcome(accepted=accepted, rejects=self.rejects(), duplicates=int((self.ok & self.duplicate).sum()),
+                            read=self.n + len(self.pre_rejects))
 
 
-def _concat_raw(tables: list[pa.Table]) -> pa.Table:
-    """Raw tables of one canonical table as one (`_file` as one dictionary column)."""
-    tables = [t.set_column(t.schema.get_field_index("_file"), "_file", pc.dictionary_encode(t.column("_file")))
-              if not pa.types.is_dictionary(t.schema.field("_file").type) else t for t in tables]
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    return table.unify_dictionaries().combine_chunks()
+# ---------------------------------------------------------------- the dataset
 
 
-def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
+def release_memory() -> None:
+    """Hands the memory Arrow's allocator kept for reuse back to the system: called between
+    the phases of a load, so that memory one phase freed does not stay resident while the
+    next one allocates other memory (Arrow's and numpy's allocators do not share it)."""
+    pa.default_memory_pool().release_unused()
+
+
+def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill: Path | None = None) -> Validated:
     """Validate every table of a load, in reference order, against this load and `known`.
-    Takes each table's raw rows out of `raw` (`raw.pop`) as it validates them, so they can
-    be freed (and a lazy mapping can read each table only then)."""
+    `raw` holds each table's chunks (lists, or iterators that read them); each table's are
+    taken out (`raw.pop`) and consumed as it is validated. The chunks of the big tables
+    (SPILLED) go to `spill` if given, else stay in memory."""
     out: dict[str, TableOutcome] = {}
     regions = _validate_regions(raw.pop("regions", []), known)
     out["regions"] = regions
@@ -324,11 +520,16 @@ def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
     region_ids = _all_keys(known.regions().column("region_id"), regions.accepted, "region_id")
     parties = _validate_parties(raw.pop("parties", []), known, region_ids)
     out["parties"] = parties
-    out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known)
-    out["referrals"], implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids, parties, loaded_code)
+    new_parties = parties.accepted.column("party_id") if parties.accepted is not None else pa.array([], pa.string())
+    out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known, spill)
+    release_memory()
+    out["referrals"], implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids,
+                                                      new_parties, loaded_code, spill)
     handed_over = [loaded_code]  # the scans are the last to look codes up: they let the index go
     del loaded_code
-    out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, parties, handed_over.pop())
+    out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, new_parties,
+                                                   handed_over.pop(), spill)
+    release_memory()
     out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
         if name in raw:
@@ -337,42 +538,43 @@ def validate_dataset(raw: dict[str, list[RawTable]], known: Known) -> Validated:
     return Validated({t: out[t] for t in LOAD_ORDER if t in out}, implicit)
 
 
-def _all_keys(stored: pa.Array | pa.ChunkedArray, accepted: pa.Table | None, key: str) -> pa.Array:
+def _all_keys(stored: pa.Array | pa.ChunkedArray, accepted: AcceptedRows | None, key: str) -> pa.Array:
     parts = [stored.combine_chunks() if isinstance(stored, pa.ChunkedArray) else stored]
     if accepted is not None and accepted.num_rows:
-        parts.append(accepted.column(key).combine_chunks())
+        parts.append(accepted.column(key))
     return pa.concat_arrays([p.cast(pa.string()) for p in parts]) if parts else pa.array([], pa.string())
 
 
-def _validate_simple(name: str, raws: list[RawTable], known: Known) -> TableOutcome:
-    v = _TableValidation(name, raws, known)
-    if name == "products":
-        price = v.typed["unit_price"]
-        v.rows.fail(pc.fill_null(pc.less(price, 0), False), "unit_price must not be negative")
+def _validate_simple(name: str, chunks: Iterable[RawTable], known: Known) -> TableOutcome:
+    def check(rows: _Rows, typed: dict[str, pa.Array]) -> None:
+        if name == "products":
+            rows.fail(pc.fill_null(pc.less(typed["unit_price"], 0), False), "unit_price must not be negative")
+
+    v = _TableValidation(name, chunks, known, check=check)
     v.dedupe_input(conflicts_rejected=True)
     v.compare_with_store()
     return v.outcome()
 
 
-def _validate_regions(raws: list[RawTable], known: Known) -> TableOutcome:
-    v = _TableValidation("regions", raws, known)
+def _validate_regions(chunks: Iterable[RawTable], known: Known) -> TableOutcome:
+    v = _TableValidation("regions", chunks, known)
     v.dedupe_input(conflicts_rejected=True)
     stored = known.regions().to_pandas()
-    ids = v.rows.np("region_id")
-    parents = v.typed["parent_id"].to_numpy(zero_copy_only=False)
+    ids = v.array("region_id").to_numpy(zero_copy_only=False)
+    parents = v.array("parent_id").to_numpy(zero_copy_only=False)
     has_parent = pd.notna(parents)
 
     def reject_orphans() -> None:
         while True:  # a rejected region makes its children's parent unknown
-            live = v.rows.ok & ~v.duplicate
+            live = v.ok & ~v.duplicate
             known_ids = set(stored["region_id"]) | set(ids[live])
-            unknown = has_parent & ~np.isin(parents, list(known_ids)) & v.rows.ok
+            unknown = has_parent & ~np.isin(parents, list(known_ids)) & v.ok
             if not unknown.any():
                 return
-            v.rows.fail_values(unknown, "unknown parent region {!r}", "parent_id")
+            v.fail_values(unknown, "unknown parent region {!r}", "parent_id")
 
     reject_orphans()
-    live = v.rows.ok & ~v.duplicate
+    live = v.ok & ~v.duplicate
     tree = nx.DiGraph()
     tree.add_edges_from(zip(stored["region_id"], stored["parent_id"]))
     tree.remove_edges_from([(a, b) for a, b in zip(ids[live], parents[live])])
@@ -384,99 +586,118 @@ def _validate_regions(raws: list[RawTable], known: Known) -> TableOutcome:
         for node in cycle:
             in_cycle[node] = text
     if in_cycle:
-        mask = np.array([i in in_cycle for i in ids]) & live
-        texts = np.array([f"region tree cycle: {in_cycle.get(i, '')}" for i in ids], dtype=object)
-        v.rows.fail(mask, texts)
+        mask = np.array([i in in_cycle for i in ids], bool) & live
+        v.fail(mask, lambda rows: [f"region tree cycle: {in_cycle[ids[i]]}" for i in rows])
         reject_orphans()
     v.compare_with_store()
     return v.outcome()
 
 
-def _validate_parties(raws: list[RawTable], known: Known, region_ids: pa.Array) -> TableOutcome:
-    v = _TableValidation("parties", raws, known)
-    rows = v.rows
-    kind = v.typed["kind"].to_numpy(zero_copy_only=False)
-    region = v.typed["region_id"]
-    needs_region = np.isin(kind, ["distributor", "store"])
-    rows.fail(needs_region & pc.is_null(region).to_numpy(zero_copy_only=False),
-              np.array([f"a {k} needs region_id" for k in kind], dtype=object) if rows.n else "")
-    bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
-    rows.fail_values(bad_region, "unknown region {!r}", "region_id")
-    territory = v.typed["territory"]
+def _validate_parties(chunks: Iterable[RawTable], known: Known, region_ids: pa.Array) -> TableOutcome:
     known_regions = set(region_ids.to_pylist())
-    terr = territory.to_numpy(zero_copy_only=False)
-    for i in np.flatnonzero(pd.notna(terr) & rows.ok):
-        missing = [r for r in (t.strip() for t in terr[i].split("|")) if r and r not in known_regions]
-        if missing:
-            rows.fail(np.arange(rows.n) == i, f"unknown territory region {missing[0]!r}")
+
+    def check(rows: _Rows, typed: dict[str, pa.Array]) -> None:
+        kind = typed["kind"].to_numpy(zero_copy_only=False)
+        region = typed["region_id"]
+        needs_region = np.isin(kind, ["distributor", "store"])
+        rows.fail(needs_region & pc.is_null(region).to_numpy(zero_copy_only=False),
+                  lambda found: [f"a {k} needs region_id" for k in kind[found]])
+        bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
+        rows.fail_values(bad_region, "unknown region {!r}", "region_id")
+        territory = typed["territory"].to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(pd.notna(territory) & rows.ok):
+            missing = [r for r in (t.strip() for t in territory[i].split("|")) if r and r not in known_regions]
+            if missing:
+                rows.fail(np.arange(rows.n) == i, f"unknown territory region {missing[0]!r}")
+
+    v = _TableValidation("parties", chunks, known, check=check)
     v.dedupe_input(conflicts_rejected=True)
-    ids = rows.np("party_id")
-    upstream = v.typed["upstream_id"]
+    ids = v.array("party_id").to_numpy(zero_copy_only=False)
+    upstream = v.array("upstream_id")
     has_up = pc.is_valid(upstream).to_numpy(zero_copy_only=False)
     while True:
-        live = rows.ok & ~v.duplicate
+        live = v.ok & ~v.duplicate
         stored_up = known.stored("parties", pc.filter(upstream, pa.array(has_up & live))).column("party_id")
         pool = pa.concat_arrays([pa.array(ids[live], pa.string()), stored_up.combine_chunks().cast(pa.string())])
-        unknown = has_up & rows.ok & ~pc.is_in(upstream, value_set=pool).to_numpy(zero_copy_only=False)
+        unknown = has_up & v.ok & ~pc.is_in(upstream, value_set=pool).to_numpy(zero_copy_only=False)
         if not unknown.any():
             break
-        rows.fail_values(unknown, "unknown upstream party {!r}", "upstream_id")
+        v.fail_values(unknown, "unknown upstream party {!r}", "upstream_id")
     v.compare_with_store()
     return v.outcome()
 
 
-def _validate_codes(raws: list[RawTable], known: Known) -> tuple[TableOutcome, Callable[[pa.Array], np.ndarray]]:
-    """The outcome, and a test of whether values are codes of this load."""
-    v = _TableValidation("codes", raws, known)
-    rows = v.rows
+def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None) -> tuple[TableOutcome, Callable[[pa.Array], tuple[np.ndarray, np.ndarray]]]:
+    """The outcome, and a lookup of values among the codes of this load: (whether each is
+    one, its row among the accepted codes or -1)."""
+    v = _TableValidation("codes", chunks, known, spill=spill)
     v.dedupe_input(conflicts_rejected=True)
-    codes = v.typed["code"]
-    parent = v.typed["parent_code"]
-    ranks = pa.array(list(LEVEL_RANK))
-    level_rank = pc.fill_null(pc.index_in(v.typed["level"], value_set=ranks), -1).to_numpy(zero_copy_only=False)
+    parent = v.array("parent_code")
+    level_rank = _level_ranks(v.array("level"))
     has_parent = pc.is_valid(parent).to_numpy(zero_copy_only=False)
     stored_parents = known.stored("codes", pc.drop_null(parent))
-    stored_rank = pc.index_in(stored_parents.column("level"), value_set=ranks).to_numpy(zero_copy_only=False)
     # A parent is the first valid input row with its code (later ones are duplicates or
     # rejected), else the stored code. Rejecting a row only ever removes parents.
-    parent_row = v.index().positions(parent, among=rows.ok)
-    stored_at = positions(parent, stored_parents.column("code"))
+    parent_row = v.index().positions(parent, among=v.ok).astype(np.int32 if v.n < 2**31 else np.int64)
+    stored_at = positions(parent, stored_parents.column("code")) if stored_parents.num_rows else None
+    stored_rank = _level_ranks(stored_parents.column("level"))
+    del parent
     while True:
-        live = rows.ok & ~v.duplicate
+        live = v.ok & ~v.duplicate
         in_load = (parent_row >= 0) & live[np.maximum(parent_row, 0)]
-        unknown = has_parent & rows.ok & ~in_load & (stored_at < 0)
+        unknown = has_parent & v.ok & ~in_load
+        if stored_at is not None:
+            unknown &= stored_at < 0
         if unknown.any():
-            rows.fail_values(unknown, "unknown parent_code {!r}", "parent_code")
+            v.fail_values(unknown, "unknown parent_code {!r}", "parent_code")
             continue
-        linked = has_parent & rows.ok
+        linked = has_parent & v.ok
         parent_rank = np.where(in_load, level_rank[np.maximum(parent_row, 0)],
-                               stored_rank[np.maximum(stored_at, 0)] if len(stored_rank) else -1)
+                               stored_rank[np.maximum(stored_at, 0)] if stored_at is not None else -1)
         inverted = linked & (parent_rank <= level_rank)
         if not inverted.any():
             break
-        cycles = _packaging_cycles(codes, parent, inverted)
+        suspicious = np.flatnonzero(inverted)
+        codes, parents = v.values("code", suspicious), v.values("parent_code", suspicious)
+        cycles = _packaging_cycles(codes, parents)
         if cycles:
-            on_cycle = inverted & pc.is_in(codes, value_set=pa.array(list(cycles), pa.string())).to_numpy(zero_copy_only=False)
-            texts = np.full(rows.n, None, dtype=object)
-            for i, code in zip(np.flatnonzero(on_cycle), codes.take(pa.array(np.flatnonzero(on_cycle))).to_pylist()):
-                texts[i] = f"packaging cycle: {cycles[code]}"
-            rows.fail(on_cycle, texts)
-        texts = np.full(rows.n, None, dtype=object)
-        for i in np.flatnonzero(inverted & rows.ok):
-            texts[i] = (f"level inversion: {v.typed['level'][i].as_py()} packed in a code of level "
-                        f"{list(LEVEL_RANK)[int(parent_rank[i])]} ({parent[i].as_py()!r}); "
-                        "a parent must be a higher level")
-        rows.fail(inverted, texts)
+            on_cycle = np.zeros(v.n, bool)
+            on_cycle[suspicious[[c in cycles for c in codes]]] = True
+            v.fail(on_cycle, lambda rows: [f"packaging cycle: {cycles[c]}" for c in v.values("code", rows)])
+        v.fail(inverted, lambda rows: [
+            f"level inversion: {level} packed in a code of level {list(LEVEL_RANK)[int(parent_rank[i])]} ({parent!r}); "
+            "a parent must be a higher level"
+            for i, level, parent in zip(rows, v.values("level", rows), v.values("parent_code", rows))])
+    del stored_at, level_rank, has_parent
     _check_immutable_codes(v)
-    index, valid = v.index(), rows.ok.copy()  # valid rows: accepted, or the same as a stored or earlier row
-    return v.outcome(), lambda values: index.positions(values, among=valid) >= 0
+    keep = v.ok & ~v.duplicate
+    accepted_row = np.full(v.n + 1, -1, parent_row.dtype)  # and a last -1, for the rows not found (-1)
+    accepted_row[:-1][keep] = np.arange(int(keep.sum()))
+    valid_codes = v.index().within(v.ok.copy())  # valid rows: accepted, or the same as a stored or earlier row
+    outcome = v.outcome()  # lets the index of every row go
+    if outcome.accepted is not None:
+        by_code = valid_codes.order()
+        outcome.accepted.order = accepted_row[by_code[keep[by_code]]]
+        del by_code
+        outcome.accepted.links["parent_code"] = accepted_row[parent_row[keep]]
+    del parent_row
+
+    def lookup(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        found = valid_codes.positions(values)
+        return found >= 0, accepted_row[found]
+
+    return outcome, lookup
 
 
-def _packaging_cycles(codes: pa.Array, parent: pa.Array, suspicious: np.ndarray) -> dict[str, str]:
-    """Codes on a parent_code cycle among the suspicious (non-increasing level) links."""
+def _level_ranks(levels: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each level's packaging rank (index in LEVELS), -1 for none."""
+    return pc.fill_null(pc.index_in(levels, value_set=pa.array(list(LEVEL_RANK))), -1).to_numpy(zero_copy_only=False).astype(np.int8)
+
+
+def _packaging_cycles(codes: list[str], parents: list[str]) -> dict[str, str]:
+    """Codes on a parent_code cycle among these (suspicious: non-increasing level) links."""
     graph = nx.DiGraph()
-    taken = pa.array(np.flatnonzero(suspicious))
-    graph.add_edges_from(zip(codes.take(taken).to_pylist(), parent.take(taken).to_pylist()))
+    graph.add_edges_from(zip(codes, parents))
     found: dict[str, str] = {}
     for cycle in nx.simple_cycles(graph):
         text = _cycle_text(cycle)
@@ -500,115 +721,152 @@ def _check_immutable_codes(v: _TableValidation) -> None:
     conflict = np.zeros(len(rows), bool)
     same = np.ones(len(rows), bool)
     for name in ("level", "parent_code", "sku", "batch"):
-        a = pc.take(v.typed[name], pa.array(rows))
+        a = pc.take(v.column(name), pa.array(rows))
         b = pc.take(stored.column(name), pa.array(at)).cast(a.type)
         equal = pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False)
         both = (pc.is_valid(a).to_numpy(zero_copy_only=False), pc.is_valid(b).to_numpy(zero_copy_only=False))
         conflict |= both[0] & both[1] & ~equal
         same &= (~both[0] & ~both[1]) | equal
-    mask = np.zeros(v.rows.n, bool)
+    mask = np.zeros(v.n, bool)
     mask[rows[conflict]] = True
-    v.rows.fail_values(mask, "code {!r} is already stored with another level, parent, sku or batch", "code")
+    v.fail_values(mask, "code {!r} is already stored with another level, parent, sku or batch", "code")
     v.duplicate[rows[same & ~conflict]] = True
 
 
-def _validate_events(name: str, raws: list[RawTable], known: Known, region_ids: pa.Array,
-                     parties: TableOutcome, loaded_code: Callable[[pa.Array], np.ndarray]) -> tuple[TableOutcome, list[pa.Table]]:
-    """Scans and referrals: references, implicit consumers, ids and de-duplication."""
-    v = _TableValidation(name, raws, known)
-    rows, typed = v.rows, v.typed
-    new_parties = parties.accepted.column("party_id").combine_chunks() if parties.accepted is not None else pa.array([], pa.string())
+def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region_ids: pa.Array, new_parties: pa.Array,
+                     loaded_code: Callable[[pa.Array], tuple[np.ndarray, np.ndarray]],
+                     spill: Path | None) -> tuple[TableOutcome, list[pa.Table]]:
+    """Scans and referrals: references, implicit consumers, ids and de-duplication. Returns
+    the outcome (scans: with the accepted code each names, `links["code"]`) and, per
+    column that may name a new consumer, its earliest rows (`_earliest_regions`)."""
+    if name == "scans":
+        implicit_cols = ["party_id"]
+        id_col, id_fields, prefix = "event_id", ("code", "action", "party_id", "counterparty_id", "ts", "region_id"), "h"
+    else:
+        implicit_cols = ["referrer_id", "referee_id"]
+        id_col, id_fields, prefix = "referral_id", ("referrer_id", "referee_id", "ts", "channel", "code"), "r"
+    candidates: dict[str, list[np.ndarray]] = {c: [] for c in implicit_cols}  # per chunk: rows that may name a new consumer
+    code_links: list[np.ndarray] = []  # per chunk: the accepted code each row names
 
     def known_party(values: pa.Array) -> np.ndarray:
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
-        stored = known.stored("parties", pc.unique(pc.drop_null(values))).column("party_id").combine_chunks()
+        stored = known.stored("parties", pc.drop_null(values)).column("party_id").combine_chunks()
         pool = pa.concat_arrays([new_parties.cast(pa.string()), stored.cast(pa.string())])
         return present & pc.is_in(values, value_set=pool).to_numpy(zero_copy_only=False)
 
-    code = typed["code"]
-    has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
-    stored_codes = known.stored("codes", pc.drop_null(code)).column("code")
-    rows.fail_values(has_code & ~loaded_code(code) & (positions(code, stored_codes) < 0), "unknown code {!r}", "code")
-    del loaded_code  # may hold the last reference to the index of every loaded code
-    region = typed.get("region_id")
-    if region is not None:
-        bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
-        rows.fail_values(bad_region, "unknown region {!r}", "region_id")
-    implicit_cols: list[str]
-    if name == "scans":
-        party_known = known_party(typed["party_id"])
-        is_scan = pc.fill_null(pc.equal(typed["action"], "scan"), False).to_numpy(zero_copy_only=False)
-        present = pc.is_valid(typed["party_id"]).to_numpy(zero_copy_only=False)
-        rows.fail_values(present & ~party_known & ~is_scan,
-                         "unknown party {!r} (only a consumer scan may introduce a new party)", "party_id")
-        cp = typed["counterparty_id"]
-        rows.fail_values(pc.is_valid(cp).to_numpy(zero_copy_only=False) & ~known_party(cp),
-                         "unknown counterparty {!r}", "counterparty_id")
-        implicit_cols = ["party_id"]
-        id_col, id_fields, prefix = "event_id", ("code", "action", "party_id", "counterparty_id", "ts", "region_id"), "h"
-        implicit_mask = {"party_id": rows.ok & present & ~party_known}
-    else:
-        implicit_cols = ["referrer_id", "referee_id"]
-        implicit_mask = {c: rows.ok & pc.is_valid(typed[c]).to_numpy(zero_copy_only=False) & ~known_party(typed[c])
-                         for c in implicit_cols}
-        id_col, id_fields, prefix = "referral_id", ("referrer_id", "referee_id", "ts", "channel", "code"), "r"
-    typed[id_col] = _with_content_ids(typed[id_col], typed, id_fields, prefix)
+    def check(rows: _Rows, typed: dict[str, pa.Array]) -> None:
+        code = typed["code"]
+        has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
+        stored_codes = known.stored("codes", pc.drop_null(code)).column("code")
+        in_load, accepted = loaded_code(code)
+        code_links.append(accepted)
+        unknown = has_code & ~in_load
+        if unknown.any() and len(stored_codes):
+            unknown &= positions(code, stored_codes) < 0
+        rows.fail_values(unknown, "unknown code {!r}", "code")
+        region = typed.get("region_id")
+        if region is not None:
+            bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
+            rows.fail_values(bad_region, "unknown region {!r}", "region_id")
+        if name == "scans":
+            party_known = known_party(typed["party_id"])
+            is_scan = pc.fill_null(pc.equal(typed["action"], "scan"), False).to_numpy(zero_copy_only=False)
+            present = pc.is_valid(typed["party_id"]).to_numpy(zero_copy_only=False)
+            rows.fail_values(present & ~party_known & ~is_scan,
+                             "unknown party {!r} (only a consumer scan may introduce a new party)", "party_id")
+            cp = typed["counterparty_id"]
+            rows.fail_values(pc.is_valid(cp).to_numpy(zero_copy_only=False) & ~known_party(cp),
+                             "unknown counterparty {!r}", "counterparty_id")
+            candidates["party_id"].append(rows.ok & present & ~party_known)
+        else:
+            for c in implicit_cols:
+                candidates[c].append(rows.ok & pc.is_valid(typed[c]).to_numpy(zero_copy_only=False) & ~known_party(typed[c]))
+        typed[id_col] = _with_content_ids(typed[id_col], typed, id_fields, prefix)
+
+    v = _TableValidation(name, chunks, known, spill=spill if name in SPILLED else None, check=check, late_rejects=False)
+    del check, loaded_code  # may hold the last reference to the index of every loaded code
     v.dedupe_input(conflicts_rejected=False)
-    live = rows.ok & ~v.duplicate
-    stored_ids = known.stored(name, pc.filter(typed[id_col], pa.array(live))).column(id_col)
+    live = v.ok & ~v.duplicate
+    stored_ids = known.stored(name, v.key()).column(id_col)
     if len(stored_ids):
         stored_rows = v.index().positions(stored_ids, among=live)  # the live row of each stored id
         v.duplicate[stored_rows[stored_rows >= 0]] = True
-    live = rows.ok & ~v.duplicate
+    live = v.ok & ~v.duplicate
     implicit = []
     for c in implicit_cols:
-        mask = pa.array(implicit_mask[c] & live)
-        if pc.any(mask).as_py():
-            implicit.append(pa.table({
-                "party_id": pc.filter(typed[c], mask), "ts": pc.filter(typed["ts"], mask),
-                "region_id": pc.filter(region, mask) if region is not None and c == "party_id"
-                else pa.nulls(pc.sum(mask).as_py(), pa.string())}))
-    return v.outcome(), implicit
+        mask = np.concatenate(candidates[c]) & live if candidates[c] else np.zeros(0, bool)
+        parts = []  # chunk by chunk: a chunk's columns in memory at a time
+        for i, (start, end) in enumerate(zip(v.chunks.starts, v.chunks.starts[1:])):
+            rows = pa.array(np.flatnonzero(mask[start:end]))
+            if len(rows):
+                parts.append(_earliest_regions(pa.table({
+                    "party_id": v.part(i, c).take(rows), "ts": v.part(i, "ts").take(rows),
+                    "region_id": v.part(i, "region_id").take(rows) if name == "scans" and c == "party_id"
+                    else pa.nulls(len(rows), pa.string()),
+                    "row": pc.add(rows, start).cast(pa.int64())})))
+        if parts:
+            implicit.append(_earliest_regions(pa.concat_tables(parts)))
+    outcome = v.outcome()
+    if name == "scans" and outcome.accepted is not None:
+        outcome.accepted.links["code"] = np.concatenate(code_links)[live]
+    return outcome, implicit
+
+
+def _earliest_regions(rows: pa.Table) -> pa.Table:
+    """One row per party_id of `rows` (party_id, ts, region_id, row; `row` orders rows read
+    at the same time): its earliest row that names a region, by ts then row, else a row
+    without region. Applied again to such results it gives the same as to all their rows."""
+    rows = rows.combine_chunks()
+    row = rows.column("row").to_numpy()
+    if (np.diff(row) < 0).any():  # in row order, so that ties in what follows keep it
+        rows = rows.take(pa.array(sorted_rows(row)))
+    encoded = pc.dictionary_encode(rows.column("party_id")).chunk(0)
+    party = encoded.indices.to_numpy(zero_copy_only=False)
+    ts = rows.column("ts").cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+    order = np.flatnonzero(rows.column("region_id").is_valid().to_numpy(zero_copy_only=False))
+    order = order[sorted_rows(party[order], ts[order])]
+    starts = np.ones(len(order), bool)
+    starts[1:] = party[order][1:] != party[order][:-1]
+    chosen = np.full(len(encoded.dictionary), -1, np.int64)
+    chosen[party[order[starts]]] = order[starts]
+    any_row = np.zeros(len(encoded.dictionary), np.int64)  # for a party without region, any of its rows will do
+    any_row[party] = np.arange(len(party))
+    return rows.take(pa.array(np.where(chosen >= 0, chosen, any_row)))
 
 
 def _implicit_consumers(frames: list[pa.Table]) -> pa.Table | None:
     """One consumer per unknown id, in id order; its region from its earliest scan that
-    names one (at equal times, the first such row read)."""
+    names one (at equal times, the first such row read: scans before referrers before
+    referees). `frames` are `_earliest_regions` results in that order."""
     if not frames:
         return None
-    rows = pa.concat_tables(frames).combine_chunks()
-    ids = rows.column("party_id")
-    first = first_rows(ids)  # a party's rows are identified by its first row
-    ts = rows.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    has_region = rows.column("region_id").is_valid().to_numpy(zero_copy_only=False)
-    order = np.lexsort((np.arange(len(first)), ts, first))  # by party, time, then row
-    order = order[has_region[order]]
-    starts = np.ones(len(order), bool)
-    starts[1:] = first[order][1:] != first[order][:-1]
-    region_row = np.full(len(first), -1, np.int64)
-    region_row[first[order[starts]]] = order[starts]
-    parties = np.flatnonzero(first == np.arange(len(first)))
-    parties = parties[sort_order(ids.take(pa.array(parties)))]
-    n = len(parties)
+    rows = pa.concat_tables([frame.set_column(3, "row", pa.array(frame.column("row").to_numpy() + (i << 40)))
+                             for i, frame in enumerate(frames)])
+    rows = _earliest_regions(rows)
+    rows = rows.take(pa.array(sort_order(rows.column("party_id"))))
+    n = rows.num_rows
     spec = TABLES["parties"]
-    columns = {c.name: pa.nulls(n, pa.float64() if c.type == "float" else pa.string()) for c in spec.columns}
-    columns["party_id"] = ids.take(pa.array(parties))
+    columns = {c.name: pa.nulls(n, TYPES[c.type]) for c in spec.columns}
+    columns["party_id"] = rows.column("party_id").combine_chunks()
     columns["kind"] = pa.array(["consumer"] * n, pa.string())
-    region = region_row[parties]
-    columns["region_id"] = rows.column("region_id").take(pa.array(region, mask=region < 0))
+    columns["region_id"] = rows.column("region_id").combine_chunks()
     return pa.table(columns)
 
 
-def _validate_tasks(raws: list[RawTable]) -> TableOutcome:
+def _validate_tasks(chunks: Iterable[RawTable]) -> TableOutcome:
     """Free-form programme rows: kept as strings, de-duplicated by content."""
+    raws = list(chunks)
     if not raws:
         return TableOutcome()
     data = pa.concat_tables([r.data for r in raws], promote_options="permissive")
     payload = data.drop_columns([c for c in META_COLUMNS if c in data.column_names])
     frame = payload.to_pandas()
-    dup = frame.duplicated().to_numpy() if len(frame.columns) else np.zeros(len(frame), bool)
-    key = pd.util.hash_pandas_object(frame, index=False).astype(str) if len(frame.columns) else pd.Series([], dtype=str)
+    if len(frame.columns):
+        dup = frame.duplicated().to_numpy()
+        key = pd.util.hash_pandas_object(frame, index=False).astype(str)
+    else:  # rows without any value are all the same row
+        dup = np.arange(len(frame)) > 0
+        key = pd.Series(["0"] * len(frame), dtype=str)
     accepted = payload.filter(pa.array(~dup)).append_column("task_id", pa.array(("t" + key[~dup]).tolist(), pa.string()))
-    return TableOutcome(accepted=accepted, rejects=[r for raw in raws for r in raw.rejects],
+    return TableOutcome(accepted=AcceptedRows.of(accepted), rejects=[r for raw in raws for r in raw.rejects],
                         duplicates=int(dup.sum()), read=data.num_rows)
-

@@ -1,5 +1,6 @@
 """String keys matched and ordered by sorting integers (loaders/keys.py): always exact,
-also when different strings share a hash."""
+with strings packed into integers and with hashed strings, also when different strings
+share a hash."""
 from __future__ import annotations
 
 import doctest
@@ -14,9 +15,9 @@ from loaders import keys
 ALPHABET = ["a", "b", "\x00", "é", "中", "z", "1"]  # one-, two- and three-byte characters, NUL
 
 
-def random_strings(rng: random.Random, n: int, pool: list[str] | None = None) -> list[str | None]:
-    """Strings of 0-20 characters (up to 60 bytes: also past keys.DENSE_BYTES), some null,
-    some drawn from `pool`."""
+def random_strings(rng: random.Random, n: int, pool: list[str] | None = None, longest: int = 20) -> list[str | None]:
+    """Strings of 0-`longest` characters (20: up to 60 bytes, also past keys.DENSE_BYTES),
+    some null, some drawn from `pool`."""
     out = []
     for _ in range(n):
         if rng.random() < 0.1:
@@ -24,14 +25,14 @@ def random_strings(rng: random.Random, n: int, pool: list[str] | None = None) ->
         elif pool and rng.random() < 0.7:
             out.append(rng.choice(pool))
         else:
-            out.append("".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 20))))
+            out.append("".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, longest))))
     return out
 
 
-def check_against_python(seed: int) -> None:
+def check_against_python(seed: int, longest: int = 20) -> None:
     rng = random.Random(seed)
-    stored = random_strings(rng, rng.randint(0, 80))
-    asked = random_strings(rng, rng.randint(0, 80), [s for s in stored if s is not None])
+    stored = random_strings(rng, rng.randint(0, 80), longest=longest)
+    asked = random_strings(rng, rng.randint(0, 80), [s for s in stored if s is not None], longest=longest + 1)
     k, v = pa.array(stored, pa.string()), pa.array(asked, pa.string())
     assert keys.positions(v, k).tolist() == [stored.index(s) if s is not None and s in stored else -1 for s in asked]
     assert keys.positions(v.slice(3), k.slice(2)).tolist() == [
@@ -47,17 +48,46 @@ def test_positions_first_rows_and_order_match_python(seed):
 
 
 @pytest.mark.parametrize("seed", range(40))
+def test_packed_strings_match_python(seed):
+    """Strings of up to 3 characters (9 bytes) pack into integers; the values asked for
+    are up to a character longer and hold bytes no key has at their position."""
+    check_against_python(seed, longest=3)
+    stored = pa.array(random_strings(random.Random(seed), 80, longest=3), pa.string())
+    assert keys.StringKeys(stored)._packing is not None
+
+
+def test_long_varied_strings_are_hashed():
+    strings = pa.array(["".join(random.Random(i).choices(ALPHABET, k=20)) for i in range(50)])
+    assert keys.StringKeys(strings)._packing is None
+
+
+@pytest.mark.parametrize("seed", range(40))
 def test_exact_when_every_string_shares_a_hash(seed, monkeypatch):
     monkeypatch.setattr(keys, "_mix", lambda h: h & np.uint64(3))  # four hash values for all strings
     check_against_python(seed)
 
 
-def test_many_keys_of_one_length():
-    codes = pa.array([f"UN{i:010d}" for i in range(20_000)][::-1])
-    wanted = pa.array(["UN0000000007", "nope", None, "UN0000019999"])
-    assert keys.positions(wanted, codes).tolist() == [19_992, -1, -1, 0]
-    assert keys.sort_order(codes).tolist() == list(range(19_999, -1, -1))
+@pytest.mark.parametrize("null", [False, True])
+def test_many_keys_of_one_length(null):
+    codes = pa.array([f"UN{i:010d}" for i in range(20_000)][::-1] + [None] * null)
+    wanted = pa.array(["UN0000000007", "nope", None, "UN0000019999", "UN00000000070", "UN000000000", "UN0000090000"])
+    assert keys.positions(wanted, codes).tolist() == [19_992, -1, -1, 0, -1, -1, -1]
+    assert keys.sort_order(codes).tolist() == list(range(19_999, -1, -1)) + [20_000] * null
+    assert keys.StringKeys(codes)._packing is not None
 
 
 def test_docstring_examples():
     assert doctest.testmod(keys).failed == 0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_sorted_rows_match_lexsort(seed):
+    """Packed (spans that fit, steps of a common divisor) or not (spans of 2**62), the
+    order is numpy's stable lexsort."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 300))
+    small = rng.integers(-5, 5, n) * 1_000_000
+    wide = rng.integers(-2**62, 2**62, n)
+    tiny = rng.integers(0, 3, n).astype(np.int8)
+    for columns in ([small], [small, tiny], [tiny, wide], [wide, small, tiny]):
+        assert keys.sorted_rows(*columns).tolist() == np.lexsort(columns[::-1]).tolist()

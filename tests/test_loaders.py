@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pytest
 
 from graph.embedded import EmbeddedStore
@@ -160,6 +161,71 @@ def test_csv_irregular_rows_bom_crlf_and_bad_utf8(tmp_path):
     n = len(channel_world()["regions"])
     assert report.accepted["regions"] == n
     assert [(r["line"], r["reason"][:20]) for r in rejects] == [(n + 2, "expected 3 columns, "), (n + 3, "invalid UTF-8 text (")]
+
+
+def test_csv_value_with_a_line_break_keeps_physical_line_numbers(tmp_path):
+    data = tmp_path / "d"
+    write_world(channel_world(), data)
+    with (data / "products.csv").open("a", encoding="utf-8") as f:
+        f.write('"P5","Gift box\nof two",5\n"P6","Box",cheap\n')
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    (reject,) = rejects_of(report)
+    assert (reject["line"], reject["row"]["sku"]) == (len(channel_world()["products"]) + 4, "P6")  # P5 takes two lines
+    assert EmbeddedStore(tmp_path / "s").stored("products", pa.array(["P5"])).column("name").to_pylist() == ["Gift box\nof two"]
+
+
+def test_header_spanning_lines_that_are_not_utf8_is_a_clear_error(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "regions.csv").write_bytes(b'region_id,"name\n\xff\xfe",parent_id\nA,B,C\n')
+    with pytest.raises(DatasetError, match="regions.csv: the header row is not UTF-8"):
+        load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+
+
+def test_header_without_rows_or_line_break_is_an_empty_table(tmp_path):
+    data = write_world({"regions": channel_world()["regions"]}, tmp_path / "d")
+    (data / "products.csv").write_text("sku,name,unit_price")
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert (report.accepted["products"], report.rejected["products"]) == (0, 0)
+
+
+def test_task_rows_without_values_are_one_task(tmp_path):
+    data = write_world({"regions": channel_world()["regions"]}, tmp_path / "d")
+    (data / "tasks.jsonl").write_text("{}\n{}\n")
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert (report.accepted["tasks"], report.duplicates["tasks"]) == (1, 1)
+
+
+def test_chunks_change_nothing(tmp_path, monkeypatch):
+    """A load read in chunks of a few rows (duplicates, implicit consumers and rejects
+    across chunks and files; files of one table with their columns in other orders) gives
+    the same report, reject records and stored rows as one read in one chunk per file."""
+    import loaders.readers
+    from loaders.generate import generate_dataset
+
+    data = tmp_path / "d"
+    generate_dataset(data, scale=0.3, seed=3, fmt="mixed")
+    scans = pa_csv.read_csv(data / "scans.csv", convert_options=pa_csv.ConvertOptions(strings_can_be_null=True)) \
+        if (data / "scans.csv").exists() else pa.Table.from_pylist([json.loads(line) for line in (data / "scans.jsonl").read_text().splitlines()])
+    for path in data.glob("scans.*"):
+        path.unlink()
+    half = scans.num_rows // 2
+    write_world({"scans": scans.slice(0, half + 40).to_pylist()}, tmp_path / "a", "jsonl")
+    reordered = scans.slice(half).select(list(reversed(scans.column_names))).append_column("note", pa.array(["n"] * (scans.num_rows - half)))
+    pa_csv.write_csv(reordered, data / "scans_2.csv")
+    (tmp_path / "a" / "scans.jsonl").rename(data / "scans_1.jsonl")
+
+    def loaded(name: str) -> tuple[dict, list[dict], dict]:
+        report = load_dataset(EmbeddedStore(tmp_path / name), data, rejects_dir=tmp_path / f"rejects-{name}")
+        rejects = [{**r, "file": Path(r["file"]).name} for r in rejects_of(report)]
+        return {**report.as_dict(), "rejects_path": None}, rejects, _contents(EmbeddedStore(tmp_path / name))
+
+    whole = loaded("whole")
+    monkeypatch.setattr(loaders.readers, "CHUNK_ROWS", 97)
+    monkeypatch.setattr(loaders.readers, "CSV_BLOCK_BYTES", 4096)
+    chunked = loaded("chunked")
+    assert chunked == whole
+    assert whole[0]["duplicates"]["scans"] > 40 and whole[0]["implicit_consumers"] and whole[1]
 
 
 def test_values_are_trimmed_and_empty_ones_missing(tmp_path):
