@@ -100,7 +100,14 @@ def _print_report(console: Console, report: dict) -> None:
     if example:
         console.print(f"\n[bold]trace of {example['code']}[/] (assigned to {example['assigned_distributor']})")
         for hop in example["path"]:
-            mark = "  [red]<- crossed[/]" if hop["crossed"] else ""
+            mark = "  [red](crossed out of the territory)[/]" if hop["crossed"] else ""
             console.print(f"  {hop['ts']}  {hop['action']:<7} {hop['party_id']} ({hop['kind']}) at {hop['region_id']}"
-                          f"{' -> ' + hop['counterparty_id'] if hop['counterparty_id'] else ''}{mark}")
+                          f"{_counterparty(hop['action'], hop['counterparty_id'])}{mark}")
     console.print("\n[bold]views[/] (open in a browser; they work offline): " + ", ".join(report["views"]))
+
+
+def _counterparty(action: str, counterparty: str | None) -> str:
+    """' -> receiver' for a ship, ' <- sender' for a receive, '' when there is none."""
+    if not counterparty:
+        return ""
+    return f" {'<-' if action == 'receive' else '->'} {counterparty}"

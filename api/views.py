@@ -211,7 +211,7 @@ def custody_graph(hops: Sequence[Hop], parties: dict[str, dict]) -> Graph:
         if hop is not None:
             edge["hops"].append(hop.event_id)
             line = (f"{hop.ts}  {hop.action} {hop.event_id} on {hop.code}: {hop.party_id or '?'}"
-                    f" at {hop.region_id or '?'}" + (f" → {hop.counterparty_id}" if hop.counterparty_id else "")
+                    f" at {hop.region_id or '?'}" + (f" {'←' if hop.action == 'receive' else '→'} {hop.counterparty_id}" if hop.counterparty_id else "")
                     + (f" (goods now in {hop.to_region_id})" if hop.to_region_id else ""))
             if hop.crossed:
                 line += "\n  ⚠ CROSSED out of the assigned territory"
