@@ -178,6 +178,7 @@ class AcceptedRows:
         self.num_rows = int(keep.sum())
         self.order: np.ndarray | None = None
         self.links: dict[str, np.ndarray] = {}
+        self._taken: tuple[np.ndarray, pa.Array] | None = None  # the last `rows` taken, as rows of all the chunks
 
     @classmethod
     def of(cls, table: pa.Table) -> AcceptedRows:
@@ -196,9 +197,13 @@ class AcceptedRows:
         return values if self._rows is None else values.take(pa.array(self._rows))
 
     def take(self, name: str, rows: np.ndarray) -> pa.Array:
-        """Column `name` of the accepted rows at `rows` (a copy of those values only)."""
+        """Column `name` of the accepted rows at `rows` (a copy of those values only).
+        Columns taken one after another at the same `rows` (the same array) share the work
+        of finding those rows."""
+        if self._taken is None or self._taken[0] is not rows:
+            self._taken = (rows, pa.array(rows if self._rows is None else self._rows[rows]))
         values = _combined(self._chunks.column(name, self.schema.field(name).type))
-        return values.take(pa.array(rows if self._rows is None else self._rows[rows]))
+        return values.take(self._taken[1])
 
     def to_table(self) -> pa.Table:
         """All accepted rows in memory (fine for small tables; big ones: column by column)."""
