@@ -274,10 +274,12 @@ class _Rows(_Verdicts):
 def _parse_ts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """ISO 8601 with or without offset (no offset = UTC) -> timestamp[us, UTC]; bad -> null.
     A column that repeats its values (production hours, say) is parsed value by value."""
-    values = string_array(values)
     if len(values) > 65_536 and pc.count_distinct(values.slice(0, 8192)).as_py() < 4096:
-        encoded = pc.dictionary_encode(values)  # few distinct values: a small, fast hash table
+        encoded = pc.dictionary_encode(string_array(values))  # few distinct values: a small, fast hash table
         return _parse_ts(encoded.dictionary).take(encoded.indices)
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    # pandas reads the chunks as they are (combining them first would copy the text)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
     return pa.array(parsed.astype("datetime64[us, UTC]"), type=TS_TYPE, from_pandas=True)
