@@ -275,7 +275,9 @@ def _parse_ts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """ISO 8601 with or without offset (no offset = UTC) -> timestamp[us, UTC]; bad -> null.
     A column that repeats its values (production hours, say) is parsed value by value."""
     if len(values) > 65_536 and pc.count_distinct(values.slice(0, 8192)).as_py() < 4096:
-        encoded = pc.dictionary_encode(string_array(values))  # few distinct values: a small, fast hash table
+        encoded = pc.dictionary_encode(values)  # few distinct values: a small, fast hash table
+        if isinstance(encoded, pa.ChunkedArray):  # its chunks share one dictionary: only their indices are combined
+            encoded = encoded.unify_dictionaries().combine_chunks()
         return _parse_ts(encoded.dictionary).take(encoded.indices)
     if not pa.types.is_string(values.type):
         values = values.cast(pa.string())
