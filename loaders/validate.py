@@ -174,7 +174,8 @@ class AcceptedRows:
 
     def __init__(self, chunks: _Chunks, keep: np.ndarray, schema: pa.Schema):
         self._chunks, self.schema = chunks, schema
-        self._rows = np.flatnonzero(keep) if not keep.all() else None  # the rows kept, None: all
+        self._rows = (np.flatnonzero(keep).astype(np.int32 if len(keep) < 2**31 else np.int64)  # the rows kept, None: all
+                      if not keep.all() else None)
         self.num_rows = int(keep.sum())
         self.order: np.ndarray | None = None
         self.links: dict[str, np.ndarray] = {}
