@@ -448,14 +448,14 @@ class EmbeddedStore:
         codes' rows out of `code_rows` (their memory goes once they are used)."""
         old, new = self._live("scans"), _nonempty(validated.pop_accepted("scans")) or AcceptedRows.of(empty_table("scans").select(["event_id"]))
 
-        def merged(name: str, order: pa.Array | None = None) -> pa.Array:
-            """Column `name` of the live rows then the accepted ones (taken in `order`)."""
+        def merged(name: str, rows: np.ndarray | None = None) -> pa.Array:
+            """Column `name` of the live rows then the accepted ones (taken at `rows`)."""
             field = (old.schema if name in old.column_names else new.schema).field(name)
-            if not old.num_rows and order is not None:  # the accepted rows alone
-                return new.take(name, order.to_numpy()) if name in new.column_names else pa.nulls(len(order), field.type)
+            if not old.num_rows and rows is not None:  # the accepted rows alone
+                return new.take(name, rows) if name in new.column_names else pa.nulls(len(rows), field.type)
             values = _concat([_one_array(old.column(name)) if name in old.column_names else pa.nulls(old.num_rows, field.type),
                               new.column(name) if name in new.column_names else pa.nulls(new.num_rows, field.type)])
-            return values if order is None else values.take(order)
+            return values if rows is None else values.take(pa.array(rows))
 
         code_idx = code_rows.pop().find(merged("code"), new.links.pop("code", None) if not old.num_rows else None).astype(np.int32)
         event_ids = merged("event_id")
@@ -467,14 +467,15 @@ class EmbeddedStore:
         packed <<= 32
         packed |= event_order
         packed.sort()
-        order = pa.array(by_time[packed & 0xFFFFFFFF])
+        order_rows = by_time[packed & 0xFFFFFFFF]
+        order = pa.array(order_rows)
         del packed, by_time
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         for i, name in enumerate(names):
             if name == "code" and (code_idx >= 0).all():  # the code of each scan's code row: read in order (sorted by code_idx)
                 self._write_column("scans", i, name, self._new_column("codes", "code").take(pa.array(code_idx).take(order)))
             else:
-                self._write_column("scans", i, name, merged(name, order))
+                self._write_column("scans", i, name, merged(name, order_rows))
         self._write_column("scans", len(names), "code_idx", pa.array(code_idx, mask=code_idx < 0).take(order))
         self._write_column("scans", len(names) + 1, "event_order", pa.array(event_order).take(order))
         self._write_column("scans", len(names) + 2, "retracted", retracted.take(order))

@@ -174,10 +174,12 @@ class AcceptedRows:
 
     def __init__(self, chunks: _Chunks, keep: np.ndarray, schema: pa.Schema):
         self._chunks, self.schema = chunks, schema
-        self._rows = np.flatnonzero(keep) if not keep.all() else None  # the rows kept, None: all
+        self._rows = (np.flatnonzero(keep).astype(np.int32 if len(keep) < 2**31 else np.int64)  # the rows kept, None: all
+                      if not keep.all() else None)
         self.num_rows = int(keep.sum())
         self.order: np.ndarray | None = None
         self.links: dict[str, np.ndarray] = {}
+        self._taken: tuple[np.ndarray, pa.Array] | None = None  # the last `rows` taken, as rows of all the chunks
 
     @classmethod
     def of(cls, table: pa.Table) -> AcceptedRows:
@@ -196,9 +198,13 @@ class AcceptedRows:
         return values if self._rows is None else values.take(pa.array(self._rows))
 
     def take(self, name: str, rows: np.ndarray) -> pa.Array:
-        """Column `name` of the accepted rows at `rows` (a copy of those values only)."""
+        """Column `name` of the accepted rows at `rows` (a copy of those values only).
+        Columns taken one after another at the same `rows` (the same array) share the work
+        of finding those rows."""
+        if self._taken is None or self._taken[0] is not rows:
+            self._taken = (rows, pa.array(rows if self._rows is None else self._rows[rows]))
         values = _combined(self._chunks.column(name, self.schema.field(name).type))
-        return values.take(pa.array(rows if self._rows is None else self._rows[rows]))
+        return values.take(self._taken[1])
 
     def to_table(self) -> pa.Table:
         """All accepted rows in memory (fine for small tables; big ones: column by column)."""
@@ -246,7 +252,15 @@ class _Rows(_Verdicts):
         self.spec = spec
         self.raw = raw
         self.n = raw.num_rows
+        self.held = np.zeros(raw.num_rows, bool)
         self._columns: dict[str, pa.Array] = {}
+
+    def hold(self, mask: np.ndarray) -> None:
+        """Leave the rows in `mask` that have no reason yet undecided until the whole table
+        is read: not ok meanwhile (`_TableValidation.accept_held`, `reject_held` decide)."""
+        mask = np.asarray(mask, bool) & self.ok
+        self.held |= mask
+        self.ok[mask] = False
 
     def col(self, name: str) -> pa.Array | pa.ChunkedArray:
         """The raw column `name` (nulls if the chunk has none): the same array every time."""
@@ -261,10 +275,14 @@ class _Rows(_Verdicts):
 def _parse_ts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """ISO 8601 with or without offset (no offset = UTC) -> timestamp[us, UTC]; bad -> null.
     A column that repeats its values (production hours, say) is parsed value by value."""
-    values = string_array(values)
     if len(values) > 65_536 and pc.count_distinct(values.slice(0, 8192)).as_py() < 4096:
         encoded = pc.dictionary_encode(values)  # few distinct values: a small, fast hash table
+        if isinstance(encoded, pa.ChunkedArray):  # its chunks share one dictionary: only their indices are combined
+            encoded = encoded.unify_dictionaries().combine_chunks()
         return _parse_ts(encoded.dictionary).take(encoded.indices)
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    # pandas reads the chunks as they are (combining them first would copy the text)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
     return pa.array(parsed.astype("datetime64[us, UTC]"), type=TS_TYPE, from_pandas=True)
@@ -357,7 +375,9 @@ def _same_values(a: Callable[[str], pa.ChunkedArray | pa.Array], rows_a: np.ndar
 class _TableValidation(_Verdicts):
     """One table's validation over all its chunks: typing and `check` (the table's rules
     of a row on its own) chunk by chunk as the chunks arrive, then the rules across rows:
-    de-duplication by key and comparison with stored rows (rows numbered across chunks)."""
+    de-duplication by key and comparison with stored rows (rows numbered across chunks).
+    Rows that `check` holds (their verdict needs the whole table) keep their raw values
+    (spilled with the chunks) until `accept_held` or `reject_held` decides them."""
 
     def __init__(self, name: str, chunks: Iterable[RawTable], known: Known, *, spill: Path | None = None,
                  check: Callable[[_Rows, dict[str, pa.Array]], None] | None = None, late_rejects: bool = True):
@@ -366,6 +386,8 @@ class _TableValidation(_Verdicts):
         self.spec = TABLES[name]
         self.known = known
         self.chunks = _Chunks(spill / name if spill is not None else None)
+        self._held = _Chunks(spill / name / "held" if spill is not None else None)  # raw values of the held rows
+        held: list[np.ndarray] = []
         self.pre_rejects: list[Reject] = []
         self._early: list[tuple[int, Reject]] = []  # (row, reject) recorded with their chunk
         failed, oks, present = [], [], set()
@@ -379,6 +401,10 @@ class _TableValidation(_Verdicts):
             self.chunks.names.update(dict.fromkeys(raw.data.column_names))
             self.pre_rejects += raw.rejects
             oks.append(rows.ok)
+            if rows.held.any():
+                found = np.flatnonzero(rows.held)
+                held.append(found + start)
+                self._held.add(len(found), pa.table({"row": found + start}), raw.data.take(pa.array(found)))
             # A table without a required column rejects every row once it is read (below).
             late = late_rejects or any(c.required and c.name not in raw.data.column_names for c in self.spec.columns)
             if late:
@@ -393,11 +419,14 @@ class _TableValidation(_Verdicts):
         super().__init__(self.chunks.n)
         self.ok = np.concatenate(oks) if oks else self.ok
         self.failed = failed
+        self._held_rows = np.concatenate(held) if held else np.zeros(0, np.int64)  # every held row, ascending
+        self.undecided = self._held_rows  # the held rows not decided yet
         missing = [c.name for c in self.spec.columns if c.required and c.name not in present]
         if missing and self.chunks.n:  # the table has no such column at all: every row fails so
             self.ok[:] = False
             self.failed = [(np.arange(self.chunks.n), f"missing required column: {missing[0]}")]
             self._early = []
+            self.undecided = self._held_rows[:0]
         extras = [name for name in self.chunks.names if name not in self.spec.column_names and name not in META_COLUMNS]
         self.schema = pa.schema([pa.field(c.name, TYPES[c.type]) for c in self.spec.columns]
                                 + [pa.field(name, pa.string()) for name in extras])
@@ -449,6 +478,18 @@ class _TableValidation(_Verdicts):
         conflict = np.zeros(self.n, bool)
         conflict[idx[~same]] = True
         self.fail_values(conflict, f"conflicting duplicate {name} {{!r}} (an earlier row has other values)", name)
+
+    def accept_held(self, accept: np.ndarray) -> None:
+        """The undecided rows where `accept` (one per undecided row) is true are valid."""
+        self.ok[self.undecided[accept]] = True
+        self.undecided = self.undecided[~accept]
+
+    def reject_held(self, reasons: list[str]) -> None:
+        """Rejects every undecided row, with its reason (one per undecided row)."""
+        at = np.searchsorted(self._held_rows, self.undecided)  # their rows among the held ones
+        self._early += [(int(self._held_rows[i]), reject)
+                        for i, reject in self._records([(at, reasons)], self._held.raw_rows)]
+        self.undecided = self.undecided[:0]
 
     def stored_rows(self) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         """(live rows whose key is stored, their rows in `stored`, stored): the stored rows
@@ -524,11 +565,11 @@ def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill:
     out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known, spill)
     release_memory()
     out["referrals"], implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids,
-                                                      new_parties, loaded_code, spill)
+                                                      new_parties, loaded_code, spill, [])
     handed_over = [loaded_code]  # the scans are the last to look codes up: they let the index go
     del loaded_code
     out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, new_parties,
-                                                   handed_over.pop(), spill)
+                                                   handed_over.pop(), spill, implicit_ref)
     release_memory()
     out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
@@ -735,10 +776,17 @@ def _check_immutable_codes(v: _TableValidation) -> None:
 
 def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region_ids: pa.Array, new_parties: pa.Array,
                      loaded_code: Callable[[pa.Array], tuple[np.ndarray, np.ndarray]],
-                     spill: Path | None) -> tuple[TableOutcome, list[pa.Table]]:
+                     spill: Path | None, registered: list[pa.Table]) -> tuple[TableOutcome, list[pa.Table]]:
     """Scans and referrals: references, implicit consumers, ids and de-duplication. Returns
     the outcome (scans: with the accepted code each names, `links["code"]`) and, per
-    column that may name a new consumer, its earliest rows (`_earliest_regions`)."""
+    column that may name a new consumer, its earliest rows (`_earliest_regions`).
+
+    Only a consumer `scan` and a referral register an unknown id. Any other reference
+    (the performer of a ship, receive or open, a counterparty) may name a party of the
+    parties table, the store, this load's earlier tables (`registered`: the consumers they
+    register) or this table: a row naming an id nobody registered so far is held until the
+    table is read, then accepted once a row accepted meanwhile registers it (a held scan
+    accepted so registers in turn: another round, de-duplicating again), else rejected."""
     if name == "scans":
         implicit_cols = ["party_id"]
         id_col, id_fields, prefix = "event_id", ("code", "action", "party_id", "counterparty_id", "ts", "region_id"), "h"
@@ -748,10 +796,11 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
     candidates: dict[str, list[np.ndarray]] = {c: [] for c in implicit_cols}  # per chunk: rows that may name a new consumer
     code_links: list[np.ndarray] = []  # per chunk: the accepted code each row names
 
-    def known_party(values: pa.Array) -> np.ndarray:
+    def known_party(values: pa.Array, consumers: tuple[pa.Array, ...] = ()) -> np.ndarray:
+        """Whether each value names a party of the parties table, the store or `consumers`."""
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
         stored = known.stored("parties", pc.drop_null(values)).column("party_id").combine_chunks()
-        pool = pa.concat_arrays([new_parties.cast(pa.string()), stored.cast(pa.string())])
+        pool = pa.concat_arrays([new_parties.cast(pa.string()), stored.cast(pa.string()), *consumers])
         return present & pc.is_in(values, value_set=pool).to_numpy(zero_copy_only=False)
 
     def check(rows: _Rows, typed: dict[str, pa.Array]) -> None:
@@ -772,12 +821,9 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
             party_known = known_party(typed["party_id"])
             is_scan = pc.fill_null(pc.equal(typed["action"], "scan"), False).to_numpy(zero_copy_only=False)
             present = pc.is_valid(typed["party_id"]).to_numpy(zero_copy_only=False)
-            rows.fail_values(present & ~party_known & ~is_scan,
-                             "unknown party {!r} (only a consumer scan may introduce a new party)", "party_id")
             cp = typed["counterparty_id"]
-            rows.fail_values(pc.is_valid(cp).to_numpy(zero_copy_only=False) & ~known_party(cp),
-                             "unknown counterparty {!r}", "counterparty_id")
-            candidates["party_id"].append(rows.ok & present & ~party_known)
+            rows.hold((present & ~party_known & ~is_scan) | (pc.is_valid(cp).to_numpy(zero_copy_only=False) & ~known_party(cp)))
+            candidates["party_id"].append(is_scan & present & ~party_known)  # registers when the row is live
         else:
             for c in implicit_cols:
                 candidates[c].append(rows.ok & pc.is_valid(typed[c]).to_numpy(zero_copy_only=False) & ~known_party(typed[c]))
@@ -785,27 +831,51 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
 
     v = _TableValidation(name, chunks, known, spill=spill if name in SPILLED else None, check=check, late_rejects=False)
     del check, loaded_code  # may hold the last reference to the index of every loaded code
-    v.dedupe_input(conflicts_rejected=False)
-    live = v.ok & ~v.duplicate
     stored_ids = known.stored(name, v.key()).column(id_col)
-    if len(stored_ids):
-        stored_rows = v.index().positions(stored_ids, among=live)  # the live row of each stored id
-        v.duplicate[stored_rows[stored_rows >= 0]] = True
-    live = v.ok & ~v.duplicate
-    implicit = []
-    for c in implicit_cols:
-        mask = np.concatenate(candidates[c]) & live if candidates[c] else np.zeros(0, bool)
-        parts = []  # chunk by chunk: a chunk's columns in memory at a time
-        for i, (start, end) in enumerate(zip(v.chunks.starts, v.chunks.starts[1:])):
-            rows = pa.array(np.flatnonzero(mask[start:end]))
-            if len(rows):
-                parts.append(_earliest_regions(pa.table({
-                    "party_id": v.part(i, c).take(rows), "ts": v.part(i, "ts").take(rows),
-                    "region_id": v.part(i, "region_id").take(rows) if name == "scans" and c == "party_id"
-                    else pa.nulls(len(rows), pa.string()),
-                    "row": pc.add(rows, start).cast(pa.int64())})))
-        if parts:
-            implicit.append(_earliest_regions(pa.concat_tables(parts)))
+
+    def live_rows() -> np.ndarray:
+        """Valid rows that are not duplicates (of an earlier valid row or a stored one)."""
+        v.duplicate[:] = False
+        v.dedupe_input(conflicts_rejected=False)
+        if len(stored_ids):
+            stored_rows = v.index().positions(stored_ids, among=v.ok & ~v.duplicate)  # the live row of each stored id
+            v.duplicate[stored_rows[stored_rows >= 0]] = True
+        return v.ok & ~v.duplicate
+
+    def implicit_of(live: np.ndarray) -> list[pa.Table]:
+        implicit = []
+        for c in implicit_cols:
+            mask = np.concatenate(candidates[c]) & live if candidates[c] else np.zeros(0, bool)
+            parts = []  # chunk by chunk: a chunk's columns in memory at a time
+            for i, (start, end) in enumerate(zip(v.chunks.starts, v.chunks.starts[1:])):
+                rows = pa.array(np.flatnonzero(mask[start:end]))
+                if len(rows):
+                    parts.append(_earliest_regions(pa.table({
+                        "party_id": v.part(i, c).take(rows), "ts": v.part(i, "ts").take(rows),
+                        "region_id": v.part(i, "region_id").take(rows) if name == "scans" and c == "party_id"
+                        else pa.nulls(len(rows), pa.string()),
+                        "row": pc.add(rows, start).cast(pa.int64())})))
+            if parts:
+                implicit.append(_earliest_regions(pa.concat_tables(parts)))
+        return implicit
+
+    live = live_rows()
+    implicit = implicit_of(live)
+    while len(v.undecided):  # held rows, accepted in rounds as the scans accepted register consumers
+        consumers = tuple(f.column("party_id").combine_chunks().cast(pa.string()) for f in [*registered, *implicit])
+        held = pa.array(v.undecided)
+        party, counterparty, action = (pc.take(v.column(c), held) for c in ("party_id", "counterparty_id", "action"))
+        party_ok = known_party(party, consumers) | pc.fill_null(pc.equal(action, "scan"), False).to_numpy(zero_copy_only=False)
+        counterparty_ok = known_party(counterparty, consumers) | pc.is_null(counterparty).to_numpy(zero_copy_only=False)
+        accept = party_ok & counterparty_ok
+        if not accept.any():
+            v.reject_held([f"unknown party {p!r} (only a consumer scan may introduce a new party)" if not p_ok
+                           else f"unknown counterparty {c!r}"
+                           for p, p_ok, c in zip(party.to_pylist(), party_ok, counterparty.to_pylist())])
+            break
+        v.accept_held(accept)
+        live = live_rows()
+        implicit = implicit_of(live)
     outcome = v.outcome()
     if name == "scans" and outcome.accepted is not None:
         outcome.accepted.links["code"] = np.concatenate(code_links)[live]

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pytest
 
@@ -307,3 +309,85 @@ def test_interrupted_load_leaves_previous_state_and_rerun_equals_clean_load(tmp_
     assert _cli("load", str(data), "--store", str(store)).wait() == 0
     assert _contents(EmbeddedStore(store)) == expected
     assert not list(store.glob(".tmp-*"))
+
+
+# Consumers registered by this load (DOMAIN.md §2): a scan or referral registers an unknown
+# id; every other reference may name it, wherever it is in the load.
+LATE_CONSUMER_SCANS = [
+    {"event_id": "q1", "code": "CT", "action": "ship", "party_id": "S1", "counterparty_id": "wx-late", "ts": "2024-02-04T00:00:00Z"},
+    {"event_id": "q2", "code": "CT", "action": "ship", "party_id": "wx-late", "counterparty_id": "S1", "ts": "2024-03-05T00:00:00Z"},
+    {"event_id": "q3", "code": "CT", "action": "receive", "party_id": "S1", "counterparty_id": "wx-late", "ts": "2024-03-06T00:00:00Z"},
+    {"event_id": "q4", "code": "CT", "action": "ship", "party_id": "S1", "counterparty_id": "wx-a1", "ts": "2024-03-07T00:00:00Z"},
+    {"event_id": "q5", "code": "CT", "action": "ship", "party_id": "S1", "counterparty_id": "wx-referee", "ts": "2024-03-08T00:00:00Z"},
+    {"event_id": "q6", "code": "CT", "action": "ship", "party_id": "S1", "counterparty_id": "wx-nobody", "ts": "2024-03-09T00:00:00Z"},
+    {"event_id": "q7", "code": "CT", "action": "open", "party_id": "wx-ghost", "ts": "2024-03-09T00:00:00Z"},
+    # a scan naming an unregistered counterparty registers nobody; two such scans naming
+    # each other register nobody either; one naming a registered consumer registers its own
+    {"event_id": "q8", "code": "T1", "action": "scan", "party_id": "wx-p", "counterparty_id": "wx-q", "ts": "2024-03-10T00:00:00Z"},
+    {"event_id": "q9", "code": "T1", "action": "scan", "party_id": "wx-q", "counterparty_id": "wx-p", "ts": "2024-03-10T00:00:00Z"},
+    {"event_id": "q10", "code": "T1", "action": "scan", "party_id": "wx-r", "counterparty_id": "wx-late", "ts": "2024-03-11T00:00:00Z", "region_id": "SZ"},
+    {"event_id": "q11", "code": "T1", "action": "open", "party_id": "wx-r", "ts": "2024-03-12T00:00:00Z", "region_id": "NJ"},
+    # wx-late's scan comes last in the file
+    {"event_id": "q12", "code": "T1", "action": "scan", "party_id": "wx-late", "ts": "2024-03-04T00:00:00Z", "region_id": "NJ"},
+]
+LATE_CONSUMER_REJECTS = {
+    "q6": "unknown counterparty 'wx-nobody'",
+    "q7": "unknown party 'wx-ghost' (only a consumer scan may introduce a new party)",
+    "q8": "unknown counterparty 'wx-q'", "q9": "unknown counterparty 'wx-p'",
+}
+
+
+def _late_consumer_world(order: list[int]) -> dict[str, list[dict]]:
+    world = channel_world()
+    world["scans"] += [LATE_CONSUMER_SCANS[i] for i in order]
+    world["referrals"].append({"referrer_id": "wx-a1", "referee_id": "wx-referee", "ts": "2024-02-28T00:00:00Z"})
+    return world
+
+
+def _loaded(store, report) -> tuple[dict, list, list, list]:
+    """What a load of the late-consumer world left: the report's counts, its rejects (by
+    row, without file and line), the consumers and the accepted q-events."""
+    rejects = sorted((r["row"].get("event_id"), r["reason"]) for r in rejects_of(report))
+    consumers = store.parties().filter(pc.equal(store.parties().column("kind"), "consumer"))
+    consumers = sorted(consumers.select(["party_id", "region_id"]).to_pylist(), key=lambda r: r["party_id"])
+    ids = pa.array([r["event_id"] for r in LATE_CONSUMER_SCANS])
+    scans = store.stored("scans", ids).select(["event_id", "action", "party_id", "counterparty_id"])
+    counts = {k: v for k, v in report.as_dict().items() if k != "rejects_path"}
+    return counts, rejects, consumers, sorted(scans.to_pylist(), key=lambda r: r["event_id"])
+
+
+def test_counterparty_registered_later_in_the_load_is_accepted(store, tmp_path):
+    report = load(store, write_world(_late_consumer_world(list(range(len(LATE_CONSUMER_SCANS)))), tmp_path / "d"), tmp_path)
+    counts, rejects, consumers, scans = _loaded(store, report)
+    assert rejects == sorted(LATE_CONSUMER_REJECTS.items())
+    assert {r["event_id"] for r in scans} == {r["event_id"] for r in LATE_CONSUMER_SCANS} - set(LATE_CONSUMER_REJECTS)
+    by_id = {c["party_id"]: c["region_id"] for c in consumers}
+    assert [c["party_id"] for c in consumers].count("wx-late") == 1
+    assert (by_id["wx-late"], by_id["wx-r"], by_id["wx-referee"]) == ("NJ", "SZ", None)  # regions from scans only
+    assert not {"wx-nobody", "wx-ghost", "wx-p", "wx-q"} & set(by_id)
+    wx = {r["party_id"] for r in channel_world()["scans"] if r["party_id"].startswith("wx-")}
+    assert counts["implicit_consumers"] == len(wx) + 3  # wx-late, wx-r, wx-referee
+
+
+def test_rows_in_any_order_load_the_same(make_store, tmp_path):
+    n = len(LATE_CONSUMER_SCANS)
+    results = []
+    for seed, order in enumerate([list(range(n)), list(reversed(range(n))),
+                                  *(list(np.random.default_rng(s).permutation(n)) for s in range(3))]):
+        store = make_store()
+        report = load(store, write_world(_late_consumer_world(order), tmp_path / f"d{seed}"), tmp_path / f"r{seed}")
+        results.append(_loaded(store, report))
+    assert all(result == results[0] for result in results[1:])
+    assert results[0][1] == sorted(LATE_CONSUMER_REJECTS.items())
+
+
+def test_counterparty_registered_by_an_earlier_load(store, tmp_path):
+    world = _late_consumer_world(list(range(len(LATE_CONSUMER_SCANS))))
+    later = [r for r in world["scans"] if r["event_id"] in {f"q{i}" for i in range(1, 12)}]
+    first = [r for r in world["scans"] if r not in later]  # with wx-late's scan (and wx-referee's referral)
+    load(store, write_world({**world, "scans": first}, tmp_path / "a"), tmp_path / "ra")
+    report = load(store, write_world({"scans": later}, tmp_path / "b"), tmp_path / "rb")
+    _, rejects, consumers, scans = _loaded(store, report)
+    assert rejects == sorted(LATE_CONSUMER_REJECTS.items())
+    assert {r["event_id"] for r in scans} == {r["event_id"] for r in LATE_CONSUMER_SCANS} - set(LATE_CONSUMER_REJECTS)
+    assert [c["party_id"] for c in consumers].count("wx-late") == 1
