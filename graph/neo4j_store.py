@@ -423,7 +423,14 @@ def _location(event: str) -> str:
             f"ELSE COLLECT {{ MATCH ({event})-[:BY]->(p) RETURN p.region_id }}[0] END")
 
 
-_LIVE = "NOT EXISTS { MATCH (:Retraction {event_id: e.event_id}) }"
+
+
+def _live(event: str) -> str:
+    """The event `event` is not retracted (no errorDeclaration names it)."""
+    return f"NOT EXISTS {{ MATCH (:Retraction {{event_id: {event}.event_id}}) }}"
+
+
+_LIVE = _live("e")
 # The codes' lineages (`lineage`: the code, then its ancestors; its case, inherited sku
 # and batch), the live events on the codes of those lineages, the parties they name and
 # the region tree: what trace and the judge need, in one statement.
@@ -472,16 +479,25 @@ WITH u, {_inherited('sku')} AS sku, {_inherited('batch')} AS batch
 WHERE ($sku IS NULL OR sku = $sku) AND ($batch IS NULL OR batch = $batch)
 RETURN collect(u.code) AS code
 """ for name in ("batch", "sku")}
-# Consumer scans with their code's (inherited) sku, by event (all scans, page by page) or
-# by the party that scanned.
+# Purchases (docs/design.md): a unit is bought by its first live consumer scan among the
+# events on it and on the codes it is packed in. Each live scan `e` (of a page of scan
+# events, or of the parties that scanned) with each unit it applies to, kept where it is
+# that unit's first scan: one row per unit bought, whichever page reads it.
 _PURCHASE = f"""
-WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, e.code AS code, {_inherited('sku')} AS sku, e.event_id AS event_id
-{_collected('party_id', 'ts', 'code', 'sku', 'event_id')}
+WITH e WHERE e.action = 'scan' AND {_LIVE}
+MATCH (u:Code)-[:PACKED_IN*0..{MAX_HOPS}]->(:Code)<-[:ON]-(e) WHERE u.level = 'unit'
+CALL (u) {{
+  MATCH (u)-[:PACKED_IN*0..{MAX_HOPS}]->(:Code)<-[:ON]-(s:Event)
+  WHERE s.action = 'scan' AND {_live('s')}
+  RETURN s AS first ORDER BY s.ts, s.event_id LIMIT 1
+}}
+WITH u, e, first WHERE first = e
+WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, u.code AS code, {_inherited('sku')} AS sku
+{_collected('party_id', 'ts', 'code', 'sku')}
 """
 PURCHASES = {
-    "event": f"UNWIND $keys AS key MATCH (e:Event {{event_id: key}})-[:ON]->(u:Code) {_PURCHASE}",
-    "party": f"UNWIND $keys AS key MATCH (:Party {{party_id: key}})<-[:BY]-(e:Event)-[:ON]->(u:Code) "
-             f"WHERE e.action = 'scan' {_PURCHASE}",
+    "event": f"UNWIND $keys AS key MATCH (e:Event {{event_id: key}}) {_PURCHASE}",
+    "party": f"UNWIND $keys AS key MATCH (:Party {{party_id: key}})<-[:BY]-(e:Event) {_PURCHASE}",
 }
 # Sales facts (queries/sales.py, docs/design.md), per page of units. A unit's events are
 # those on it and on its ancestors: the events of each code the page's units share are
@@ -794,9 +810,8 @@ class Neo4jStore:
         return self._read_transaction(work)
 
     def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
-        """One row per consumer `scan` event (of the given parties only, if given): party_id,
-        ts, code, sku, unit_price (sku inherited from the nearest packed-in code that has
-        one; price 0 if unknown)."""
+        """One row per unit bought, by unit code (of the given parties only, if given), as
+        `EmbeddedStore.purchases`: party_id, ts, code, sku, unit_price. See PURCHASES."""
         if parties is None:
             cols = _concat(self._each_page(PURCHASES["event"], self._key_pages(SCAN_KEYS)))
         else:
@@ -807,10 +822,8 @@ class Neo4jStore:
         table = pa.table({
             "party_id": pa.array(cols["party_id"], pa.string()), "ts": _ts_array(cols["ts"]),
             "code": pa.array(cols["code"], pa.string()), "sku": sku, "unit_price": pc.fill_null(price, 0.0),
-            "event_id": pa.array(cols["event_id"], pa.string()),
         })
-        table = table.take(_event_order(table, by_code=True, actions=["scan"] * table.num_rows))
-        return table.drop_columns(["event_id"])
+        return table.take(pc.sort_indices(table, [("code", "ascending")]))
 
     def timelines(self, units: Sequence[str] | None = None) -> Timeline:
         """Timelines of the given codes (any level; unknown ones are left out), or of every
