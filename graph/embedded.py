@@ -267,18 +267,16 @@ class EmbeddedStore:
         return self.table("referrals").select([c.name for c in TABLES["referrals"].columns])
 
     def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
-        """One row per unit bought, by unit code (of the given parties only, if given):
-        party_id, ts, code (the unit), sku (inherited from the nearest packed-in code that
-        has one), unit_price (0 if unknown). A unit is bought by its first live consumer
-        `scan` among the events that apply to it (on it or on a code it is packed in), in
-        event order; repeat scans and retracted ones buy nothing (docs/design.md)."""
+        """`Store.purchases`: every unit's purchase computed once per version (cached), then
+        those of `parties`."""
         bought = self.cached("_purchases", self._purchases)
         if parties is None:
             return bought
         return bought.filter(pc.is_in(bought.column("party_id"), value_set=pa.array(list(parties), pa.string())))
 
     def _purchases(self) -> pa.Table:
-        """Every unit's purchase (see `purchases`)."""
+        """Every unit's purchase: the first live scan of each code, handed down the
+        packaging (a code takes its parent's when that comes first), kept for the units."""
         codes, scans = self.table("codes"), self.table("scans")
         code_idx = scans.column("code_idx")
         live = pc.and_(pc.equal(scans.column("action"), "scan"), code_idx.is_valid()).to_numpy(zero_copy_only=False)
@@ -294,8 +292,9 @@ class EmbeddedStore:
         for _ in range(len(LEVELS) - 1):  # inherited from the parent, whose first takes its own parent's
             first = np.minimum(first, np.where(parent >= 0, first[np.maximum(parent, 0)], never))
         units = np.flatnonzero((first < never) & (self._levels(None) == LEVELS.index("unit")))
-        by_order = rows[np.argsort(order[rows])]
-        scan = by_order[np.searchsorted(order[by_order], first[units])]
+        row_of = np.empty(len(order), np.int64)  # event order -> scan row (the order is a permutation)
+        row_of[order] = np.arange(len(order))
+        scan = row_of[first[units]]
         sku = _inherited_of(codes, "sku", units)
         products = self.table("products")
         product = encode(sku, products.column("sku").combine_chunks())

@@ -810,8 +810,7 @@ class Neo4jStore:
         return self._read_transaction(work)
 
     def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
-        """One row per unit bought, by unit code (of the given parties only, if given), as
-        `EmbeddedStore.purchases`: party_id, ts, code, sku, unit_price. See PURCHASES."""
+        """`Store.purchases`: by pages of scan events, or of `parties` (see PURCHASES)."""
         if parties is None:
             cols = _concat(self._each_page(PURCHASES["event"], self._key_pages(SCAN_KEYS)))
         else:

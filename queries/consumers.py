@@ -1,8 +1,9 @@
 """Consumer lifecycle (DOMAIN.md §5): AARRR stage, next action, RFM, a 360° profile.
 
-Definitions (docs/design.md, "Consumer lifecycle"): a purchase is a consumer `scan`
-(`store.purchases()`, one per scan event); everything is as of `as_of` (default the
-latest purchase or referral). A consumer's stage is the last stage of STAGES whose
+Definitions (docs/design.md, "Consumer stage"): a purchase is a unit bought, its first live
+consumer `scan` (`store.purchases()`, one per unit: a scanned case buys each unit in it,
+repeat and retracted scans buy nothing; the scan sell-out counts); everything is as of
+`as_of` (default the latest purchase or referral). A consumer's stage is the last stage of STAGES whose
 condition holds:
 
 - acquired: a known consumer (every consumer party);
