@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from loaders.generate import generate_dataset
@@ -110,3 +112,6 @@ def scenario_folder(tmp_path_factory) -> Path:
 def test_purchases_of_a_generated_scenario_are_the_sell_out_scans(store, scenario_folder: Path, tmp_path: Path):
     load_dataset(store, scenario_folder, rejects_dir=tmp_path / "rejects")
     assert_purchases_are_sell_out(store)
+    every = store.purchases()  # and those of some parties are theirs among every party's
+    some = pa.array(sorted(set(every.column("party_id").to_pylist()))[::7] + ["nobody"])
+    assert store.purchases(some.to_pylist()).equals(every.filter(pc.is_in(every.column("party_id"), value_set=some)))
