@@ -282,7 +282,7 @@ class EmbeddedStore:
         live = pc.and_(pc.equal(scans.column("action"), "scan"), code_idx.is_valid()).to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(live & ~self._numpy("scans", "retracted"))
         code = pc.take(code_idx, pa.array(rows, pa.int64())).to_numpy(zero_copy_only=False)
-        firsts = np.r_[True, code[1:] != code[:-1]] if len(rows) else np.zeros(0, bool)
+        firsts = np.r_[True, code[1:] != code[:-1]][:len(code)]
         rows, code = rows[firsts], code[firsts]  # each code's first live scan (scans are sorted by code row, then event order)
         never = np.iinfo(np.int64).max
         order = self._numpy("scans", "event_order")

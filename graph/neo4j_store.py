@@ -423,8 +423,6 @@ def _location(event: str) -> str:
             f"ELSE COLLECT {{ MATCH ({event})-[:BY]->(p) RETURN p.region_id }}[0] END")
 
 
-
-
 def _live(event: str) -> str:
     """The event `event` is not retracted (no errorDeclaration names it)."""
     return f"NOT EXISTS {{ MATCH (:Retraction {{event_id: {event}.event_id}}) }}"
@@ -1103,8 +1101,7 @@ def _first_scans(scans: dict[str, list[Any]], inside: dict[str, list[Any]]) -> p
     candidates = candidates.take(pc.sort_indices(candidates, [("code", "ascending"), ("ts", "ascending"),
                                                               ("event_id", "ascending")]))
     code = candidates.column("code").combine_chunks()
-    first = pc.not_equal(code[1:], code[:-1]) if len(code) else pa.array([], pa.bool_())
-    first = pa.concat_arrays([pa.array([True] if len(code) else [], pa.bool_()), first])
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(code[1:], code[:-1])])[:len(code)]  # a new unit
     return candidates.filter(first).drop_columns(["event_id"])
 
 
