@@ -92,9 +92,9 @@ def assert_purchases_are_sell_out(store) -> None:  # noqa: ANN001 - any Store
 
 @pytest.fixture(scope="module")
 def scenario_folder(tmp_path_factory) -> Path:
-    """A generated scenario with scans at the wrong level and repeated: each consumer scan
-    of a sold case's first unit is also made, an hour later, by the next consumer and on
-    its case by a third."""
+    """A generated scenario with scans repeated and at the wrong level: an hour after each
+    of 300 consumer scans, another consumer scans the same unit and the first consumer the
+    code it is packed in (buying the units inside that no one scanned before)."""
     folder = tmp_path_factory.mktemp("purchases-scenario")
     generate_dataset(folder, scale=0.2, seed=5, fmt="csv", noise=False)
     scans = pd.read_csv(folder / "scans.csv", dtype=str)
