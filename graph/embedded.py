@@ -259,7 +259,7 @@ class EmbeddedStore:
         keep = pc.equal(codes.column("level"), LEVELS[0])
         for name, value in (("batch", batch), ("sku", sku)):
             if value is not None:
-                keep = pc.and_(keep, pc.fill_null(pc.equal(_inherited_all(codes, name), value), False))
+                keep = pc.and_(keep, pc.fill_null(pc.equal(_inherited_of(codes, name), value), False))
         return codes.column("code").filter(keep).to_pylist()
 
     def referrals(self) -> pa.Table:
@@ -267,22 +267,42 @@ class EmbeddedStore:
         return self.table("referrals").select([c.name for c in TABLES["referrals"].columns])
 
     def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
-        """One row per consumer `scan` event (of the given parties only, if given): party_id,
-        ts, code, sku, unit_price (sku inherited from the nearest packed-in code that has
-        one; price 0 if unknown)."""
+        """`Store.purchases`: every unit's purchase computed once per version (cached), then
+        those of `parties`."""
+        bought = self.cached("_purchases", self._purchases)
+        if parties is None:
+            return bought
+        return bought.filter(pc.is_in(bought.column("party_id"), value_set=pa.array(list(parties), pa.string())))
+
+    def _purchases(self) -> pa.Table:
+        """Every unit's purchase: the first live scan of each code, handed down the
+        packaging (a code takes its parent's when that comes first), kept for the units."""
         codes, scans = self.table("codes"), self.table("scans")
-        bought = pc.equal(scans.column("action"), "scan")
-        if parties is not None:
-            bought = pc.and_(bought, pc.is_in(scans.column("party_id"), value_set=pa.array(list(parties), pa.string())))
-        bought = scans.filter(bought)
-        sku = _inherited_all(codes, "sku")
+        code_idx = scans.column("code_idx")
+        live = pc.and_(pc.equal(scans.column("action"), "scan"), code_idx.is_valid()).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(live & ~self._numpy("scans", "retracted"))
+        code = pc.take(code_idx, pa.array(rows, pa.int64())).to_numpy(zero_copy_only=False)
+        firsts = np.r_[True, code[1:] != code[:-1]][:len(code)]
+        rows, code = rows[firsts], code[firsts]  # each code's first live scan (scans are sorted by code row, then event order)
+        never = np.iinfo(np.int64).max
+        order = self._numpy("scans", "event_order")
+        first = np.full(codes.num_rows, never)  # per code: the event order of the first live scan that applies to it
+        first[code] = order[rows]
+        parent = self._numpy("codes", "parent_idx")
+        for _ in range(len(LEVELS) - 1):  # inherited from the parent, whose first takes its own parent's
+            first = np.minimum(first, np.where(parent >= 0, first[np.maximum(parent, 0)], never))
+        units = np.flatnonzero((first < never) & (self._levels(None) == LEVELS.index("unit")))
+        row_of = np.empty(len(order), np.int64)  # event order -> scan row (the order is a permutation)
+        row_of[order] = np.arange(len(order))
+        scan = row_of[first[units]]
+        sku = _inherited_of(codes, "sku", units)
         products = self.table("products")
         product = encode(sku, products.column("sku").combine_chunks())
         price = pc.take(products.column("unit_price"), pa.array(product, mask=product < 0))
-        rows = pa.array(bought.column("code_idx").to_numpy())
+        at = pa.array(scan)
         return pa.table({
-            "party_id": bought.column("party_id"), "ts": bought.column("ts"), "code": bought.column("code"),
-            "sku": pc.take(sku, rows), "unit_price": pc.fill_null(pc.take(price, rows), 0.0),
+            "party_id": pc.take(scans.column("party_id"), at), "ts": pc.take(scans.column("ts"), at),
+            "code": pc.take(codes.column("code"), pa.array(units)), "sku": sku, "unit_price": pc.fill_null(price, 0.0),
         })
 
     def counts(self) -> dict[str, int]:
@@ -645,10 +665,11 @@ def _inherited(column: pa.ChunkedArray, lineage: list[np.ndarray], present: np.n
     return pc.take(column, pa.array(source, mask=source < 0))
 
 
-def _inherited_all(codes: pa.Table, column: str) -> pa.Array:
-    """`column` of every code, inherited from the nearest ancestor when missing."""
+def _inherited_of(codes: pa.Table, column: str, rows: np.ndarray | None = None) -> pa.Array:
+    """`column` of the codes at `rows` (of every code if None), inherited from the nearest
+    ancestor when missing."""
     parent = codes.column("parent_idx").to_numpy()
-    rows = np.arange(codes.num_rows)
+    rows = np.arange(codes.num_rows) if rows is None else rows
     lineage = [rows]
     for _ in range(len(LEVELS) - 1):
         rows = np.where(rows >= 0, parent[np.maximum(rows, 0)], -1)

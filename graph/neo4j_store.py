@@ -423,7 +423,12 @@ def _location(event: str) -> str:
             f"ELSE COLLECT {{ MATCH ({event})-[:BY]->(p) RETURN p.region_id }}[0] END")
 
 
-_LIVE = "NOT EXISTS { MATCH (:Retraction {event_id: e.event_id}) }"
+def _live(event: str) -> str:
+    """The event `event` is not retracted (no errorDeclaration names it)."""
+    return f"NOT EXISTS {{ MATCH (:Retraction {{event_id: {event}.event_id}}) }}"
+
+
+_LIVE = _live("e")
 # The codes' lineages (`lineage`: the code, then its ancestors; its case, inherited sku
 # and batch), the live events on the codes of those lineages, the parties they name and
 # the region tree: what trace and the judge need, in one statement.
@@ -472,17 +477,39 @@ WITH u, {_inherited('sku')} AS sku, {_inherited('batch')} AS batch
 WHERE ($sku IS NULL OR sku = $sku) AND ($batch IS NULL OR batch = $batch)
 RETURN collect(u.code) AS code
 """ for name in ("batch", "sku")}
-# Consumer scans with their code's (inherited) sku, by event (all scans, page by page) or
-# by the party that scanned.
-_PURCHASE = f"""
-WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, e.code AS code, {_inherited('sku')} AS sku, e.event_id AS event_id
-{_collected('party_id', 'ts', 'code', 'sku', 'event_id')}
+# Purchases (docs/design.md): a unit is bought by its first live consumer scan among the
+# events on it and on the codes it is packed in. Of every party: each live scan (page by
+# page of scan events), then the units inside the scanned codes that are not units (scans
+# at the wrong level, rare); each unit's first scan is chosen in Python (`_first_scans`).
+# Of given parties: each live scan of theirs with each unit it applies to, kept where it is
+# that unit's first (a search of the unit's lineage: the cost follows their units, not the
+# store, but per unit it is several times a scan's in LIVE_SCANS).
+LIVE_SCANS = f"""
+UNWIND $keys AS key MATCH (e:Event {{event_id: key}})-[:ON]->(u:Code)
+WHERE {_LIVE}
+WITH e.event_id AS event_id, e.party_id AS party_id, {_US.format('e.ts')} AS ts, u.code AS code,
+     u.level = 'unit' AS unit, CASE WHEN u.level = 'unit' THEN {_inherited('sku')} END AS sku
+{_collected('event_id', 'party_id', 'ts', 'code', 'unit', 'sku')}
 """
-PURCHASES = {
-    "event": f"UNWIND $keys AS key MATCH (e:Event {{event_id: key}})-[:ON]->(u:Code) {_PURCHASE}",
-    "party": f"UNWIND $keys AS key MATCH (:Party {{party_id: key}})<-[:BY]-(e:Event)-[:ON]->(u:Code) "
-             f"WHERE e.action = 'scan' {_PURCHASE}",
-}
+UNITS_INSIDE = f"""
+UNWIND $keys AS key
+MATCH (u:Code)-[:PACKED_IN*1..{MAX_HOPS}]->(:Code {{code: key}}) WHERE u.level = 'unit'
+WITH key AS packed, u.code AS code, {_inherited('sku')} AS sku
+{_collected('packed', 'code', 'sku')}
+"""
+PARTY_PURCHASES = f"""
+UNWIND $keys AS key MATCH (:Party {{party_id: key}})<-[:BY]-(e:Event)
+WITH e WHERE e.action = 'scan' AND {_LIVE}
+MATCH (u:Code)-[:PACKED_IN*0..{MAX_HOPS}]->(:Code)<-[:ON]-(e) WHERE u.level = 'unit'
+CALL (u) {{
+  MATCH (u)-[:PACKED_IN*0..{MAX_HOPS}]->(:Code)<-[:ON]-(s:Event)
+  WHERE s.action = 'scan' AND {_live('s')}
+  RETURN s AS first ORDER BY s.ts, s.event_id LIMIT 1
+}}
+WITH u, e, first WHERE first = e
+WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, u.code AS code, {_inherited('sku')} AS sku
+{_collected('party_id', 'ts', 'code', 'sku')}
+"""
 # Sales facts (queries/sales.py, docs/design.md), per page of units. A unit's events are
 # those on it and on its ancestors: the events of each code the page's units share are
 # summarised once (its latest time; its store holdings [ts, rank, event_id, store]; its
@@ -794,23 +821,20 @@ class Neo4jStore:
         return self._read_transaction(work)
 
     def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
-        """One row per consumer `scan` event (of the given parties only, if given): party_id,
-        ts, code, sku, unit_price (sku inherited from the nearest packed-in code that has
-        one; price 0 if unknown)."""
+        """`Store.purchases`: see LIVE_SCANS, UNITS_INSIDE and PARTY_PURCHASES."""
         if parties is None:
-            cols = _concat(self._each_page(PURCHASES["event"], self._key_pages(SCAN_KEYS)))
+            scans = _concat(self._each_page(LIVE_SCANS, self._key_pages(SCAN_KEYS)))
+            packed = sorted({code for code, unit in zip(scans["code"], scans["unit"]) if not unit})
+            bought = _first_scans(scans, _concat(self._each_page(UNITS_INSIDE, self._chunks(packed))))
         else:
-            cols = _concat(self._each_page(PURCHASES["party"], self._chunks(list(dict.fromkeys(parties)))))
-        products = self._rows("products", [list(dict.fromkeys(s for s in cols["sku"] if s is not None))])
-        sku = pa.array(cols["sku"], pa.string())
+            cols = _concat(self._each_page(PARTY_PURCHASES, self._chunks(list(dict.fromkeys(parties)))))
+            bought = pa.table({"party_id": pa.array(cols["party_id"], pa.string()), "ts": _ts_array(cols["ts"]),
+                               "code": pa.array(cols["code"], pa.string()), "sku": pa.array(cols["sku"], pa.string())})
+        sku = bought.column("sku").combine_chunks()
+        products = self._rows("products", [pc.unique(pc.drop_null(sku)).to_pylist()])
         price = pc.take(products.column("unit_price"), pc.index_in(sku, value_set=products.column("sku")))
-        table = pa.table({
-            "party_id": pa.array(cols["party_id"], pa.string()), "ts": _ts_array(cols["ts"]),
-            "code": pa.array(cols["code"], pa.string()), "sku": sku, "unit_price": pc.fill_null(price, 0.0),
-            "event_id": pa.array(cols["event_id"], pa.string()),
-        })
-        table = table.take(_event_order(table, by_code=True, actions=["scan"] * table.num_rows))
-        return table.drop_columns(["event_id"])
+        bought = bought.append_column("unit_price", pc.fill_null(price, 0.0))
+        return bought.take(pc.sort_indices(bought, [("code", "ascending")]))
 
     def timelines(self, units: Sequence[str] | None = None) -> Timeline:
         """Timelines of the given codes (any level; unknown ones are left out), or of every
@@ -1060,6 +1084,25 @@ def _concat(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
         for name, values in record.items():
             out[name].extend(values)
     return out
+
+
+def _first_scans(scans: dict[str, list[Any]], inside: dict[str, list[Any]]) -> pa.Table:
+    """Each unit's first scan (by ts, then event_id) among `scans` (LIVE_SCANS columns) on
+    the unit or on a code it is packed in (`inside`: UNITS_INSIDE columns): party_id, ts,
+    code (the unit), sku, by code."""
+    strings = ("event_id", "party_id", "code", "sku")
+    table = pa.table({**{name: pa.array(scans[name], pa.string()) for name in strings},
+                      "ts": _ts_array(scans["ts"]), "unit": pa.array(scans["unit"], pa.bool_())})
+    units = pa.table({name: pa.array(inside[name], pa.string()) for name in ("packed", "code", "sku")})
+    packed = table.filter(pc.invert(table.column("unit"))).select(["event_id", "party_id", "ts", "code"])
+    packed = packed.rename_columns(["event_id", "party_id", "ts", "packed"]).join(units, "packed")
+    columns = ["party_id", "ts", "code", "sku", "event_id"]
+    candidates = pa.concat_tables([table.filter(table.column("unit")).select(columns), packed.select(columns)])
+    candidates = candidates.take(pc.sort_indices(candidates, [("code", "ascending"), ("ts", "ascending"),
+                                                              ("event_id", "ascending")]))
+    code = candidates.column("code").combine_chunks()
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(code[1:], code[:-1])])[:len(code)]  # a new unit
+    return candidates.filter(first).drop_columns(["event_id"])
 
 
 def _timeline(found: list[dict[str, Any]]) -> Timeline:

@@ -42,6 +42,13 @@ class Store(Protocol):
         """Timelines covering every unit the diversion judge could find diverted or
         untracked, in batches that each hold whole cases."""
 
+    def purchases(self, parties: Sequence[str] | None = None) -> pa.Table:
+        """One row per unit bought, by unit code: party_id, ts, code (the unit), sku
+        (inherited from the nearest packed-in code that has one), unit_price (0 if unknown).
+        A unit is bought by its first live (not retracted) `scan` among its effective
+        events, in event order (docs/design.md): a scan of a case buys each unit inside,
+        a repeat scan buys nothing. `parties`: only the units whose buyer is one of them."""
+
     def unit_count(self) -> int:
         """Unit-level codes held."""
 

@@ -1,8 +1,9 @@
 """Consumer lifecycle (DOMAIN.md §5): AARRR stage, next action, RFM, a 360° profile.
 
-Definitions (docs/design.md, "Consumer lifecycle"): a purchase is a consumer `scan`
-(`store.purchases()`, one per scan event); everything is as of `as_of` (default the
-latest purchase or referral). A consumer's stage is the last stage of STAGES whose
+Definitions (docs/design.md, "Consumer stage"): a purchase is a unit bought, its first live
+consumer `scan` (`store.purchases()`, one per unit: a scanned case buys each unit in it,
+repeat and retracted scans buy nothing; the scan sell-out counts); everything is as of
+`as_of` (default the latest purchase or referral). A consumer's stage is the last stage of STAGES whose
 condition holds:
 
 - acquired: a known consumer (every consumer party);
@@ -33,7 +34,7 @@ from graph.errors import NotFound
 from graph.timeline import encode
 from queries.common import iso, trusted_models, utc
 from queries.influence import attribute
-from queries.sales import iso_times, sales_facts, text
+from queries.sales import iso_times, sellers, text
 
 STAGES = ("acquired", "activated", "retained", "revenue", "related", "referral")
 NEXT_ACTION = {"acquired": "first purchase", "activated": "repurchase", "retained": "bulk purchase",
@@ -142,8 +143,8 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
     as_of = _latest(purchases, referrals)
     table = _History.of(consumers, purchases, referrals).table(as_of, bulk_units=bulk_units, top_value=top_value)
     life = _models(table.loc[[party_id]])[0]
-    sold = sales_facts(store).sell_out.set_index("code")["store"].astype(object)
     mine = purchases[purchases["party_id"] == party_id].copy()
+    sold = sellers(store, mine["code"].tolist())
     mine["store"] = mine["code"].map(sold)
     bought = [{"ts": iso(r.ts), "code": r.code, "sku": r.sku, "unit_price": float(r.unit_price),
                "store": None if pd.isna(r.store) else r.store} for r in mine.itertuples()]

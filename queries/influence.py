@@ -3,7 +3,9 @@
 Attribution is first-touch: referral rows are taken in (ts, referrer_id, referee_id)
 order and a referee keeps its earliest referrer. Self-referrals, repeated pairs, later
 referrals of an attributed referee and referrals that would close a cycle are ignored
-and counted. Metrics are computed over the resulting attribution forest.
+and counted. Metrics are computed over the resulting attribution forest; a purchase is a
+unit bought (`store.purchases()`: its first live consumer scan), so converted and referred
+revenue count each unit once, for the consumer who scanned it first.
 """
 from __future__ import annotations
 

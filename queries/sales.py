@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +45,7 @@ from graph.model import ACTIONS
 from graph.timeline import Timeline, encode
 from queries import diversion
 from queries.common import iso_column, parallel_map, take_rows, utc
-from queries.diversion import Context, EventFacts, batches_with_facts, judge, judging_context
+from queries.diversion import Context, EventFacts, Judgement, batches_with_facts, judge, judging_context
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,24 @@ def sales_facts(store, *, k: int = 3, as_of: datetime | str | None = None) -> Sa
     regions["depth"] = _depths(regions["parent_id"])
     return SalesFacts(parties, regions, *(_categorical(frame) for frame in (sell_in, sell_out, opened, findings)),
                       cutoff or latest or pd.Timestamp("1970-01-01", tz="UTC"))
+
+
+def sellers(store, codes: Sequence[str]) -> dict[str, str | None]:  # noqa: ANN001 - any Store
+    """The store credited with the sell-out of each of these units that a consumer scanned
+    (None: no store held it before), as `sales_facts(store).sell_out` credits it, from
+    the timelines of these units alone (what one consumer's profile needs)."""
+    timeline = store.timelines(list(codes))
+    j = judge(timeline, judging_context(store, timeline))
+    rows, seller = _sell_outs(j, j.holds_store & (j.action != SCAN))
+    holders = take_rows(j.context.party_ids, np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1))
+    return dict(zip(take_rows(timeline.units.column("code"), timeline.unit[rows]).to_pylist(), holders.to_pylist()))
+
+
+def _sell_outs(j: Judgement, store_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's first consumer scan (timeline rows) and the last row at or before it
+    where a store holds the unit (`store_row`; -1: none): the sell-outs of a judgement."""
+    rows = j.timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
+    return rows, j.timeline.latest(store_row, rows)
 
 
 def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
@@ -347,8 +365,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
                      ts=at(rows, times), diverted=diverted(rows))
 
-    rows = timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
-    seller = timeline.latest(store_row, rows)
+    rows, seller = _sell_outs(j, store_row)
     sold = sku(unit[rows])
     products = store.stored("products", skus.dictionary)
     price_of = take_rows(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))

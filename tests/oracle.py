@@ -539,12 +539,17 @@ def attribute(data: Dataset) -> Attribution:
 
 
 def purchases(data: Dataset) -> dict[str, list[tuple[datetime, float]]]:
-    """Per party: (time, unit_price) of each of its consumer `scan` events."""
+    """Per party: (time, unit_price) of each unit it bought. A `scan` is the purchase
+    signal and an event applies to everything packed inside its code, so a unit is bought
+    by the first `scan` among its effective events (a scanned case: each unit in it; a
+    repeat scan of a unit buys nothing). This oracle reads no EPCIS: nothing is retracted."""
     out: dict[str, list] = defaultdict(list)
-    for event in data.scans:
-        if event["action"] == "scan":
-            price = data.prices.get(data.inherited(event["code"], "sku"))
-            out[event["party_id"]].append((event["ts"], price or 0.0))
+    for code, row in data.codes.items():
+        if row["level"] != "unit":
+            continue
+        scan = next((e for e in data.effective_events(code) if e["action"] == "scan"), None)
+        if scan is not None:
+            out[scan["party_id"]].append((scan["ts"], data.prices.get(data.inherited(code, "sku")) or 0.0))
     return out
 
 

@@ -279,11 +279,11 @@ REFERRAL_SCANS: Rows = [
     _ev("rf1", "RF-1", "scan", "B", T(1)),  # before B's referral: not converted by it
     _ev("rf2", "RF-2", "scan", "C", T(2)),  # at the very time of C's referral
     _ev("rf3", "RF-3", "scan", "C", T(9)),
-    _ev("rf4", "RFW", "scan", "D", T(5)),  # a case scanned: one purchase
+    _ev("rf4", "RFW", "scan", "D", T(5)),  # a case scanned: a purchase of each of its 2 units
     _ev("rf5", "RF-4", "scan", "L", T(8), region="NJ"),
     _ev("rf6", "RF-5", "scan", "K", T(1)),  # before K's referral
     _ev("rf7", "RF-6", "scan", "K", T(9)),
-    _ev("rf8", "RF-6", "scan", "K", T(10)),  # the same unit scanned again
+    _ev("rf8", "RF-6", "scan", "K", T(10)),  # the same unit scanned again: no purchase
     _ev("rf9", "RF-7", "scan", "E", T(9)),
     _ev("rfa", "NPX-1", "scan", "M", T(9)),  # no price
 ]

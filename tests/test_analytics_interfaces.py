@@ -77,7 +77,7 @@ def test_api_documents(client: TestClient):
     page = client.get("/api/consumers", params={"stage": "activated", "limit": 3}).json()
     assert (page["total"], len(page["items"])) == (8, 3)
     assert client.get("/api/consumers/funnel").json()[-1]["referral"] == 4
-    assert client.get("/api/consumers/C1").json()["lifecycle"]["segment"] == "champions"
+    assert client.get("/api/consumers/C1").json()["lifecycle"]["segment"] == "lost"  # one unit, 3 days before the last scan
     assert client.get("/api/rebates", params={"month": "2024-02"}).json()["withheld"] == 3.5  # b4: 2 + 1 + 0.5
     posted = client.post("/api/rebates", json={"default": {"store": 1.0}}).json()
     assert (posted["owed"], posted["withheld"]) == (3.0, 2.0)  # r5, t4, u2 owed; b4, a5 withheld

@@ -79,16 +79,17 @@ def test_store_health_rejects_bad_options(world_store):
 def test_consumer_stages_and_next_actions(world_store):
     table = {c.party_id: c for c in lifecycle(world_store)}
     stages = {p: c.stage for p, c in table.items()}
-    # C1: two days, top spender, its referee wx-a1 bought; wx-a1, wx-k1, wx-j2: converted referrals
+    # C1: one unit (T1; its repeat scan buys nothing), its referee wx-a1 bought; wx-a1, wx-k1, wx-j2: converted referrals
     assert {p for p, s in stages.items() if s == "referral"} == {"C1", "wx-a1", "wx-k1", "wx-j2"}
     assert {p for p, s in stages.items() if s == "activated"} == {
         "wx-b2", "wx-h1", "wx-j1", "wx-k2", "wx-k3", "wx-k4", "wx-r1", "wx-u1"}
     assert table["wx-b2"].next_action == "repurchase"
     c1 = table["C1"]
-    assert (c1.purchases, c1.purchase_days, c1.monetary, c1.converted_referrals) == (2, 2, 600.0, 1)
-    assert (c1.r, c1.f, c1.m, c1.segment) == (4, 5, 5, "champions")
+    assert (c1.purchases, c1.purchase_days, c1.monetary, c1.converted_referrals) == (1, 1, 300.0, 1)
+    # 12 buyers of one unit each: only wx-b2 bought longer ago (26 days against 3) and for less (120.5)
+    assert (c1.r, c1.f, c1.m, c1.segment) == (1, 1, 1, "lost")
     assert table["wx-a1"].converted_referrals == 2
-    assert [c.party_id for c in lifecycle(world_store, stage="referral", segment="champions")] == ["C1"]
+    assert [c.party_id for c in lifecycle(world_store, stage="referral", segment="promising")] == ["wx-j2"]
     with pytest.raises(ValueError):
         lifecycle(world_store, stage="loyalist")
 

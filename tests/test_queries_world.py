@@ -185,7 +185,7 @@ def test_influencer_metrics(world_store):
     ranked = {i.party_id: i for i in influencers(world_store, top=None, by="cascade_size")}
     s1 = ranked["S1"]
     assert (s1.direct, s1.converted, s1.cascade_size, s1.cascade_depth) == (1, 1, 5, 4)
-    assert s1.referred_revenue == 1800.0
+    assert s1.referred_revenue == 1500.0  # C1's T1 (its repeat scan buys nothing), wx-a1's A1, K1, K2, K3
     assert (ranked["C1"].cascade_size, ranked["C1"].referred_revenue) == (4, 1200.0)
     assert (ranked["wx-a1"].direct, ranked["wx-a1"].converted, ranked["wx-a1"].cascade_size) == (2, 2, 3)
     assert ranked["SP1"].kind == "salesperson"

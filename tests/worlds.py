@@ -192,3 +192,31 @@ def write_world(tables: dict[str, Rows], folder: Path, fmt: str = "csv") -> Path
                 for row in rows:
                     f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
     return folder
+
+
+def purchases_world() -> dict[str, Rows]:
+    """The channel world plus purchases at the wrong level, repeated and retracted (April
+    2024, after everything else). Worked out by hand from DOMAIN.md §2 (a scan is the
+    purchase signal; an event on a code applies to everything packed inside it):
+
+    - wx-p scans case CP (BJ250, 120.5) of the Xihu store S1: it buys P1, P2 and P3 (p1);
+      its scan of P1 (p2) and wx-q's of P2 (p3) are repeats and buy nothing;
+    - wx-r's scan of Q1 (q1) is retracted, so wx-s's later scan (q2) buys it (BJ500, 300);
+    - in the channel world itself C1 scans T1 twice (t4, then a repeat): one purchase.
+
+    wx-p referred wx-q, wx-r and wx-s before all that: only wx-s converted (revenue 300).
+    """
+    tables = channel_world()
+    tables["codes"] += [*_case("CP", ["P1", "P2", "P3"], sku="BJ250", batch="B9"), *_case("CQ", ["Q1"], batch="B9")]
+    tables["scans"] += [
+        _scan("p0", "CP", "ship", "D1", "2024-04-01T00:00:00Z", "S1"),
+        _scan("p1", "CP", "scan", "wx-p", "2024-04-02T00:00:00Z", region="HZ-XH"),
+        _scan("p2", "P1", "scan", "wx-p", "2024-04-03T00:00:00Z", region="HZ-XH"),
+        _scan("p3", "P2", "scan", "wx-q", "2024-04-04T00:00:00Z", region="HZ-XH"),
+        _scan("q1", "Q1", "scan", "wx-r", "2024-04-02T00:00:00Z", region="HZ-XH"),
+        _scan("q2", "Q1", "scan", "wx-s", "2024-04-05T00:00:00Z", region="HZ-XH"),
+    ]
+    tables["referrals"] += [{"referrer_id": "wx-p", "referee_id": who, "ts": "2024-04-01T00:00:00Z", "channel": "share"}
+                            for who in ("wx-q", "wx-r", "wx-s")]
+    tables["retractions"] = [{"event_id": "q1", "declared_at": "2024-04-10T00:00:00Z", "reason": "incorrect_data"}]
+    return tables
