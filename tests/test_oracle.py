@@ -320,3 +320,75 @@ def test_referral_world_matches_the_oracle(tmp_path: Path):
     for by in METRICS:
         got = [row["party_id"] for row in cli("influencers", "--store", str(store), "--top", "5", "--by", by)]
         assert got == ranking(metrics, by, 5), by
+
+
+# ---------------------------------------------------------------- stores, rebates, regions (§5)
+
+POLICY = {"currency": "CNY", "default": {"store": 2.0, "distributor": 1.0, "salesperson": 0.5},
+          "sku": {"BJ": {"store": 6.0, "distributor": 3.0}, "SKU001": {"store": 5.0, "salesperson": 0.0}}}
+POLICY_TOML = """currency = "CNY"
+[default]
+store = 2.0
+distributor = 1.0
+salesperson = 0.5
+[sku.BJ]
+store = 6.0
+distributor = 3.0
+[sku.SKU001]
+store = 5.0
+salesperson = 0.0
+"""
+
+
+def field_differences(expected: list[dict], got: list[dict], key: str, what: str) -> list[str]:
+    """Row by row (in order, matched on `key`) and field by field, where the product's rows
+    depart from the oracle's (a product field the oracle leaves out is not compared; an
+    event id the oracle derived from a row's content stands for any id)."""
+    def same(want: object, have: object) -> bool:
+        return same_id(want, have) if isinstance(want, str) and want.startswith("content:") else want == have
+
+    out = []
+    if [e[key] for e in expected] != [g[key] for g in got]:
+        out.append(f"{what} rows: oracle {[e[key] for e in expected]}, product {[g[key] for g in got]}")
+    for want, have in zip(expected, got):
+        out += [f"{what} {want[key]} {name}: oracle {value!r}, product {have.get(name)!r}"
+                for name, value in want.items() if not same(value, have.get(name))]
+    return out
+
+
+def store_differences(data: oracle.Dataset, at: list[str], *options: str, **kwargs) -> list[str]:
+    """`stores` against the oracle's store health (flags compared without their reason)."""
+    expected = oracle.store_health(data, **kwargs)
+    want = sorted(expected.values(), key=lambda s: (not s["abnormal"], s["store_id"]))
+    got = cli("stores", *at, *options)
+    for row in got:
+        row["flags"] = [{k: v for k, v in flag.items() if k != "reason"} for flag in row["flags"]]
+    return field_differences(want, got, "store_id", "store")
+
+
+def rebate_differences(data: oracle.Dataset, at: list[str], policy: Path, month: str | None = None,
+                       as_of: str | None = None) -> list[str]:
+    expected = oracle.rebates(data, POLICY, month=month, as_of=oracle.parse_ts(as_of))
+    got = cli("rebates", *at, "--policy", str(policy), "--lines", *(["--month", month] if month else []),
+              *(["--as-of", as_of] if as_of else []))
+    out = [f"rebates {name}: oracle {expected[name]!r}, product {got[name]!r}"
+           for name in ("currency", "scans", "no_store", "owed", "withheld", "unassigned") if expected[name] != got[name]]
+    line_key = [{**x, "key": (x["code"], x["role"])} for x in expected["lines"]]  # one sell-out per unit
+    got_key = [{**x, "key": (x["code"], x["role"])} for x in got["lines"]]
+    total_key = [{**t, "key": (t["month"], t["role"], t["party_id"])} for t in expected["totals"]]
+    got_total = [{**t, "key": (t["month"], t["role"], t["party_id"])} for t in got["totals"]]
+    out += field_differences(total_key, got_total, "key", "total")
+    out += field_differences(line_key, got_key, "key", "line")
+    if got["withheld_lines"] != [x for x in got["lines"] if x["status"] == "withheld"]:
+        out.append("withheld_lines are not the withheld lines")
+    return out
+
+
+def region_differences(data: oracle.Dataset, at: list[str], level: str, period: str, as_of: str | None = None) -> list[str]:
+    expected = oracle.regions(data, level=level, period=period, as_of=oracle.parse_ts(as_of))
+    got = cli("regions", *at, "--level", level, "--period", period, *(["--as-of", as_of] if as_of else []))
+    key = lambda rows: [{**r, "key": (r["period"], r["region_id"])} for r in rows]  # noqa: E731
+    out = field_differences(key(expected["rows"]), key(got["rows"]), "key", f"regions {level}/{period}")
+    if got["matrix"] != expected["matrix"]:
+        out.append(f"matrix {level}: oracle {expected['matrix']}, product {got['matrix']}")
+    return out
