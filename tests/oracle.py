@@ -596,8 +596,8 @@ def referral_stats(data: Dataset) -> dict:
 # ---------------------------------------------------------------- stores, rebates, regions (§5)
 # DOMAIN.md §5 leaves the numbers open; they follow docs/design.md "Stores, consumers,
 # rebates, regions": facts as of `as_of` (later events dropped before judging), sell-in
-# once per (unit, store) when the store first holds the unit, sell-out a unit's first
-# consumer scan credited to the store that held it last before.
+# once per (unit, store) when the store first handles the unit, sell-out a unit's first
+# consumer scan credited to the store that handled it last before.
 
 LEVEL_DEPTH = {"country": 0, "province": 1, "city": 2, "district": 3}
 ROLES = ("store", "distributor", "salesperson")
@@ -623,6 +623,15 @@ def as_known_at(data: Dataset, as_of: datetime | None) -> Dataset:
                    scans=[e for e in data.scans if e["ts"] <= as_of], referrals=data.referrals)
 
 
+def handler(data: Dataset, event: dict) -> str | None:
+    """The store that handles the goods in a ship, receive or open: the store holding them
+    after it, else the store performing it (a store's ship to a consumer, DOMAIN.md §5:
+    "the store that handled the unit last")."""
+    if event["action"] == "scan":
+        return None
+    return next((p for p in (holder_after(event), event["party_id"]) if data.kind(p) == "store"), None)
+
+
 def sales(data: Dataset, k: int = 3, as_of: datetime | None = None) -> Sales:
     """Sell-in, sell-out and first opens of every unit, walking its events in order."""
     data = as_known_at(data, as_of)
@@ -632,12 +641,12 @@ def sales(data: Dataset, k: int = 3, as_of: datetime | None = None) -> Sales:
         crossed = v.crossing if v.severity else len(v.events)  # events from here on are diverted
         held, last_store, scanned, opened = set(), None, False, False
         for i, event in enumerate(v.events):
-            holder = holder_after(event)
-            if event["action"] != "scan" and data.kind(holder) == "store":
-                last_store = holder
-                if holder not in held:
-                    held.add(holder)
-                    facts.sell_in.append({"unit": unit, "store": holder, "ts": event["ts"], "diverted": i >= crossed})
+            store = handler(data, event)
+            if store is not None:
+                last_store = store
+                if store not in held:
+                    held.add(store)
+                    facts.sell_in.append({"unit": unit, "store": store, "ts": event["ts"], "diverted": i >= crossed})
             if event["action"] == "open" and not opened:
                 opened = True
                 facts.opened.append({"unit": unit, "ts": event["ts"], "region": location(data, event)})

@@ -20,7 +20,9 @@ import pytest
 
 from api.cli import main
 from tests import oracle
-from tests.oracle_worlds import edge_world, referral_world
+from tests.analytics_worlds import AS_OF, shop_world
+from tests.conftest import _wipe_neo4j
+from tests.oracle_worlds import edge_world, referral_world, sales_world
 from tests.worlds import write_world
 
 SCENARIOS = [(1.0, 31, "csv"), (0.5, 32, "jsonl"), (1.0, 33, "mixed")]  # (scale, seed, table format)
@@ -347,12 +349,15 @@ def field_differences(expected: list[dict], got: list[dict], key: str, what: str
     def same(want: object, have: object) -> bool:
         return same_id(want, have) if isinstance(want, str) and want.startswith("content:") else want == have
 
-    out = []
-    if [e[key] for e in expected] != [g[key] for g in got]:
-        out.append(f"{what} rows: oracle {[e[key] for e in expected]}, product {[g[key] for g in got]}")
-    for want, have in zip(expected, got):
+    keys, got_keys = [e[key] for e in expected], [g[key] for g in got]
+    out = [f"{what} {k}: only the {'oracle' if k in keys else 'product'} has it" for k in set(keys) ^ set(got_keys)]
+    if not out and keys != got_keys:
+        out.append(f"{what} rows in another order: oracle {keys}, product {got_keys}")
+    have_of = {g[key]: g for g in got}
+    for want in expected:
+        have = have_of.get(want[key], {})
         out += [f"{what} {want[key]} {name}: oracle {value!r}, product {have.get(name)!r}"
-                for name, value in want.items() if not same(value, have.get(name))]
+                for name, value in want.items() if want[key] in have_of and not same(value, have.get(name))]
     return out
 
 
@@ -392,3 +397,105 @@ def region_differences(data: oracle.Dataset, at: list[str], level: str, period: 
     if got["matrix"] != expected["matrix"]:
         out.append(f"matrix {level}: oracle {expected['matrix']}, product {got['matrix']}")
     return out
+
+
+SALES_WORLDS = {"sales": sales_world, "edge": edge_world, "shop": shop_world, "seed41": 41, "seed42": 42}
+
+
+@pytest.fixture(scope="module", params=[pytest.param((world, kind), id=f"{world}-{kind}",
+                                                     marks=[pytest.mark.neo4j] if kind == "neo4j" else [])
+                                        for world in SALES_WORLDS for kind in ("embedded", "neo4j")])
+def sales_at(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], oracle.Dataset, Path]:
+    """A §5 world (hand-made, or generated at scale 1) loaded into one store: the CLI
+    options naming the store, the oracle's reading, a policy file."""
+    world, kind = request.param
+    home = tmp_path_factory.mktemp(f"sales-{world}")
+    if isinstance(SALES_WORLDS[world], int):
+        folder = home / "data"
+        cli("generate", str(folder), "--scale", "1", "--seed", str(SALES_WORLDS[world]))
+    else:
+        folder = write_world(SALES_WORLDS[world](), home / "data")
+    if kind == "neo4j":
+        uri = request.getfixturevalue("neo4j_uri")
+        _wipe_neo4j(uri)
+        at = ["--neo4j", uri]
+    else:
+        at = ["--store", str(home / "store")]
+    cli("load", str(folder), *at)
+    policy = home / "policy.toml"
+    policy.write_text(POLICY_TOML)
+    return at, oracle.read_dataset(folder), policy
+
+
+def test_store_health_matches_the_oracle(sales_at):
+    at, data, _ = sales_at
+    assert store_differences(data, at) == []
+    assert store_differences(data, at, "--peer-level", "district", "--window", "14",
+                             peer_level="district", window_days=14) == []
+    assert store_differences(data, at, "--as-of", AS_OF, as_of=oracle.parse_ts(AS_OF)) == []
+
+
+def test_rebates_match_the_oracle(sales_at):
+    at, data, policy = sales_at
+    assert rebate_differences(data, at, policy) == []
+    months = sorted({s["ts"].strftime("%Y-%m") for s in oracle.sales(data).sell_out})
+    assert rebate_differences(data, at, policy, month=months[-1]) == []
+    assert rebate_differences(data, at, policy, as_of="2024-03-04T00:00:00Z") == []
+
+
+def test_regions_match_the_oracle(sales_at):
+    at, data, _ = sales_at
+    for level in ("province", "city", "district"):
+        for period in ("month", "week", "all"):
+            assert region_differences(data, at, level, period) == [], (level, period)
+    assert region_differences(data, at, "city", "week", as_of="2024-03-05T00:00:00Z") == []
+
+
+def test_the_oracle_reads_section_5_as_written(tmp_path: Path):
+    """The sales world worked out by hand (DOMAIN.md §5, docs/design.md; policy: store 2,
+    distributor 1, salesperson 0.5, BJ store 6 and distributor 3):
+
+    - credited first scans: HA-1, HA-2, HC-1 (S1 returned it to D1: still the last store),
+      HD-1 (S1 shipped it to the consumer: S1 handled it last), HG-1 (scanned before its
+      case was diverted: owed), HL-1, HL-2, HQ-1 -> S1 (9.5 each to S1, D1, SP1: 76);
+      HB-1 -> S4 (S1 passed it on; D2 employs two salespersons: 9 owed, 0.5 unassigned);
+      HE-1, HE-2 (the case scanned) -> S2 (SD1 employs nobody: 18 owed, 1 unassigned);
+      HI-1 (untracked, WN) -> S3 (3 owed, 0.5 unassigned); HJ-1 -> S6 (no distributor:
+      6 owed, 3.5 unassigned); HK-1 (WN), HN-1 (no SKU) -> S7, its own salesperson SP3
+      (3.5 each); withheld: HF-1, HF-2 (S3, crossing hf2), HG-2 (S5, crossing hg4): 28.5.
+      Not credited: HH-1 (no store), HO-1 (scanned by S1 itself; nobody handled it before).
+      20 scans, 2 without a store; owed 76 + 9 + 18 + 3 + 6 + 3.5 + 3.5 = 119, unassigned 5.5.
+    - provinces, whole period: Zhejiang has S1, S2, S4, S7, S8 (4 sold: 0.8), 17 units in
+      (S1 11: HA x3, HB, HC, HD, HG x2, HL x2, HQ; S4 HB; S2 HE x2, HM; S7 HK, HN), HM-1
+      opened (in Ningbo, by D1), 13 scanned there (HQ-1's scan has no place), 5
+      diversions out (HF x2 and HH-1 via D1, HG x2 via S1); Jiangsu has S3, S5, S6 (all
+      sold), 6 units in, 6 scanned, 5 diversions in.
+    """
+    data = oracle.read_dataset(write_world(sales_world(), tmp_path))
+    report = oracle.rebates(data, POLICY)
+    credited = {line["code"]: line["party_id"] for line in report["lines"] if line["role"] == "store"}
+    assert credited == {**dict.fromkeys(["HA-1", "HA-2", "HC-1", "HD-1", "HG-1", "HL-1", "HL-2", "HQ-1"], "S1"),
+                        "HB-1": "S4", "HE-1": "S2", "HE-2": "S2", "HI-1": "S3", "HJ-1": "S6", "HK-1": "S7",
+                        "HN-1": "S7", "HF-1": "S3", "HF-2": "S3", "HG-2": "S5"}
+    assert {line["code"]: line["finding"] for line in report["withheld_lines"]} == {
+        "HF-1": "hf2", "HF-2": "hf2", "HG-2": "hg4"}
+    assert {k: report[k] for k in ("scans", "no_store", "owed", "withheld", "unassigned")} == {
+        "scans": 20, "no_store": 2, "owed": 119.0, "withheld": 28.5, "unassigned": 5.5}
+    assert oracle.rebates(data, POLICY, month="2024-04")["scans"] == 3  # HA-2, HF-2, HL-1 (01:30Z)
+    rows = {r["region_id"]: r for r in oracle.regions(data, period="all")["rows"]}
+    fields = ("stores", "active_stores", "active_ratio", "units_in", "opened", "scanned", "diversions_in", "diversions_out")
+    assert {r: tuple(row[f] for f in fields) for r, row in rows.items()} == {
+        "ZJ": (5, 4, 0.8, 17, 1, 13, 0, 5), "JS": (3, 3, 1.0, 6, 0, 6, 5, 0)}
+    assert oracle.regions(data)["matrix"] == [{"from_region": "ZJ", "to_region": "JS", "units": 5}]
+
+
+def test_the_oracle_reads_store_health_as_written(tmp_path: Path):
+    """The shop world's health, worked out by hand in tests/analytics_worlds.py."""
+    health = oracle.store_health(oracle.read_dataset(write_world(shop_world(), tmp_path)), as_of=oracle.parse_ts(AS_OF))
+    assert {s: [(f["basis"], f["metric"], f["direction"], f["z"]) for f in h["flags"]] for s, h in health.items()} == {
+        "SS1": [], "SS2": [], "SS3": [], "SS4": [("peers", "sell_in_window", "high", 3.99)],
+        "SS5": [("peers", "daily_sales", "low", -3.99), ("history", "weekly_sell_out", "low", -4.0)]}
+    ss4 = health["SS4"]
+    assert [ss4[k] for k in ("sell_in", "sell_in_window", "sell_out", "scan_rate", "daily_sales", "stock",
+                             "days_of_cover", "next_purchase_date", "next_purchase_qty")] == [
+        168, 120, 48, 0.4912, 1.163, 70.3, 60.4, "2024-05-24T09:36:00Z", 33]
