@@ -488,12 +488,13 @@ PURCHASES = {
 # summarised once (its latest time; its store holdings [ts, rank, event_id, store]; its
 # first scan and first open [ts, event_id, event]), then each unit combines the summaries
 # of its codes: per store its first holding (sell-in); its first scan and the last store
-# holding at or before it (sell-out); its first open. Holder after an event: the ship's
-# receiver when known, else the performer (as the judge).
+# holding at or before it (sell-out); its first open. The store handling the goods in an
+# event (not a scan): the ship's receiver when it is a store, else the performer when it
+# is one (a store's ship to a consumer).
 _RANK = "CASE e.action WHEN 'ship' THEN 0 WHEN 'receive' THEN 1 WHEN 'open' THEN 2 ELSE 3 END"
-_HOLDER = """CASE WHEN e.action = 'scan' THEN null
-     WHEN e.action = 'ship' AND EXISTS { (e)-[:TO]->() } THEN COLLECT { MATCH (e)-[:TO]->(q) RETURN q }[0]
-     ELSE COLLECT { MATCH (e)-[:BY]->(p) RETURN p }[0] END"""
+_HANDLER = """CASE WHEN e.action = 'scan' THEN null
+     ELSE coalesce(CASE WHEN e.action = 'ship' THEN COLLECT { MATCH (e)-[:TO]->(q:Store) RETURN q }[0] END,
+                   COLLECT { MATCH (e)-[:BY]->(p:Store) RETURN p }[0]) END"""
 SALES = f"""
 UNWIND $keys AS key
 MATCH (u:Code {{code: key}})-[:PACKED_IN*0..{MAX_HOPS}]->(c:Code)
@@ -501,9 +502,9 @@ WITH c, collect(u) AS units
 CALL (c) {{
   MATCH (c)<-[:ON]-(e:Event)
   WHERE ($until IS NULL OR e.ts <= $until) AND {_LIVE}
-  WITH e, {_HOLDER} AS holder
+  WITH e, {_HANDLER} AS store
   RETURN max(e.ts) AS latest,
-         collect(CASE WHEN holder:Store THEN [e.ts, {_RANK}, e.event_id, holder.party_id] END) AS holds,
+         collect(CASE WHEN store IS NOT NULL THEN [e.ts, {_RANK}, e.event_id, store.party_id] END) AS holds,
          min(CASE WHEN e.action = 'scan' THEN [e.ts, e.event_id, e] END) AS scan,
          min(CASE WHEN e.action = 'open' THEN [e.ts, e.event_id, e] END) AS open
 }}

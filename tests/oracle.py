@@ -1,8 +1,8 @@
-"""An independent reference ("oracle") for the answers of DOMAIN.md §3 and §4.
+"""An independent reference ("oracle") for the answers of DOMAIN.md §3, §4 and §5.
 
-Written straight from the specification (`../shared/DOMAIN.md` §2-§4; `docs/design.md`
+Written straight from the specification (`../shared/DOMAIN.md` §2-§5; `docs/design.md`
 only where DOMAIN.md is silent: the order of events at equal times, the order referral
-rows are taken in) in plain dicts and loops. It shares no code with `loaders/` or
+rows are taken in, the formulas and thresholds of §5) in plain dicts and loops. It shares no code with `loaders/` or
 `queries/`: it reads the dataset folder itself, keeps the rows the contract allows, and
 answers per unit by walking its events one by one. Slow on purpose; for small datasets.
 
@@ -12,6 +12,9 @@ answers per unit by walking its events one by one. Slow on purpose; for small da
     trace(data, code)       # the `trace CODE --format json` fields
     influencers(data)       # {party_id: metrics}, the `influencers --format json` fields
     referral_stats(data)    # the `influencers --stats --format json` document
+    store_health(data)      # {store id: health}, the `stores --format json` fields
+    rebates(data, policy)   # the `rebates --lines --format json` document
+    regions(data)           # the `regions --format json` document
 """
 from __future__ import annotations
 

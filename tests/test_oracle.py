@@ -4,7 +4,9 @@ Generated scenarios (three seeds, CSV, JSONL and mixed tables) and the adversari
 of tests/oracle_worlds.py are loaded with `channelgraph load`, asked with `diversions`
 (also `--untracked`), `trace` and `influencers` (also `--stats`) `--format json`, and
 compared field by field with what the oracle derives from the same files; so are the
-counts the `diversions` table ends with. The oracle is itself pinned to DOMAIN.md by the
+counts the `diversions` table ends with. `stores`, `rebates` and `regions` (DOMAIN.md §5)
+are compared on both stores (embedded and Neo4j) on the sales, edge and shop worlds and
+two generated scenarios. The oracle is itself pinned to DOMAIN.md by the
 hand-worked verdicts below.
 """
 from __future__ import annotations
