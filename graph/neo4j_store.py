@@ -492,9 +492,9 @@ PURCHASES = {
 # event (not a scan): the ship's receiver when it is a store, else the performer when it
 # is one (a store's ship to a consumer).
 _RANK = "CASE e.action WHEN 'ship' THEN 0 WHEN 'receive' THEN 1 WHEN 'open' THEN 2 ELSE 3 END"
-_HANDLER = """CASE WHEN e.action = 'scan' THEN null
-     ELSE coalesce(CASE WHEN e.action = 'ship' THEN COLLECT { MATCH (e)-[:TO]->(q:Store) RETURN q }[0] END,
-                   COLLECT { MATCH (e)-[:BY]->(p:Store) RETURN p }[0]) END"""
+_HOLDER = """CASE WHEN e.action = 'scan' THEN null
+     WHEN e.action = 'ship' AND EXISTS { (e)-[:TO]->() } THEN COLLECT { MATCH (e)-[:TO]->(q) RETURN q }[0]
+     ELSE COLLECT { MATCH (e)-[:BY]->(p) RETURN p }[0] END"""
 SALES = f"""
 UNWIND $keys AS key
 MATCH (u:Code {{code: key}})-[:PACKED_IN*0..{MAX_HOPS}]->(c:Code)
@@ -502,7 +502,8 @@ WITH c, collect(u) AS units
 CALL (c) {{
   MATCH (c)<-[:ON]-(e:Event)
   WHERE ($until IS NULL OR e.ts <= $until) AND {_LIVE}
-  WITH e, {_HANDLER} AS store
+  WITH e, {_HOLDER} AS holder, COLLECT {{ MATCH (e)-[:BY]->(p) RETURN p }}[0] AS performer
+  WITH e, CASE WHEN holder:Store THEN holder WHEN performer:Store AND e.action <> 'scan' THEN performer END AS store
   RETURN max(e.ts) AS latest,
          collect(CASE WHEN store IS NOT NULL THEN [e.ts, {_RANK}, e.event_id, store.party_id] END) AS holds,
          min(CASE WHEN e.action = 'scan' THEN [e.ts, e.event_id, e] END) AS scan,
