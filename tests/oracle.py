@@ -23,7 +23,7 @@ import json
 import math
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -610,7 +610,6 @@ ROLES = ("store", "distributor", "salesperson")
 class Sales:
     """The facts every §5 analysis reads, as plain lists of dicts."""
 
-    data: Dataset  # the events up to as_of
     as_of: datetime
     verdicts: dict[str, UnitVerdict]
     sell_in: list[dict]  # unit, store, ts, diverted
@@ -622,8 +621,7 @@ def as_known_at(data: Dataset, as_of: datetime | None) -> Dataset:
     """The dataset without the events after `as_of`."""
     if as_of is None:
         return data
-    return Dataset(regions=data.regions, region_names=data.region_names, parties=data.parties, prices=data.prices, codes=data.codes,
-                   scans=[e for e in data.scans if e["ts"] <= as_of], referrals=data.referrals)
+    return replace(data, scans=[e for e in data.scans if e["ts"] <= as_of])
 
 
 def handler(data: Dataset, event: dict) -> str | None:
@@ -639,7 +637,7 @@ def sales(data: Dataset, k: int = 3, as_of: datetime | None = None) -> Sales:
     """Sell-in, sell-out and first opens of every unit, walking its events in order."""
     data = as_known_at(data, as_of)
     verdicts = judge_all(data, k)
-    facts = Sales(data, as_of or max(e["ts"] for e in data.scans), verdicts, [], [], [])
+    facts = Sales(as_of or max(e["ts"] for e in data.scans), verdicts, [], [], [])
     for unit, v in verdicts.items():
         crossed = v.crossing if v.severity else len(v.events)  # events from here on are diverted
         held, last_store, scanned, opened = set(), None, False, False
