@@ -515,8 +515,9 @@ WITH e.party_id AS party_id, {_US.format('e.ts')} AS ts, u.code AS code, {_inher
 # summarised once (its latest time; its store holdings [ts, rank, event_id, store]; its
 # first scan and first open [ts, event_id, event]), then each unit combines the summaries
 # of its codes: per store its first holding (sell-in); its first scan and the last store
-# holding at or before it (sell-out); its first open. Holder after an event: the ship's
-# receiver when known, else the performer (as the judge).
+# holding at or before it (sell-out); its first open. The store handling the goods in an
+# event (not a scan): the ship's receiver when it is a store, else the performer when it
+# is one (a store's ship to a consumer).
 _RANK = "CASE e.action WHEN 'ship' THEN 0 WHEN 'receive' THEN 1 WHEN 'open' THEN 2 ELSE 3 END"
 _HOLDER = """CASE WHEN e.action = 'scan' THEN null
      WHEN e.action = 'ship' AND EXISTS { (e)-[:TO]->() } THEN COLLECT { MATCH (e)-[:TO]->(q) RETURN q }[0]
@@ -528,9 +529,10 @@ WITH c, collect(u) AS units
 CALL (c) {{
   MATCH (c)<-[:ON]-(e:Event)
   WHERE ($until IS NULL OR e.ts <= $until) AND {_LIVE}
-  WITH e, {_HOLDER} AS holder
+  WITH e, {_HOLDER} AS holder, COLLECT {{ MATCH (e)-[:BY]->(p) RETURN p }}[0] AS performer
+  WITH e, CASE WHEN holder:Store THEN holder WHEN performer:Store AND e.action <> 'scan' THEN performer END AS store
   RETURN max(e.ts) AS latest,
-         collect(CASE WHEN holder:Store THEN [e.ts, {_RANK}, e.event_id, holder.party_id] END) AS holds,
+         collect(CASE WHEN store IS NOT NULL THEN [e.ts, {_RANK}, e.event_id, store.party_id] END) AS holds,
          min(CASE WHEN e.action = 'scan' THEN [e.ts, e.event_id, e] END) AS scan,
          min(CASE WHEN e.action = 'open' THEN [e.ts, e.event_id, e] END) AS open
 }}

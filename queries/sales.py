@@ -6,9 +6,9 @@ embedded store's are built from every unit's timeline and the diversion judgemen
 database and has only its diversion candidates judged here. Both give the same rows (the
 tests compare them). Definitions (docs/design.md):
 
-- *sell-in*: one row per (unit, store) the first time the store holds the unit (the
-  holder after a `ship` to it, or its own `receive`/`open`); `diverted` when that event
-  is at or after the unit's diversion crossing.
+- *sell-in*: one row per (unit, store) the first time the store handles the unit (the
+  holder after a `ship` to it, its own `receive`/`open`, or its own `ship` onwards, e.g.
+  to a consumer); `diverted` when that event is at or after the unit's diversion crossing.
 - *sell-out*: one row per unit, its first consumer `scan` (later scans of the same unit
   are repeats); credited to the store that handled the unit last before the scan.
 - *opened*: one row per unit, its first `open` by anyone.
@@ -346,7 +346,11 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     def sku(units: np.ndarray) -> pa.DictionaryArray:
         return _keyed(skus.dictionary, sku_of[units])
 
-    store_row = j.holds_store & (j.action != SCAN)
+    # the store handling the goods: the store holding them after the event, else the store
+    # performing it (a store's ship to a consumer); scans are sales, not handling
+    by_store = np.append(context.kind, -1)[j.party] == diversion.STORE
+    handler = np.where(j.holds_store, j.holder, np.where(by_store, j.party, -1))
+    store_row = (handler >= 0) & (j.action != SCAN)
     crossing = np.full(timeline.units.num_rows, len(timeline), np.int64)
     crossing[j.verdicts.unit] = j.verdicts.row
     severity = np.full(timeline.units.num_rows, -1, np.int64)
@@ -358,11 +362,11 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
         return rows >= crossing[unit[rows]]
 
     rows = np.flatnonzero(store_row)
-    unit_holder = unit[rows].astype(np.int64) * (len(party_ids) + 1) + j.holder[rows]
+    unit_holder = unit[rows].astype(np.int64) * (len(party_ids) + 1) + handler[rows]
     again = np.diff(unit_holder, prepend=-1) == 0  # the store of the row before (cheap; most repeats)
     rows, unit_holder = rows[~again], unit_holder[~again]
     rows = rows[~pd.Series(unit_holder).duplicated().to_numpy()]
-    sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(j.holder[rows]),
+    sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(handler[rows]),
                      ts=at(rows, times), diverted=diverted(rows))
 
     rows, seller = _sell_outs(j, store_row)
@@ -373,7 +377,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     sell_out = _table(
         event_id=at(rows, event_ids), code=take_rows(codes, unit[rows]), sku=sold, unit_price=price,
         consumer=party(j.party[rows]), ts=at(rows, times), region_id=_keyed(region_ids, j.location[rows]),
-        store=party(np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1)),
+        store=party(np.where(seller >= 0, handler[np.maximum(seller, 0)], -1)),
         finding=at(np.where(diverted(rows), crossing[unit[rows]], -1), event_ids),
         severity=_keyed(severities, np.where(diverted(rows), severity[unit[rows]], -1)))
 

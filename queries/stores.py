@@ -168,7 +168,7 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
         sell_in=int(sell_in), sell_in_window=int(sell_in_window), sell_out=int(sell_out), sell_out_window=int(sell_out_window),
         scan_rate=None if pd.isna(rate) else round(float(rate), 4), daily_sales=round(float(daily), 3),
         stock=round(float(stock), 1), days_of_cover=days,
-        next_purchase_date=None if days is None else iso(facts.as_of + days * DAY),
+        next_purchase_date=None if days is None else iso(facts.as_of + (days * DAY).round("s")),  # tenths of days
         next_purchase_qty=math.ceil(float(daily) * window_days - 1e-9), diverted_in=int(diverted),
         abnormal=bool(flags[store_id]), flags=flags[store_id])
         for store_id, name, region_id, peer, upstream, sell_in, sell_in_window, sell_out, sell_out_window, rate, daily, stock,

@@ -1,8 +1,8 @@
-"""An independent reference ("oracle") for the answers of DOMAIN.md §3 and §4.
+"""An independent reference ("oracle") for the answers of DOMAIN.md §3, §4 and §5.
 
-Written straight from the specification (`../shared/DOMAIN.md` §2-§4; `docs/design.md`
+Written straight from the specification (`../shared/DOMAIN.md` §2-§5; `docs/design.md`
 only where DOMAIN.md is silent: the order of events at equal times, the order referral
-rows are taken in) in plain dicts and loops. It shares no code with `loaders/` or
+rows are taken in, the formulas and thresholds of §5) in plain dicts and loops. It shares no code with `loaders/` or
 `queries/`: it reads the dataset folder itself, keeps the rows the contract allows, and
 answers per unit by walking its events one by one. Slow on purpose; for small datasets.
 
@@ -12,14 +12,19 @@ answers per unit by walking its events one by one. Slow on purpose; for small da
     trace(data, code)       # the `trace CODE --format json` fields
     influencers(data)       # {party_id: metrics}, the `influencers --format json` fields
     referral_stats(data)    # the `influencers --stats --format json` document
+    store_health(data)      # {store id: health}, the `stores --format json` fields
+    rebates(data, policy)   # the `rebates --lines --format json` document
+    regions(data)           # the `regions --format json` document
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import networkx as nx
@@ -85,6 +90,7 @@ class Dataset:
     """The rows of one load that the contract accepts, with what was rejected."""
 
     regions: dict[str, str | None] = field(default_factory=dict)  # region -> parent
+    region_names: dict[str, str | None] = field(default_factory=dict)
     parties: dict[str, dict] = field(default_factory=dict)
     prices: dict[str, float | None] = field(default_factory=dict)  # sku -> unit_price
     codes: dict[str, dict] = field(default_factory=dict)
@@ -192,7 +198,8 @@ def _unique(data: Dataset, table: str, rows: list[dict], key: str) -> list[dict]
 
 
 def _regions(data: Dataset, rows: list[dict]) -> None:
-    rows = {r["region_id"]: r.get("parent_id") for r in _unique(data, "regions", rows, "region_id")}
+    unique = _unique(data, "regions", rows, "region_id")
+    rows = {r["region_id"]: r.get("parent_id") for r in unique}
     while True:  # a parent must exist, and no region may be its own ancestor
         bad = set()
         for region in rows:
@@ -208,6 +215,7 @@ def _regions(data: Dataset, rows: list[dict]) -> None:
             del rows[region]
             data.rejected["regions"] += 1
     data.regions = rows
+    data.region_names = {r["region_id"]: r.get("name") for r in unique if r["region_id"] in rows}
 
 
 def _products(data: Dataset, rows: list[dict]) -> None:
@@ -591,3 +599,247 @@ def referral_stats(data: Dataset) -> dict:
     attribution = attribute(data)
     return {"referrals": len(data.referrals), "attributed": len(attribution.parent),
             "ignored": {reason: attribution.ignored[reason] for reason in ("self", "duplicate", "late", "cycle")}}
+
+
+# ---------------------------------------------------------------- stores, rebates, regions (§5)
+# DOMAIN.md §5 leaves the numbers open; they follow docs/design.md "Stores, consumers,
+# rebates, regions": facts as of `as_of` (later events dropped before judging), sell-in
+# once per (unit, store) when the store first handles the unit, sell-out a unit's first
+# consumer scan credited to the store that handled it last before.
+
+LEVEL_DEPTH = {"country": 0, "province": 1, "city": 2, "district": 3}
+ROLES = ("store", "distributor", "salesperson")
+
+
+@dataclass
+class Sales:
+    """The facts every §5 analysis reads, as plain lists of dicts."""
+
+    as_of: datetime
+    verdicts: dict[str, UnitVerdict]
+    sell_in: list[dict]  # unit, store, ts, diverted
+    sell_out: list[dict]  # unit, sku, event, consumer, ts, region, store, finding, severity
+    opened: list[dict]  # unit, ts, region
+
+
+def as_known_at(data: Dataset, as_of: datetime | None) -> Dataset:
+    """The dataset without the events after `as_of`."""
+    if as_of is None:
+        return data
+    return replace(data, scans=[e for e in data.scans if e["ts"] <= as_of])
+
+
+def handler(data: Dataset, event: dict) -> str | None:
+    """The store that handles the goods in a ship, receive or open: the store holding them
+    after it, else the store performing it (a store's ship to a consumer, DOMAIN.md §5:
+    "the store that handled the unit last")."""
+    if event["action"] == "scan":
+        return None
+    return next((p for p in (holder_after(event), event["party_id"]) if data.kind(p) == "store"), None)
+
+
+def sales(data: Dataset, k: int = 3, as_of: datetime | None = None) -> Sales:
+    """Sell-in, sell-out and first opens of every unit, walking its events in order."""
+    data = as_known_at(data, as_of)
+    verdicts = judge_all(data, k)
+    facts = Sales(as_of or max(e["ts"] for e in data.scans), verdicts, [], [], [])
+    for unit, v in verdicts.items():
+        crossed = v.crossing if v.severity else len(v.events)  # events from here on are diverted
+        held, last_store, scanned, opened = set(), None, False, False
+        for i, event in enumerate(v.events):
+            store = handler(data, event)
+            if store is not None:
+                last_store = store
+                if store not in held:
+                    held.add(store)
+                    facts.sell_in.append({"unit": unit, "store": store, "ts": event["ts"], "diverted": i >= crossed})
+            if event["action"] == "open" and not opened:
+                opened = True
+                facts.opened.append({"unit": unit, "ts": event["ts"], "region": location(data, event)})
+            if event["action"] == "scan" and not scanned:
+                scanned = True
+                withheld = i >= crossed
+                facts.sell_out.append({
+                    "unit": unit, "sku": data.inherited(unit, "sku"), "event": event["event_id"],
+                    "consumer": event["party_id"], "ts": event["ts"], "region": location(data, event),
+                    "store": last_store, "finding": v.events[v.crossing]["event_id"] if withheld else None,
+                    "severity": v.severity if withheld else None})
+    return facts
+
+
+def ancestor_at(data: Dataset, region: str | None, level: str) -> str | None:
+    """The region's ancestor at `level` (itself when it is at or above that level)."""
+    chain = []
+    while region is not None:
+        chain.append(region)
+        region = data.regions.get(region)
+    chain.reverse()  # the root first: chain[depth]
+    return chain[min(LEVEL_DEPTH[level], len(chain) - 1)] if chain else None
+
+
+def robust_z(values: list[float]) -> list[float]:
+    """Modified z-scores: 0.6745 (x - median) / MAD; MAD 0: (x - median) / (1.2533 mean
+    absolute deviation); all 0 when every value is the median."""
+    median = statistics.median(values)
+    mad = statistics.median(abs(x - median) for x in values)
+    if mad > 0:
+        return [0.6745 * (x - median) / mad for x in values]
+    mean_ad = statistics.fmean(abs(x - median) for x in values)
+    return [(x - median) / (1.2533 * mean_ad) if mean_ad > 0 else 0.0 for x in values]
+
+
+def store_health(data: Dataset, *, as_of: datetime | None = None, window_days: int = 28, peer_level: str = "province",
+                 history_weeks: int = 8, k: int = 3) -> dict[str, dict]:
+    """Per registered store, the `stores --format json` fields (flags without their reason
+    text), z threshold 3.5, at least 4 peers that ever sold."""
+    facts = sales(data, k, as_of)
+    day = timedelta(days=1)
+    start = facts.as_of - window_days * day
+    history_start = start - history_weeks * 7 * day
+    out = {}
+    for store, party in data.parties.items():
+        if party["kind"] != "store":
+            continue
+        sold_in = [s for s in facts.sell_in if s["store"] == store]
+        sold = [s for s in facts.sell_out if s["store"] == store]
+        weekly = [sum(1 for s in sold if history_start + w * 7 * day < s["ts"] <= history_start + (w + 1) * 7 * day)
+                  for w in range(history_weeks)]
+        out[store] = {
+            "store_id": store, "name": party.get("name"), "region_id": party.get("region_id"),
+            "peer_region": ancestor_at(data, party.get("region_id"), peer_level), "distributor": party.get("upstream_id"),
+            "sell_in": len(sold_in), "sell_in_window": sum(1 for s in sold_in if s["ts"] > start),
+            "sell_out": len(sold), "sell_out_window": sum(1 for s in sold if s["ts"] > start),
+            "diverted_in": sum(1 for s in sold_in if s["diverted"]), "weekly": weekly, "flags": []}
+    for peers in _groups(out.values(), "peer_region").values():
+        sold_in = sum(s["sell_in"] for s in peers)
+        sold_out = sum(s["sell_out"] for s in peers)
+        rate = min(sold_out / sold_in, 1.0) if sold_in else 0.0
+        for s in peers:
+            s["scan_rate"] = rate or None  # no scan in the region: no rate to estimate with
+            daily = s["sell_out_window"] / (rate or 1.0) / window_days
+            stock = max(s["sell_in"] - s["sell_out"] / (rate or 1.0), 0.0)
+            cover = round(stock / daily, 1) if daily > 0 else None
+            s.update(daily_sales=daily, stock=stock, days_of_cover=cover,
+                     next_purchase_date=iso(facts.as_of + cover * day) if cover is not None else None,
+                     next_purchase_qty=math.ceil(daily * window_days - 1e-9))
+    for peers in _groups(out.values(), "peer_region").values():
+        sellers = [s for s in peers if s["sell_out"] > 0]
+        if len(sellers) < 4:
+            continue
+        for metric in ("daily_sales", "sell_in_window"):
+            values = [float(s[metric]) for s in sellers]
+            for s, z in zip(sellers, robust_z(values)):
+                if abs(z) >= 3.5:
+                    s["flags"].append(_flag("peers", metric, s[metric], statistics.median(values), z))
+    weeks = window_days / 7
+    for s in out.values():
+        if history_weeks and all(s["weekly"]):
+            median = statistics.median(s["weekly"])
+            spread = max(1.4826 * statistics.median(abs(w - median) for w in s["weekly"]), math.sqrt(median), 1.0)
+            current = s["sell_out_window"] / weeks
+            z = (current - median) / (spread / math.sqrt(weeks))
+            if abs(z) >= 3.5:
+                s["flags"].append(_flag("history", "weekly_sell_out", current, median, z))
+        if s["diverted_in"] >= 3 and s["diverted_in"] / s["sell_in"] >= 0.5:
+            s["flags"].append({"basis": "diversion", "metric": "diverted_share", "direction": "high",
+                               "value": round(s["diverted_in"] / s["sell_in"], 3), "baseline": 0.5, "z": None})
+        del s["weekly"]
+        s.update(daily_sales=round(s["daily_sales"], 3), stock=round(s["stock"], 1), abnormal=bool(s["flags"]),
+                 scan_rate=None if s["scan_rate"] is None else round(s["scan_rate"], 4))
+    return out
+
+
+def _groups(rows, key: str) -> dict:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row[key]].append(row)
+    return groups
+
+
+def _flag(basis: str, metric: str, value: float, baseline: float, z: float) -> dict:
+    return {"basis": basis, "metric": metric, "direction": "high" if z > 0 else "low", "value": round(value, 3),
+            "baseline": round(baseline, 3), "z": round(z, 2)}
+
+
+def rebates(data: Dataset, policy: dict, *, month: str | None = None, as_of: datetime | None = None,
+            k: int = 3) -> dict:
+    """The `rebates --lines --format json` document for a policy
+    `{"default": {role: amount}, "sku": {sku: {role: amount}}}`: per first consumer scan
+    credited to a store and per role, the policy amount owed to the store, its
+    `upstream_id` and its salesperson (its `salesperson_id`, else the distributor's only
+    salesperson); withheld when the unit's crossing came at or before the scan."""
+    facts = sales(data, k, as_of)
+    scans = [s for s in facts.sell_out if month is None or s["ts"].strftime("%Y-%m") == month]
+    employed = defaultdict(list)
+    for party, row in data.parties.items():
+        if row["kind"] == "salesperson" and row.get("upstream_id"):
+            employed[row["upstream_id"]].append(party)
+    lines = []
+    for s in sorted((s for s in scans if s["store"]), key=lambda s: (s["ts"], s["event"])):
+        store = data.parties[s["store"]]
+        distributor = store.get("upstream_id")
+        only = employed[distributor] if distributor and len(employed[distributor]) == 1 else [None]
+        for role, party in zip(ROLES, (s["store"], distributor, store.get("salesperson_id") or only[0])):
+            amount = policy.get("sku", {}).get(s["sku"], {}).get(role, policy.get("default", {}).get(role, 0.0))
+            status = "withheld" if s["finding"] else "owed" if party else "unassigned"
+            lines.append({"event_id": s["event"], "ts": iso(s["ts"]), "month": s["ts"].strftime("%Y-%m"), "code": s["unit"],
+                          "sku": s["sku"], "consumer": s["consumer"], "role": role, "party_id": party,
+                          "amount": float(amount), "status": status, "finding": s["finding"], "severity": s["severity"]})
+    totals = defaultdict(lambda: {"scans": 0, "owed": 0.0, "withheld": 0.0})
+    for line in lines:
+        total = totals[line["month"], line["role"], line["party_id"]]
+        total["scans"] += 1
+        if line["status"] in ("owed", "withheld"):
+            total[line["status"]] += line["amount"]
+    return {
+        "currency": policy.get("currency", "CNY"), "scans": len(scans), "no_store": sum(1 for s in scans if not s["store"]),
+        **{status: round(sum(x["amount"] for x in lines if x["status"] == status), 2)
+           for status in ("owed", "withheld", "unassigned")},
+        "totals": [{"month": m, "role": r, "party_id": p, "scans": t["scans"], "owed": round(t["owed"], 2),
+                    "withheld": round(t["withheld"], 2)}
+                   for (m, r, p), t in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or ""))],
+        "withheld_lines": [x for x in lines if x["status"] == "withheld"], "lines": lines}
+
+
+def period_of(moment: datetime, period: str) -> str:
+    """`2024-03` (month), `2024-02-26/2024-03-03` (week, Monday to Sunday) or `all`."""
+    if period == "month":
+        return moment.strftime("%Y-%m")
+    if period == "week":
+        monday = moment.date() - timedelta(days=moment.weekday())
+        return f"{monday}/{monday + timedelta(days=6)}"
+    return "all"
+
+
+def regions(data: Dataset, *, level: str = "province", period: str = "month", as_of: datetime | None = None,
+            k: int = 3) -> dict:
+    """The `regions --format json` document: per region at `level` and period, units in
+    (sell-in by the store's registered region), units first opened and first scanned there
+    (the event's location), registered and active stores (a sell-out in the period),
+    diversions in (the crossing's location after) and out (exit_via's registered region),
+    both at the crossing's time; every region with a store or a count, for every period
+    with a count. The matrix: diverted units per (exit_via's region, crossing region)."""
+    facts = sales(data, k, as_of)
+    up = lambda region: ancestor_at(data, region, level)  # noqa: E731
+    findings = [(v.events[v.crossing], v.exit_via) for v in facts.verdicts.values() if v.severity]
+    counted = {  # name -> [(region, time)]
+        "units_in": [(up(data.home(s["store"])), s["ts"]) for s in facts.sell_in],
+        "opened": [(up(o["region"]), o["ts"]) for o in facts.opened],
+        "scanned": [(up(s["region"]), s["ts"]) for s in facts.sell_out],
+        "diversions_in": [(up(location_after(data, e)), e["ts"]) for e, _ in findings],
+        "diversions_out": [(up(data.home(via)), e["ts"]) for e, via in findings],
+    }
+    counts = {name: Counter((r, period_of(t, period)) for r, t in pairs if r is not None) for name, pairs in counted.items()}
+    stores = Counter(up(p["region_id"]) for p in data.parties.values() if p["kind"] == "store")
+    active = Counter((up(data.home(store)), when) for store, when in
+                     {(s["store"], period_of(s["ts"], period)) for s in facts.sell_out if s["store"]})
+    cells = set().union(*counts.values(), active)
+    shown = sorted({r for r, _ in cells} | {r for r in stores if r is not None})
+    rows = [{"region_id": r, "name": data.region_names[r], "period": p, **{name: counts[name][r, p] for name in counted},
+             "stores": stores[r], "active_stores": active[r, p],
+             "active_ratio": round(active[r, p] / stores[r], 4) if stores[r] else None}
+            for p in sorted({p for _, p in cells}) for r in shown]
+    pairs = Counter((up(data.home(via)), up(location_after(data, e))) for e, via in findings)
+    matrix = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0][0] or "?", kv[0][1] or "?"))
+    return {"level": level, "period": period, "rows": rows,
+            "matrix": [{"from_region": a, "to_region": b, "units": n} for (a, b), n in matrix]}

@@ -293,3 +293,78 @@ def referral_world() -> dict[str, Rows]:
     codes = [*_case("RF", 7, sku="WN"), *_case("RFW", 2), *_case("NPX", 1, sku="NP"), *_case("TR", 1)]
     return {"regions": REGIONS, "parties": PARTIES, "products": PRODUCTS, "codes": codes,
             "scans": REFERRAL_SCANS, "referrals": REFERRALS}
+
+
+SALES_PARTIES: Rows = [
+    *PARTIES,
+    {"party_id": "SP2", "kind": "salesperson", "upstream_id": "D2"},  # D2 employs two: neither is credited
+    {"party_id": "SP3", "kind": "salesperson", "upstream_id": "D2"},
+    {"party_id": "S6", "kind": "store", "region_id": "SZ"},  # no contracted distributor
+    {"party_id": "S7", "kind": "store", "region_id": "HZ", "upstream_id": "D1", "salesperson_id": "SP3"},  # city level
+    {"party_id": "S8", "kind": "store", "region_id": "NB", "upstream_id": "SD1"},  # never sells
+]
+
+SALES_CODES: Rows = [
+    *_case("HA", 3),  # sold by S1; a unit scanned twice; a unit scanned in April
+    *_case("HB", 1),  # S1 passes it on to S4 (D2's store inside Zhejiang), which sells it
+    *_case("HC", 1),  # S1 returns it to D1 before the consumer scans it
+    *_case("HD", 1),  # S1 ships it straight to a consumer (home delivery), who scans it
+    *_case("HE", 2),  # the consumer's scan is recorded on the case (wrong level)
+    *_case("HF", 2),  # diverted to a Nanjing store, then scanned: withheld
+    *_case("HG", 2),  # one unit scanned inside, then the case is diverted and the other scanned
+    *_case("HH", 1),  # a suspected scan, no store
+    *_case("HI", 1, sku="WN"),  # untracked, sold by a store
+    *_case("HJ", 1),  # a store without a distributor
+    *_case("HK", 1, sku="WN"),  # a store with its own salesperson
+    *_case("HL", 2),  # mixed offsets across the month boundary
+    *_case("HM", 1),  # opened by the distributor at an event region
+    *_case("HN", 1, sku=None),  # no SKU: the default amounts
+    *_case("HO", 1),  # a store itself performs the `scan`
+    *_case("HQ", 1),  # scanned by a consumer with no region
+]
+
+
+def S(day: int, hour: int = 0) -> str:  # noqa: N802 - a short time literal
+    return f"2024-04-{day:02d}T{hour:02d}:00:00Z"
+
+
+SALES_SCANS: Rows = [
+    _ev("ha1", "HA", "ship", "F1", T(1), "D1"), _ev("ha2", "HA", "ship", "D1", T(2), "S1"),
+    _ev("ha3", "HA-1", "scan", "C-HZ", T(3), region="HZ-XH"), _ev("ha4", "HA-1", "scan", "wx-h1", T(4), region="NJ"),
+    _ev("ha5", "HA-2", "scan", "wx-h2", S(2), region="HZ-XH"),
+    _ev("hb1", "HB", "ship", "F1", T(1), "D1"), _ev("hb2", "HB", "ship", "D1", T(2), "S1"),
+    _ev("hb3", "HB", "ship", "S1", T(3), "S4"), _ev("hb4", "HB-1", "scan", "wx-h3", T(5), region="HZ-BJ"),
+    _ev("hc1", "HC", "ship", "F1", T(1), "D1"), _ev("hc2", "HC", "receive", "S1", T(2), "D1"),
+    _ev("hc3", "HC", "ship", "S1", T(3), "D1"), _ev("hc4", "HC-1", "scan", "wx-h4", T(5), region="HZ"),
+    _ev("hd1", "HD", "ship", "F1", T(1), "D1"), _ev("hd2", "HD-1", "ship", "S1", T(3), "C-HZ"),
+    _ev("hd3", "HD-1", "scan", "C-HZ", T(4)),
+    _ev("he1", "HE", "ship", "F1", T(1), "D1"), _ev("he2", "HE", "ship", "D1", T(2), "S2"),
+    _ev("he3", "HE", "scan", "wx-h5", T(5), region="NB"),
+    _ev("hf1", "HF", "ship", "F1", T(1), "D1"), _ev("hf2", "HF", "ship", "D1", T(2), "S3"),
+    _ev("hf3", "HF-1", "scan", "wx-h6", T(4), region="NJ-GL"), _ev("hf4", "HF-2", "scan", "wx-h7", S(1), region="NJ-GL"),
+    _ev("hg1", "HG", "ship", "F1", T(1), "D1"), _ev("hg2", "HG", "ship", "D1", T(2), "S1"),
+    _ev("hg3", "HG-1", "scan", "wx-h8", T(3), region="HZ-XH"), _ev("hg4", "HG", "ship", "S1", T(6), "S5"),
+    _ev("hg5", "HG-2", "scan", "wx-h9", T(8), region="SZ"),
+    _ev("hh1", "HH", "ship", "F1", T(1), "D1"), _ev("hh2", "HH-1", "scan", "C-NJ", T(5), region="NJ"),
+    _ev("hi1", "HI", "ship", "D2", T(2), "S3"), _ev("hi2", "HI-1", "scan", "wx-h10", T(3), region="NJ-GL"),
+    _ev("hj1", "HJ", "ship", "F1", T(1), "D2"), _ev("hj2", "HJ", "ship", "D2", T(2), "S6"),
+    _ev("hj3", "HJ-1", "scan", "wx-h11", T(4), region="SZ"),
+    _ev("hk1", "HK", "ship", "F1", T(1), "D1"), _ev("hk2", "HK", "ship", "D1", T(2), "S7"),
+    _ev("hk3", "HK-1", "scan", "wx-h12", T(4), region="HZ"),
+    _ev("hl1", "HL", "ship", "F1", T(1), "D1"), _ev("hl2", "HL", "ship", "D1", T(2), "S1"),
+    _ev("hl3", "HL-1", "scan", "wx-h13", "2024-03-31T23:30:00-02:00", region="HZ-XH"),  # 04-01T01:30Z: April
+    _ev("hl4", "HL-2", "scan", "wx-h14", "2024-04-01T07:00:00+08:00", region="HZ-XH"),  # 03-31T23:00Z: March
+    _ev("hm1", "HM", "ship", "F1", T(1), "D1"), _ev("hm2", "HM", "open", "D1", T(3), region="NB"),
+    _ev("hm3", "HM", "ship", "D1", T(4), "S2"),
+    _ev("hn1", "HN", "ship", "F1", T(1), "D1"), _ev("hn2", "HN", "ship", "D1", T(2), "S7"),
+    _ev("hn3", "HN-1", "scan", "wx-h15", T(6), region="HZ"),
+    _ev("ho1", "HO", "ship", "F1", T(1), "D1"), _ev("ho2", "HO-1", "scan", "S1", T(4)),
+    _ev("hq1", "HQ", "ship", "F1", T(1), "D1"), _ev("hq2", "HQ", "ship", "D1", T(2), "S1"),
+    _ev("hq3", "HQ-1", "scan", "wx-nowhere", T(7)),
+]
+
+
+def sales_world() -> dict[str, Rows]:
+    """Situations of DOMAIN.md §5 (sell-in, sell-out, rebates, regions), one case each."""
+    return {"regions": REGIONS, "parties": SALES_PARTIES, "products": PRODUCTS, "codes": SALES_CODES,
+            "scans": SALES_SCANS}

@@ -4,7 +4,9 @@ Generated scenarios (three seeds, CSV, JSONL and mixed tables) and the adversari
 of tests/oracle_worlds.py are loaded with `channelgraph load`, asked with `diversions`
 (also `--untracked`), `trace` and `influencers` (also `--stats`) `--format json`, and
 compared field by field with what the oracle derives from the same files; so are the
-counts the `diversions` table ends with. The oracle is itself pinned to DOMAIN.md by the
+counts the `diversions` table ends with. `stores`, `rebates` and `regions` (DOMAIN.md §5)
+are compared on both stores (embedded and Neo4j) on the sales, edge and shop worlds and
+two generated scenarios. The oracle is itself pinned to DOMAIN.md by the
 hand-worked verdicts below.
 """
 from __future__ import annotations
@@ -20,7 +22,9 @@ import pytest
 
 from api.cli import main
 from tests import oracle
-from tests.oracle_worlds import edge_world, referral_world
+from tests.analytics_worlds import AS_OF, shop_world
+from tests.conftest import _wipe_neo4j
+from tests.oracle_worlds import edge_world, referral_world, sales_world
 from tests.worlds import write_world
 
 SCENARIOS = [(1.0, 31, "csv"), (0.5, 32, "jsonl"), (1.0, 33, "mixed")]  # (scale, seed, table format)
@@ -320,3 +324,182 @@ def test_referral_world_matches_the_oracle(tmp_path: Path):
     for by in METRICS:
         got = [row["party_id"] for row in cli("influencers", "--store", str(store), "--top", "5", "--by", by)]
         assert got == ranking(metrics, by, 5), by
+
+
+# ---------------------------------------------------------------- stores, rebates, regions (§5)
+
+POLICY = {"currency": "CNY", "default": {"store": 2.0, "distributor": 1.0, "salesperson": 0.5},
+          "sku": {"BJ": {"store": 6.0, "distributor": 3.0}, "SKU001": {"store": 5.0, "salesperson": 0.0}}}
+POLICY_TOML = """currency = "CNY"
+[default]
+store = 2.0
+distributor = 1.0
+salesperson = 0.5
+[sku.BJ]
+store = 6.0
+distributor = 3.0
+[sku.SKU001]
+store = 5.0
+salesperson = 0.0
+"""
+
+
+def field_differences(expected: list[dict], got: list[dict], key: str, what: str) -> list[str]:
+    """Row by row (in order, matched on `key`) and field by field, where the product's rows
+    depart from the oracle's (a product field the oracle leaves out is not compared; an
+    event id the oracle derived from a row's content stands for any id)."""
+    def same(want: object, have: object) -> bool:
+        return same_id(want, have) if isinstance(want, str) and want.startswith("content:") else want == have
+
+    keys, got_keys = [e[key] for e in expected], [g[key] for g in got]
+    out = [f"{what} {k}: only the {'oracle' if k in keys else 'product'} has it" for k in set(keys) ^ set(got_keys)]
+    if not out and keys != got_keys:
+        out.append(f"{what} rows in another order: oracle {keys}, product {got_keys}")
+    have_of = {g[key]: g for g in got}
+    for want in expected:
+        have = have_of.get(want[key], {})
+        out += [f"{what} {want[key]} {name}: oracle {value!r}, product {have.get(name)!r}"
+                for name, value in want.items() if want[key] in have_of and not same(value, have.get(name))]
+    return out
+
+
+def store_differences(data: oracle.Dataset, at: list[str], *options: str, **kwargs) -> list[str]:
+    """`stores` against the oracle's store health (flags compared without their reason)."""
+    expected = oracle.store_health(data, **kwargs)
+    want = sorted(expected.values(), key=lambda s: (not s["abnormal"], s["store_id"]))
+    got = cli("stores", *at, *options)
+    for row in got:
+        row["flags"] = [{k: v for k, v in flag.items() if k != "reason"} for flag in row["flags"]]
+    return field_differences(want, got, "store_id", "store")
+
+
+def rebate_differences(data: oracle.Dataset, at: list[str], policy: Path, month: str | None = None,
+                       as_of: str | None = None) -> list[str]:
+    expected = oracle.rebates(data, POLICY, month=month, as_of=oracle.parse_ts(as_of))
+    got = cli("rebates", *at, "--policy", str(policy), "--lines", *(["--month", month] if month else []),
+              *(["--as-of", as_of] if as_of else []))
+    out = [f"rebates {name}: oracle {expected[name]!r}, product {got[name]!r}"
+           for name in ("currency", "scans", "no_store", "owed", "withheld", "unassigned") if expected[name] != got[name]]
+    line_key = [{**x, "key": (x["code"], x["role"])} for x in expected["lines"]]  # one sell-out per unit
+    got_key = [{**x, "key": (x["code"], x["role"])} for x in got["lines"]]
+    total_key = [{**t, "key": (t["month"], t["role"], t["party_id"])} for t in expected["totals"]]
+    got_total = [{**t, "key": (t["month"], t["role"], t["party_id"])} for t in got["totals"]]
+    out += field_differences(total_key, got_total, "key", "total")
+    out += field_differences(line_key, got_key, "key", "line")
+    if got["withheld_lines"] != [x for x in got["lines"] if x["status"] == "withheld"]:
+        out.append("withheld_lines are not the withheld lines")
+    return out
+
+
+def region_differences(data: oracle.Dataset, at: list[str], level: str, period: str, as_of: str | None = None) -> list[str]:
+    expected = oracle.regions(data, level=level, period=period, as_of=oracle.parse_ts(as_of))
+    got = cli("regions", *at, "--level", level, "--period", period, *(["--as-of", as_of] if as_of else []))
+    key = lambda rows: [{**r, "key": (r["period"], r["region_id"])} for r in rows]  # noqa: E731
+    out = field_differences(key(expected["rows"]), key(got["rows"]), "key", f"regions {level}/{period}")
+    if got["matrix"] != expected["matrix"]:
+        out.append(f"matrix {level}: oracle {expected['matrix']}, product {got['matrix']}")
+    return out
+
+
+SALES_WORLDS = {"sales": sales_world, "edge": edge_world, "shop": shop_world, "seed41": 41, "seed42": 42}
+LEVELS_PERIODS = [(level, period) for level in ("province", "city", "district") for period in ("month", "week", "all")]
+
+
+@pytest.fixture(scope="module", params=[pytest.param((world, kind), id=f"{world}-{kind}",
+                                                     marks=[pytest.mark.neo4j] if kind == "neo4j" else [])
+                                        for world in SALES_WORLDS for kind in ("embedded", "neo4j")])
+def sales_at(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], oracle.Dataset, Path]:
+    """A §5 world (hand-made, or generated at scale 1) loaded into one store: the CLI
+    options naming the store, the oracle's reading, a policy file."""
+    world, kind = request.param
+    home = tmp_path_factory.mktemp(f"sales-{world}")
+    if isinstance(SALES_WORLDS[world], int):
+        folder = home / "data"
+        cli("generate", str(folder), "--scale", "1", "--seed", str(SALES_WORLDS[world]))
+    else:
+        folder = write_world(SALES_WORLDS[world](), home / "data")
+    if kind == "neo4j":
+        uri = request.getfixturevalue("neo4j_uri")
+        _wipe_neo4j(uri)
+        at = ["--neo4j", uri]
+    else:
+        at = ["--store", str(home / "store")]
+    cli("load", str(folder), *at)
+    policy = home / "policy.toml"
+    policy.write_text(POLICY_TOML)
+    return at, oracle.read_dataset(folder), policy
+
+
+def test_store_health_matches_the_oracle(sales_at):
+    at, data, _ = sales_at
+    assert store_differences(data, at) == []
+    assert store_differences(data, at, "--peer-level", "district", "--window", "14",
+                             peer_level="district", window_days=14) == []
+    assert store_differences(data, at, "--as-of", AS_OF, as_of=oracle.parse_ts(AS_OF)) == []
+
+
+def test_rebates_match_the_oracle(sales_at):
+    at, data, policy = sales_at
+    assert rebate_differences(data, at, policy) == []
+    months = sorted({s["ts"].strftime("%Y-%m") for s in oracle.sales(data).sell_out})
+    assert rebate_differences(data, at, policy, month=months[-1]) == []
+    assert rebate_differences(data, at, policy, as_of="2024-03-04T00:00:00Z") == []
+
+
+def test_regions_match_the_oracle(sales_at):
+    at, data, _ = sales_at
+    # Neo4j builds the facts for every command (no cache): each level once, each period once
+    combinations = LEVELS_PERIODS if at[0] == "--store" else LEVELS_PERIODS[::4]
+    for level, period in combinations:
+        assert region_differences(data, at, level, period) == [], (level, period)
+    assert region_differences(data, at, "city", "week", as_of="2024-03-05T00:00:00Z") == []
+
+
+def test_the_oracle_reads_section_5_as_written(tmp_path: Path):
+    """The sales world worked out by hand (DOMAIN.md §5, docs/design.md; policy: store 2,
+    distributor 1, salesperson 0.5, BJ store 6 and distributor 3):
+
+    - credited first scans: HA-1, HA-2, HC-1 (S1 returned it to D1: still the last store),
+      HD-1 (S1 shipped it to the consumer: S1 handled it last), HG-1 (scanned before its
+      case was diverted: owed), HL-1, HL-2, HQ-1 -> S1 (9.5 each to S1, D1, SP1: 76);
+      HB-1 -> S4 (S1 passed it on; D2 employs two salespersons: 9 owed, 0.5 unassigned);
+      HE-1, HE-2 (the case scanned) -> S2 (SD1 employs nobody: 18 owed, 1 unassigned);
+      HI-1 (untracked, WN) -> S3 (3 owed, 0.5 unassigned); HJ-1 -> S6 (no distributor:
+      6 owed, 3.5 unassigned); HK-1 (WN), HN-1 (no SKU) -> S7, its own salesperson SP3
+      (3.5 each); withheld: HF-1, HF-2 (S3, crossing hf2), HG-2 (S5, crossing hg4): 28.5.
+      Not credited: HH-1 (no store), HO-1 (scanned by S1 itself; nobody handled it before).
+      20 scans, 2 without a store; owed 76 + 9 + 18 + 3 + 6 + 3.5 + 3.5 = 119, unassigned 5.5.
+    - provinces, whole period: Zhejiang has S1, S2, S4, S7, S8 (4 sold: 0.8), 17 units in
+      (S1 11: HA x3, HB, HC, HD, HG x2, HL x2, HQ; S4 HB; S2 HE x2, HM; S7 HK, HN), HM-1
+      opened (in Ningbo, by D1), 13 scanned there (HQ-1's scan has no place), 5
+      diversions out (HF x2 and HH-1 via D1, HG x2 via S1); Jiangsu has S3, S5, S6 (all
+      sold), 6 units in, 6 scanned, 5 diversions in.
+    """
+    data = oracle.read_dataset(write_world(sales_world(), tmp_path))
+    report = oracle.rebates(data, POLICY)
+    credited = {line["code"]: line["party_id"] for line in report["lines"] if line["role"] == "store"}
+    assert credited == {**dict.fromkeys(["HA-1", "HA-2", "HC-1", "HD-1", "HG-1", "HL-1", "HL-2", "HQ-1"], "S1"),
+                        "HB-1": "S4", "HE-1": "S2", "HE-2": "S2", "HI-1": "S3", "HJ-1": "S6", "HK-1": "S7",
+                        "HN-1": "S7", "HF-1": "S3", "HF-2": "S3", "HG-2": "S5"}
+    assert {line["code"]: line["finding"] for line in report["withheld_lines"]} == {
+        "HF-1": "hf2", "HF-2": "hf2", "HG-2": "hg4"}
+    assert {k: report[k] for k in ("scans", "no_store", "owed", "withheld", "unassigned")} == {
+        "scans": 20, "no_store": 2, "owed": 119.0, "withheld": 28.5, "unassigned": 5.5}
+    assert oracle.rebates(data, POLICY, month="2024-04")["scans"] == 3  # HA-2, HF-2, HL-1 (01:30Z)
+    rows = {r["region_id"]: r for r in oracle.regions(data, period="all")["rows"]}
+    fields = ("stores", "active_stores", "active_ratio", "units_in", "opened", "scanned", "diversions_in", "diversions_out")
+    assert {r: tuple(row[f] for f in fields) for r, row in rows.items()} == {
+        "ZJ": (5, 4, 0.8, 17, 1, 13, 0, 5), "JS": (3, 3, 1.0, 6, 0, 6, 5, 0)}
+    assert oracle.regions(data)["matrix"] == [{"from_region": "ZJ", "to_region": "JS", "units": 5}]
+
+
+def test_the_oracle_reads_store_health_as_written(tmp_path: Path):
+    """The shop world's health, worked out by hand in tests/analytics_worlds.py."""
+    health = oracle.store_health(oracle.read_dataset(write_world(shop_world(), tmp_path)), as_of=oracle.parse_ts(AS_OF))
+    assert {s: [(f["basis"], f["metric"], f["direction"], f["z"]) for f in h["flags"]] for s, h in health.items()} == {
+        "SS1": [], "SS2": [], "SS3": [], "SS4": [("peers", "sell_in_window", "high", 3.99)],
+        "SS5": [("peers", "daily_sales", "low", -3.99), ("history", "weekly_sell_out", "low", -4.0)]}
+    ss4 = health["SS4"]
+    assert [ss4[k] for k in ("sell_in", "sell_in_window", "sell_out", "scan_rate", "daily_sales", "stock",
+                             "days_of_cover", "next_purchase_date", "next_purchase_qty")] == [
+        168, 120, 48, 0.4912, 1.163, 70.3, 60.4, "2024-05-24T09:36:00Z", 33]
