@@ -144,8 +144,9 @@ class Context:
         self.party_ids = parties.column("party_id").combine_chunks()
         self.region_ids = regions.column("region_id").combine_chunks()
         self.party_rows, self.region_rows = Lookup(self.party_ids), Lookup(self.region_ids)
-        self.kind = encode(parties.column("kind"), pa.array(KINDS))
-        self.home = self.region_rows(parties.column("region_id"))
+        # by party row; one -1 after the last row, so that the row -1 (no party) reads -1
+        self.kind = np.append(encode(parties.column("kind"), pa.array(KINDS)), -1)
+        self.home = np.append(self.region_rows(parties.column("region_id")), -1)
         self.territories = Territories(parties, regions)
 
 
@@ -260,16 +261,12 @@ class EventFacts:
         """Facts of `rows` (action, party_id, counterparty_id and region_id of events)."""
         action, party = ACTION_ROWS(rows.column("action")), context.party_rows(rows.column("party_id"))
         counterparty, own_region = context.party_rows(rows.column("counterparty_id")), context.region_rows(rows.column("region_id"))
-        kind, home = context.kind, context.home
-
-        def of(values: np.ndarray, who: np.ndarray) -> np.ndarray:
-            return np.append(values, -1)[who]  # who -1 picks the -1 appended
-
-        party_kind, cp_kind = of(kind, party), of(kind, counterparty)
-        location = np.where(own_region >= 0, own_region, of(home, party))
+        kind, home = context.kind, context.home  # row -1 (no party) reads -1
+        party_kind, cp_kind = kind[party], kind[counterparty]
+        location = np.where(own_region >= 0, own_region, home[party])
         is_ship = action == SHIP
         shipped_to = is_ship & (counterparty >= 0)
-        cp_home = of(home, counterparty)
+        cp_home = home[counterparty]
         holder = np.where(shipped_to, counterparty, party)
         held = (action == RECEIVE) | (action == OPEN)
         return cls(
@@ -281,7 +278,7 @@ class EventFacts:
             evidence=np.where((is_ship & (cp_kind == STORE)) | (held & (party_kind == STORE)), STORE_EVIDENCE,
                               np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (held & (party_kind == DISTRIBUTOR)),
                                        DISTRIBUTOR_EVIDENCE, NO_EVIDENCE)).astype(np.int8),
-            holds_store=of(kind, holder) == STORE, by_store=party_kind == STORE)
+            holds_store=kind[holder] == STORE, by_store=party_kind == STORE)
 
 
 def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts | None = None) -> Judgement:

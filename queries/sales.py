@@ -348,7 +348,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
 
     # the store handling the goods: the store holding them after the event, else the store
     # performing it (a store's ship to a consumer); scans are sales, not handling
-    by_store = np.append(context.kind, -1)[j.party] == diversion.STORE
+    by_store = context.kind[j.party] == diversion.STORE
     handler = np.where(j.holds_store, j.holder, np.where(by_store, j.party, -1))
     store_row = (handler >= 0) & (j.action != SCAN)
     crossing = np.full(timeline.units.num_rows, len(timeline), np.int64)
@@ -390,7 +390,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     exit_via = verdicts.exit_via.astype(np.int64)
     findings = _table(
         code=take_rows(codes, verdicts.unit), responsible=party(j.distributor[rows]),
-        exit_via=party(exit_via), from_region=_keyed(region_ids, np.where(exit_via >= 0, context.home[exit_via], -1)),
+        exit_via=party(exit_via), from_region=_keyed(region_ids, context.home[exit_via]),
         to_region=_keyed(region_ids, j.after[rows]), severity=_keyed(severities, severity[verdicts.unit]),
         crossing_event_id=at(rows, event_ids), ts=at(rows, times), crossing_rank=j.action[rows])
     return sell_in, sell_out, opened, findings, latest
