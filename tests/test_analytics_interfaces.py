@@ -59,6 +59,9 @@ def test_cli_documents(world: Path, capsys):
     (["consumers", "--profile", "S1"], "consumer 'S1' is not stored"),
     (["regions", "--period", "decade"], "period 'decade'"),
     (["rebates", "--policy", "no-such-policy.toml"], "policy no-such-policy.toml"),
+    (["rebates", "--policy", str(POLICY), "--month", "2024-3"], "month '2024-3'"),
+    (["stores", "--as-of", ""], "--as-of ''"),
+    (["consumers", "--as-of", "2024-13-01"], "--as-of '2024-13-01'"),
 ])
 def test_cli_errors_are_one_line(world: Path, capsys, argv: list[str], message: str):
     code, out, err = run(capsys, *argv, "--store", str(world))
@@ -94,6 +97,7 @@ def test_api_documents(client: TestClient):
     ("get", "/api/rebates?month=March", None, 422),
     ("post", "/api/rebates", {"default": {"boss": 1.0}}, 400),
     ("post", "/api/rebates", {"default": {"store": -1.0}}, 400),
+    ("post", "/api/rebates", {"defualt": {"store": 1.0}}, 422),  # a typo is not an empty policy
 ])
 def test_api_errors_have_one_shape(client: TestClient, method: str, url: str, body: dict | None, status: int):
     response = client.request(method, url, json=body)

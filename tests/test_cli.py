@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ def test_documents_alone_on_stdout_with_the_issue_fields(world):
     (["diversions", "--severity", "maybe"], "severity 'maybe'", 1),
     (["diversions", "--by", "colour"], "--by 'colour'", 1),
     (["diversions", "--since", "yesterday"], "--since 'yesterday'", 1),
+    (["diversions", "--since", ""], "--since ''", 1),
     (["diversions", "--k", "0"], "k", 1),
     (["trace", "K1", "--k", "-1"], "k", 1),
     (["influencers", "--top", "-1"], "--top", 2),
@@ -115,6 +117,28 @@ def test_reading_a_folder_without_a_store_is_a_one_line_error(tmp_path, capsys, 
         assert (code, out) == (1, ""), err
         assert err.count("\n") == 1 and err.startswith(f"channelgraph: error: no store at {folder} (the folder {what})"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no store folder made
+
+
+def test_serve_warns_of_a_folder_without_a_store(tmp_path):
+    """`serve` may start before the first load (it answers once one happens), but a mistyped
+    --store is said on stderr before the server starts, not left to look like empty answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--store", str(tmp_path / "typo"),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lines = []
+        for line in server.stderr:
+            lines.append(line)
+            if line.startswith("channelgraph on"):
+                break
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    said = " ".join(" ".join(lines).split())
+    assert f"warning: no store at {tmp_path / 'typo'} (the folder does not exist)" in said, said
 
 
 def test_the_default_store_folder_is_checked_too(tmp_path, capsys, monkeypatch):
@@ -223,3 +247,44 @@ def test_demo_recovers_the_planted_answers_and_writes_offline_views(tmp_path):
         if hop["counterparty_id"]:
             arrow = "<-" if hop["action"] == "receive" else "->"
             assert f"{arrow} {hop['counterparty_id']}" in table.stdout.replace("\n", " ")
+
+
+def test_help_says_what_the_options_default_to(capsys):
+    """Bracketed help text (the env variable, the default) is printed, not taken for markup."""
+    code, out, _ = run(capsys, "load", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "env CHANNELGRAPH_STORE; default ./channelgraph-data" in text and "default: STORE/rejects" in text
+    code, out, _ = run(capsys, "stores", "--help")
+    assert code == 0 and "default: the latest event" in " ".join(out.split())
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's CLI block that answer and exit (not demo, neo4j, serve)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## The CLI", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line.startswith("channelgraph ")
+            and line.split()[1] not in ("demo", "neo4j", "serve")]
+
+
+def test_every_readme_command_answers_on_the_readme_scenario(tmp_path, capsys, monkeypatch):
+    """A new user runs the README's CLI block as written, in a folder of their own (the
+    default store, `docs/` of the checkout), CODE and PARTY_ID from the scenario's answers:
+    each command exits 0 and finds something."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHANNELGRAPH_STORE", raising=False)
+    (tmp_path / "docs").symlink_to(ROOT / "docs")
+    commands = readme_commands()
+    assert commands[0].startswith("channelgraph generate data/") and len(commands) >= 15
+    answers = None
+    for line in commands:
+        if answers is None and not line.startswith("channelgraph generate"):
+            answers = json.loads((tmp_path / "data" / "answers.json").read_text())
+            code = answers["diversions"][0]["code"]
+            party = answers["super_users"][0]["party_id"]
+        argv = line.split()[1:]
+        if answers is not None:
+            argv = [code if a == "CODE" else party if a == "PARTY_ID" else a for a in argv]
+        status, out, err = run(capsys, *argv)
+        assert status == 0, f"{line}: {err}"
+        assert "--out" in argv or (out.strip() and "nothing found" not in out and out.strip() != "[]"), f"{line}: {out}"
