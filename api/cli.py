@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # the query modules are imported by the commands that use the
     from queries.diversion import DiversionSummary
     from queries.influence import ReferralStats
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Graph analytics for brand channels: trace codes, find cross-region diversion (窜货), rank super users.")
 stderr = Console(stderr=True)
 log = logging.getLogger("channelgraph")
@@ -244,7 +245,7 @@ def diversions(
 
     if untracked and (by or severity or since):
         raise ChannelgraphError("--untracked lists units that are never judged: it takes no --by, --severity or --since")
-    since_ts = _parse_since(since)
+    since_ts = parse_time(since, "--since")
     with opened(store, neo4j, k=k) as (handle, settings):
         try:
             verdicts = judge_store(handle, k=settings.k, severity=severity, since=since_ts)
@@ -346,15 +347,20 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
-def _parse_since(since: str | None):  # noqa: ANN202
-    if since is None:
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """The ISO 8601 time given to `option` (None when not given); an empty or bad one is
+    an error naming the option (never an empty answer)."""
+    if value is None:
         return None
     import pandas as pd
 
     try:
-        return pd.Timestamp(since).to_pydatetime()
+        moment = pd.Timestamp(value)
     except ValueError as exc:
-        raise ChannelgraphError(f"--since {since!r}: not an ISO 8601 time") from exc
+        raise ChannelgraphError(f"{option} {value!r}: not an ISO 8601 time ({exc})") from exc
+    if moment is pd.NaT:
+        raise ChannelgraphError(f"{option} {value!r}: not an ISO 8601 time")
+    return moment.to_pydatetime()
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from api import views
-from api.cli import Neo4jOpt, StoreOpt, _parse_since, opened, stderr
+from api.cli import Neo4jOpt, StoreOpt, opened, parse_time, stderr
 from api.service import ApiService, DiversionFilters
 from graph.errors import ChannelgraphError
 
@@ -47,7 +47,7 @@ def diversions(out: OutOpt = Path("diversions.html"), severity: Text = None, res
     """The findings (sortable, filterable, each with its path) and the territory-to-region flow."""
     try:
         filters = DiversionFilters(severity=severity, responsible=responsible, region=region, sku=sku, batch=batch,
-                                   since=_parse_since(since), until=_parse_since(until))
+                                   since=parse_time(since, "--since"), until=parse_time(until, "--until"))
     except ValueError as exc:
         raise ChannelgraphError(str(exc)) from exc
     with opened(store, neo4j, k=k) as (handle, settings):

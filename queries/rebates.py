@@ -24,6 +24,7 @@ A policy file (TOML; see docs/policy.example.toml)::
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -134,7 +135,9 @@ class RebateReport(BaseModel):
 def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None = None,
             month: str | None = None, lines: bool = False) -> RebateReport:
     """Totals and withheld lines of the rebates of every consumer scan (of one `YYYY-MM`
-    month if given); every line too with `lines=True`."""
+    month if given; any other spelling is a ValueError); every line too with `lines=True`."""
+    if month is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        raise ValueError(f"month {month!r}: expected YYYY-MM, e.g. 2024-03")
     facts = sales_facts(store, k=k, as_of=as_of)
     sales = facts.sell_out  # not copied: the credited scans are `rows` of it
     months = (sales["ts"].dt.year * 12 + sales["ts"].dt.month - 1).to_numpy(np.int64)  # since year 0
