@@ -69,13 +69,19 @@ def opened(store: Path | None, neo4j: str | None, *, writing: bool = False,
     settings = settings_from(store, neo4j, **overrides)
     handle = open_store(settings)
     try:
-        if not (writing or settings.neo4j) and getattr(handle, "version", None) is None:
-            what = "holds no store" if settings.store.is_dir() else "does not exist"
-            raise ChannelgraphError(f"no store at {settings.store} (the folder {what}); load a dataset into it "
-                                    f"first: channelgraph load DATASET --store {settings.store}")
+        missing = None if writing else _missing_store(handle, settings)
+        if missing:
+            raise ChannelgraphError(f"{missing}; load a dataset into it first: channelgraph load DATASET --store {settings.store}")
         yield handle, settings
     finally:
         handle.close()
+
+
+def _missing_store(handle: Store, settings: Settings) -> str | None:
+    """`no store at PATH (the folder ...)` when the embedded store's folder holds no store yet."""
+    if settings.neo4j or getattr(handle, "version", None) is not None:
+        return None
+    return f"no store at {settings.store} (the folder {'holds no store' if settings.store.is_dir() else 'does not exist'})"
 
 
 @contextmanager
@@ -188,8 +194,8 @@ def generate(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the dataset, store and HTML views go.")] = Path("demo-output"),
-    scale: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 7,
+    scale: Annotated[float, typer.Option(help="Scenario size: 1 = ~10k scans; 1000 = ~10M scans.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed of the scenario.")] = 7,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Generate a dataset, load it into the embedded store, run the analyses, write views."""
@@ -329,7 +335,7 @@ def _attribution_line(stats: ReferralStats) -> str:
 def serve(
     store: StoreOpt = None, neo4j: Neo4jOpt = None,
     host: Annotated[str, typer.Option(help="Interface to listen on; loopback unless you mean to share it.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: warning, info, debug.")] = "info",
 ) -> None:
     """Serve the HTTP API (/api; OpenAPI document at /openapi.json) and the browser views (/views).
@@ -340,10 +346,13 @@ def serve(
 
     settings = settings_from(store, neo4j)
     application = create_app(settings)
+    missing = _missing_store(application.state.service.store, settings)
+    if missing:  # it answers once a load puts a store there; a mistyped --store must not look like empty answers
+        stderr.print(f"warning: {missing} yet: the answers are empty until a dataset is loaded into it", soft_wrap=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         stderr.print(f"warning: listening on {host}, reachable from other machines"
                      + ("" if settings.api_key else " (read-only: no API key set)"))
-    stderr.print(f"channelgraph on http://{host}:{port}/ over {application.state.service.store.uri}")
+    stderr.print(f"channelgraph on http://{host}:{port}/ over {application.state.service.store.uri}", soft_wrap=True)
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 

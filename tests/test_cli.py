@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -265,7 +266,7 @@ def readme_commands() -> list[str]:
     """The command lines of the README's CLI block that answer and exit (not demo, neo4j, serve)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split("## The CLI", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    lines = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
+    lines = [line.split(" #", 1)[0].strip() for line in block.splitlines()]
     return [line for line in lines if line.startswith("channelgraph ")
             and line.split()[1] not in ("demo", "neo4j", "serve")]
 
@@ -291,3 +292,18 @@ def test_every_readme_command_answers_on_the_readme_scenario(tmp_path, capsys, m
         status, out, err = run(capsys, *argv)
         assert status == 0, f"{line}: {err}"
         assert "--out" in argv or (out.strip() and "nothing found" not in out and out.strip() != "[]"), f"{line}: {out}"
+
+
+def test_every_option_says_what_it_does():
+    import typer
+
+    from api.cli import app
+
+    def commands(command, path: str) -> Iterator[tuple[str, object]]:  # noqa: ANN001 - a click command (typer's own click)
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}")
+
+    bare = [f"{path} {param.opts[0]}" for path, command in commands(typer.main.get_command(app), "channelgraph")
+            for param in command.params if param.param_type_name == "option" and not param.help]
+    assert bare == []
