@@ -247,7 +247,7 @@ def diversions(
 ) -> None:
     """Cross-region diversion (窜货): one finding per diverted unit, grouped views, or the
     untracked units; the table ends with the counts of units judged, diverted and untracked."""
-    from queries.diversion import DiversionFinding, UntrackedUnit, diversion_view, judge_store, view_columns
+    from queries.diversion import CSV_COLUMNS, DiversionFinding, UntrackedUnit, diversion_view, finding_csv_row, judge_store, view_columns
 
     if untracked and (by or severity or since):
         raise ChannelgraphError("--untracked lists units that are never judged: it takes no --by, --severity or --since")
@@ -265,9 +265,13 @@ def diversions(
     elif view is not None:
         data, rows, columns, title = view, view, view_columns(by), f"diversions by {by}"
     else:
-        data = [f.model_dump() for f in verdicts.findings.models()]
-        rows = [{k: v for k, v in f.items() if k != "path"} for f in data] if format is not Format.json else None
-        columns, title = fields(DiversionFinding, without=("path",)), f"{len(data)} diverted units"
+        findings = verdicts.findings.models()
+        data = [f.model_dump() for f in findings]
+        rows, columns, title = None, fields(DiversionFinding, without=("path",)), f"{len(data)} diverted units"
+        if format is Format.csv:  # the rows of GET /api/diversions.csv
+            rows, columns = [finding_csv_row(f) for f in findings], list(CSV_COLUMNS)
+        elif format is Format.table:
+            rows = [{k: v for k, v in f.items() if k != "path"} for f in data]
     if out is not None:
         with _redirect_stdout(out):
             emit(data, format if format is not Format.table else Format.json, rows=rows, title=title, columns=columns)

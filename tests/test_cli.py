@@ -72,6 +72,19 @@ def test_documents_alone_on_stdout_with_the_issue_fields(world):
     assert done.returncode == 0 and [set(i) for i in json.loads(done.stdout)] == [INFLUENCER] * 2
 
 
+def test_findings_csv_is_the_api_download(world, capsys):
+    """`diversions --format csv` and GET /api/diversions.csv are one CSV (territory `|`-separated, the path as holders)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from graph.settings import Settings
+
+    store, _ = world
+    code, out, _ = run(capsys, "diversions", "--store", str(store), "--format", "csv")
+    download = TestClient(create_app(Settings(store=store))).get("/api/diversions.csv").text
+    assert code == 0 and out == download and " > " in out
+
+
 @pytest.mark.parametrize(("argv", "message", "status"), [
     (["trace", "NOPE"], "unknown code 'NOPE'", 1),
     (["diversions", "--severity", "maybe"], "severity 'maybe'", 1),
