@@ -57,6 +57,10 @@ def consumers(
     """Consumer lifecycle: AARRR stage and next action, RFM scores and segment."""
     from queries import consumers as lifecycle
 
+    if profile is not None and funnel is not None:
+        raise ChannelgraphError("give --profile or --funnel, not both")
+    if (profile is not None or funnel is not None) and (stage or segment):
+        raise ChannelgraphError("--stage and --segment filter the list of consumers: not with --profile or --funnel")
     with opened(store, neo4j) as (handle, _), _clear_errors():
         if profile is not None:
             one = lifecycle.profile(handle, profile)

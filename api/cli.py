@@ -186,7 +186,12 @@ def generate(
 
     if table_format not in ("csv", "jsonl", "parquet", "mixed"):
         raise ChannelgraphError(f"--table-format {table_format!r}: expected csv, jsonl, parquet or mixed")
-    summary = generate_dataset(out_dir, scale=scale, seed=seed, fmt=table_format)
+    if not 0 < scale < float("inf"):
+        raise ChannelgraphError(f"--scale {scale:g}: expected a number above 0 (1 = ~10k scans)")
+    try:
+        summary = generate_dataset(out_dir, scale=scale, seed=seed, fmt=table_format)
+    except OSError as exc:
+        raise ChannelgraphError(f"{exc.filename or out_dir}: {exc.strerror or exc}") from exc
     rows = [{"table": t, "rows": n} for t, n in summary.get("rows", {}).items()]
     emit(summary, format, rows=rows, title=f"generated {out_dir} (scale {scale}, seed {seed})")
 

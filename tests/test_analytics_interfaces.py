@@ -61,6 +61,9 @@ def test_cli_documents(world: Path, capsys):
     (["rebates", "--policy", "no-such-policy.toml"], "policy no-such-policy.toml"),
     (["rebates", "--policy", str(POLICY), "--month", "2024-3"], "month '2024-3'"),
     (["stores", "--as-of", ""], "--as-of ''"),
+    (["consumers", "--funnel", "month", "--stage", "retained"], "--stage"),
+    (["consumers", "--profile", "C1", "--segment", "loyal"], "--segment"),
+    (["consumers", "--profile", "C1", "--funnel", "month"], "--funnel"),
     (["consumers", "--as-of", "2024-13-01"], "--as-of '2024-13-01'"),
 ])
 def test_cli_errors_are_one_line(world: Path, capsys, argv: list[str], message: str):

@@ -102,6 +102,9 @@ def test_findings_csv_is_the_api_download(world, capsys):
     (["diversions", "--untracked", "--by", "sku"], "--untracked", 1),
     (["diversions", "--untracked", "--severity", "confirmed"], "--untracked", 1),
     (["influencers", "--stats", "--cascade", "C1"], "--stats", 1),
+    (["generate", "never-written", "--scale", "0"], "--scale 0", 1),
+    (["generate", "never-written", "--scale", "-1"], "--scale -1", 1),
+    (["generate", "/proc/no-such-folder/data"], "/proc/no-such-folder: No such file", 1),
 ])
 def test_bad_input_is_a_one_line_error(world, capsys, argv: list[str], message: str, status: int):
     store, _ = world
