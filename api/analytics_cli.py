@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from api.cli import Format, FormatOpt, Neo4jOpt, StoreOpt, emit, fields, opened, parse_time
+from api.cli import Format, FormatOpt, Neo4jOpt, StoreOpt, emit, fields, opened, parse_time, stderr
 from graph.errors import ChannelgraphError
 
 TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
@@ -95,6 +95,9 @@ def rebates(
     emit(data, format, rows=rows, columns=fields(RebateLine if lines else RebateTotal), title=(f"rebates ({report.currency}): owed {report.owed:,.2f}, withheld {report.withheld:,.2f} "
                                          f"({len(report.withheld_lines)} lines), unassigned {report.unassigned:,.2f}; "
                                          f"{report.scans} scans, {report.no_store} without a store"))
+    if report.unscanned_skus:
+        stderr.print(f"warning: no consumer scan in the store has the SKU(s) of the policy's [sku.{', sku.'.join(report.unscanned_skus)}]"
+                     " tables (misspelt?)", soft_wrap=True, markup=False)
 
 
 def regions(

@@ -130,6 +130,7 @@ class RebateReport(BaseModel):
     totals: list[RebateTotal]  # per month, role and party
     withheld_lines: list[RebateLine]  # every withheld line, with the finding behind it
     lines: list[RebateLine] | None = None  # every line, when asked for
+    unscanned_skus: list[str] = []  # SKUs the policy names that no consumer scan in the store has (misspelt?)
 
 
 def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None = None,
@@ -180,7 +181,8 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
             "scans": table["scans"].tolist(), **{name: [round(value, 2) for value in table[name].tolist()]
                                                  for name in ("owed", "withheld")}}),
         withheld_lines=lines_of(np.flatnonzero(withheld)),
-        lines=lines_of(np.arange(len(rows))) if lines else None)
+        lines=lines_of(np.arange(len(rows))) if lines else None,
+        unscanned_skus=sorted(set(policy.sku) - set(sales["sku"].dropna())))
 
 
 @dataclass

@@ -41,9 +41,10 @@ def test_cli_documents(world: Path, capsys):
     assert [row["activated"] for row in json.loads(out)] == [1, 12]
     code, out, _ = run(capsys, "consumers", "--store", str(world), "--profile", "wx-a1", "--format", "json")
     assert json.loads(out)["lifecycle"]["stage"] == "referral"
-    code, out, _ = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--format", "json")
+    code, out, err = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--format", "json")
     report = json.loads(out)
     assert (report["owed"], report["withheld"], len(report["withheld_lines"]), report["lines"]) == (28.0, 13.5, 6, None)
+    assert report["unscanned_skus"] == ["SKU001"] and "[sku.SKU001]" in err  # the example's SKU001 is not in this world
     code, out, _ = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--lines", "--format", "csv")
     assert len(out.splitlines()) == 1 + 15
     code, out, _ = run(capsys, "regions", "--store", str(world), "--level", "city", "--matrix", "--format", "json")
