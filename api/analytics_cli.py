@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from api.cli import Format, FormatOpt, Neo4jOpt, StoreOpt, emit, fields, opened
+from api.cli import Format, FormatOpt, Neo4jOpt, StoreOpt, emit, fields, opened, parse_time, stderr
 from graph.errors import ChannelgraphError
 
 TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
@@ -37,7 +37,7 @@ def stores(
     from queries.stores import StoreHealth, store_health
 
     with opened(store, neo4j) as (handle, settings), _clear_errors():
-        health = store_health(handle, region=region, abnormal_only=abnormal, as_of=as_of, window_days=window,
+        health = store_health(handle, region=region, abnormal_only=abnormal, as_of=parse_time(as_of, "--as-of"), window_days=window,
                               peer_level=peer_level, k=settings.k)
     data = [h.model_dump() for h in health]
     shown = TABLE_COLUMNS if format is Format.table else fields(StoreHealth)
@@ -57,6 +57,10 @@ def consumers(
     """Consumer lifecycle: AARRR stage and next action, RFM scores and segment."""
     from queries import consumers as lifecycle
 
+    if profile is not None and funnel is not None:
+        raise ChannelgraphError("give --profile or --funnel, not both")
+    if (profile is not None or funnel is not None) and (stage or segment):
+        raise ChannelgraphError("--stage and --segment filter the list of consumers: not with --profile or --funnel")
     with opened(store, neo4j) as (handle, _), _clear_errors():
         if profile is not None:
             one = lifecycle.profile(handle, profile)
@@ -67,7 +71,7 @@ def consumers(
             data = rows = lifecycle.stage_funnel(handle, period=funnel)
             columns, title = lifecycle.FUNNEL_COLUMNS, f"consumers per stage, by {funnel}"
         else:
-            data = rows = [c.model_dump() for c in lifecycle.lifecycle(handle, stage=stage, segment=segment, as_of=as_of)]
+            data = rows = [c.model_dump() for c in lifecycle.lifecycle(handle, stage=stage, segment=segment, as_of=parse_time(as_of, "--as-of"))]
             columns, title = fields(lifecycle.ConsumerLifecycle), f"{len(data)} consumers"
     emit(data, format, rows=rows, title=title, columns=columns)
 
@@ -85,12 +89,15 @@ def rebates(
 
     rules = load_policy(policy)
     with opened(store, neo4j) as (handle, settings), _clear_errors():
-        report = rebate_report(handle, policy=rules, k=settings.k, as_of=as_of, month=month, lines=lines)
+        report = rebate_report(handle, policy=rules, k=settings.k, as_of=parse_time(as_of, "--as-of"), month=month, lines=lines)
     data = report.model_dump()
     rows = data["lines"] if lines else data["totals"]
     emit(data, format, rows=rows, columns=fields(RebateLine if lines else RebateTotal), title=(f"rebates ({report.currency}): owed {report.owed:,.2f}, withheld {report.withheld:,.2f} "
                                          f"({len(report.withheld_lines)} lines), unassigned {report.unassigned:,.2f}; "
                                          f"{report.scans} scans, {report.no_store} without a store"))
+    if report.unscanned_skus:
+        stderr.print(f"warning: no consumer scan in the store has the SKU(s) of the policy's [sku.{', sku.'.join(report.unscanned_skus)}]"
+                     " tables (misspelt?)", soft_wrap=True, markup=False)
 
 
 def regions(
@@ -104,7 +111,7 @@ def regions(
     from queries.regions import DiversionCell, RegionPeriod, region_sell_through
 
     with opened(store, neo4j) as (handle, settings), _clear_errors():
-        report = region_sell_through(handle, level=level, period=period, k=settings.k, as_of=as_of)
+        report = region_sell_through(handle, level=level, period=period, k=settings.k, as_of=parse_time(as_of, "--as-of"))
     data = report.model_dump()
     rows = data["matrix"] if matrix else data["rows"]
     emit(data, format, rows=rows, columns=fields(DiversionCell if matrix else RegionPeriod), title=f"diverted units between regions ({level})" if matrix else f"sell-through by {level} and {period}")

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api import analytics_views
 from api.errors import responses
@@ -50,7 +50,9 @@ class FunnelRow(BaseModel):
 
 
 class PolicyBody(BaseModel):
-    """A rebate policy, as in a policy file: amounts per scan per role, per SKU."""
+    """A rebate policy, as in a policy file: amounts per scan per role, per SKU (no other keys)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     currency: str = "CNY"
     default: dict[str, float] = Field(default_factory=dict, examples=[{"store": 2.0, "distributor": 1.0, "salesperson": 0.5}])

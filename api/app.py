@@ -209,6 +209,7 @@ def _html(page: views.Page) -> HTMLResponse:
 
 
 @pages.get("/", response_class=HTMLResponse)
+@pages.get("/views", response_class=HTMLResponse)
 def index(svc: Svc) -> HTMLResponse:
     return _html(views.index_page(svc))
 

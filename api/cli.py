@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # the query modules are imported by the commands that use the
     from queries.diversion import DiversionSummary
     from queries.influence import ReferralStats
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Graph analytics for brand channels: trace codes, find cross-region diversion (窜货), rank super users.")
 stderr = Console(stderr=True)
 log = logging.getLogger("channelgraph")
@@ -68,13 +69,19 @@ def opened(store: Path | None, neo4j: str | None, *, writing: bool = False,
     settings = settings_from(store, neo4j, **overrides)
     handle = open_store(settings)
     try:
-        if not (writing or settings.neo4j) and getattr(handle, "version", None) is None:
-            what = "holds no store" if settings.store.is_dir() else "does not exist"
-            raise ChannelgraphError(f"no store at {settings.store} (the folder {what}); load a dataset into it "
-                                    f"first: channelgraph load DATASET --store {settings.store}")
+        missing = None if writing else _missing_store(handle, settings)
+        if missing:
+            raise ChannelgraphError(f"{missing}; load a dataset into it first: channelgraph load DATASET --store {settings.store}")
         yield handle, settings
     finally:
         handle.close()
+
+
+def _missing_store(handle: Store, settings: Settings) -> str | None:
+    """`no store at PATH (the folder ...)` when the embedded store's folder holds no store yet."""
+    if settings.neo4j or getattr(handle, "version", None) is not None:
+        return None
+    return f"no store at {settings.store} (the folder {'holds no store' if settings.store.is_dir() else 'does not exist'})"
 
 
 @contextmanager
@@ -179,7 +186,12 @@ def generate(
 
     if table_format not in ("csv", "jsonl", "parquet", "mixed"):
         raise ChannelgraphError(f"--table-format {table_format!r}: expected csv, jsonl, parquet or mixed")
-    summary = generate_dataset(out_dir, scale=scale, seed=seed, fmt=table_format)
+    if not 0 < scale < float("inf"):
+        raise ChannelgraphError(f"--scale {scale:g}: expected a number above 0 (1 = ~10k scans)")
+    try:
+        summary = generate_dataset(out_dir, scale=scale, seed=seed, fmt=table_format)
+    except OSError as exc:
+        raise ChannelgraphError(f"{exc.filename or out_dir}: {exc.strerror or exc}") from exc
     rows = [{"table": t, "rows": n} for t, n in summary.get("rows", {}).items()]
     emit(summary, format, rows=rows, title=f"generated {out_dir} (scale {scale}, seed {seed})")
 
@@ -187,8 +199,8 @@ def generate(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the dataset, store and HTML views go.")] = Path("demo-output"),
-    scale: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 7,
+    scale: Annotated[float, typer.Option(help="Scenario size: 1 = ~10k scans; 1000 = ~10M scans.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed of the scenario.")] = 7,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Generate a dataset, load it into the embedded store, run the analyses, write views."""
@@ -240,11 +252,11 @@ def diversions(
 ) -> None:
     """Cross-region diversion (窜货): one finding per diverted unit, grouped views, or the
     untracked units; the table ends with the counts of units judged, diverted and untracked."""
-    from queries.diversion import DiversionFinding, UntrackedUnit, diversion_view, judge_store, view_columns
+    from queries.diversion import CSV_COLUMNS, DiversionFinding, UntrackedUnit, diversion_view, finding_csv_row, judge_store, view_columns
 
     if untracked and (by or severity or since):
         raise ChannelgraphError("--untracked lists units that are never judged: it takes no --by, --severity or --since")
-    since_ts = _parse_since(since)
+    since_ts = parse_time(since, "--since")
     with opened(store, neo4j, k=k) as (handle, settings):
         try:
             verdicts = judge_store(handle, k=settings.k, severity=severity, since=since_ts)
@@ -258,9 +270,13 @@ def diversions(
     elif view is not None:
         data, rows, columns, title = view, view, view_columns(by), f"diversions by {by}"
     else:
-        data = [f.model_dump() for f in verdicts.findings.models()]
-        rows = [{k: v for k, v in f.items() if k != "path"} for f in data] if format is not Format.json else None
-        columns, title = fields(DiversionFinding, without=("path",)), f"{len(data)} diverted units"
+        findings = verdicts.findings.models()
+        data = [f.model_dump() for f in findings]
+        rows, columns, title = None, fields(DiversionFinding, without=("path",)), f"{len(data)} diverted units"
+        if format is Format.csv:  # the rows of GET /api/diversions.csv
+            rows, columns = [finding_csv_row(f) for f in findings], list(CSV_COLUMNS)
+        elif format is Format.table:
+            rows = [{k: v for k, v in f.items() if k != "path"} for f in data]
     if out is not None:
         with _redirect_stdout(out):
             emit(data, format if format is not Format.table else Format.json, rows=rows, title=title, columns=columns)
@@ -328,7 +344,7 @@ def _attribution_line(stats: ReferralStats) -> str:
 def serve(
     store: StoreOpt = None, neo4j: Neo4jOpt = None,
     host: Annotated[str, typer.Option(help="Interface to listen on; loopback unless you mean to share it.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: warning, info, debug.")] = "info",
 ) -> None:
     """Serve the HTTP API (/api; OpenAPI document at /openapi.json) and the browser views (/views).
@@ -339,22 +355,30 @@ def serve(
 
     settings = settings_from(store, neo4j)
     application = create_app(settings)
+    missing = _missing_store(application.state.service.store, settings)
+    if missing:  # it answers once a load puts a store there; a mistyped --store must not look like empty answers
+        stderr.print(f"warning: {missing} yet: the answers are empty until a dataset is loaded into it", soft_wrap=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         stderr.print(f"warning: listening on {host}, reachable from other machines"
                      + ("" if settings.api_key else " (read-only: no API key set)"))
-    stderr.print(f"channelgraph on http://{host}:{port}/ over {application.state.service.store.uri}")
+    stderr.print(f"channelgraph on http://{host}:{port}/ over {application.state.service.store.uri}", soft_wrap=True)
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
-def _parse_since(since: str | None):  # noqa: ANN202
-    if since is None:
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """The ISO 8601 time given to `option` (None when not given); an empty or bad one is
+    an error naming the option (never an empty answer)."""
+    if value is None:
         return None
     import pandas as pd
 
     try:
-        return pd.Timestamp(since).to_pydatetime()
+        moment = pd.Timestamp(value)
     except ValueError as exc:
-        raise ChannelgraphError(f"--since {since!r}: not an ISO 8601 time") from exc
+        raise ChannelgraphError(f"{option} {value!r}: not an ISO 8601 time ({exc})") from exc
+    if moment is pd.NaT:
+        raise ChannelgraphError(f"{option} {value!r}: not an ISO 8601 time")
+    return moment.to_pydatetime()
 
 
 @contextmanager

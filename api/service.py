@@ -37,7 +37,8 @@ from graph.errors import NotFound
 from graph.settings import Settings
 from graph.store import Store, open_store
 from queries import influence
-from queries.diversion import SEVERITIES, DiversionFinding, DiversionSummary, UntrackedUnit, diversion_view, judge_store
+from queries.diversion import (CSV_COLUMNS, SEVERITIES, DiversionFinding, DiversionSummary, UntrackedUnit, diversion_view,
+                               finding_csv_row, judge_store)
 from queries.trace import FlowEdge, TraceResult, flow, trace
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SORTS = ("code", "-code", "crossing_ts", "-crossing_ts", "responsible", "-responsible", "severity", "-severity",
          "crossing_region", "-crossing_region", "sku", "-sku", "batch", "-batch")
-CSV_COLUMNS = ("code", "severity", "responsible", "territory", "exit_via", "crossing_event_id", "crossing_ts",
-               "crossing_party", "crossing_region", "sku", "batch", "case", "path")
 
 
 # ---------------------------------------------------------------- memo
@@ -356,13 +355,11 @@ class ApiService:
         return await to_thread.run_sync(page)
 
     def findings_csv(self, filters: DiversionFilters, sort: str = "code", k: int | None = None) -> str:
-        """The findings as CSV (CSV_COLUMNS; the path as `party > party*`, `*` where the goods crossed)."""
+        """The findings as CSV (`finding_csv_row`)."""
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        for finding in self.findings(filters, sort, k):
-            row = finding.model_dump(exclude={"path"})
-            writer.writerow({**row, "territory": "|".join(finding.territory), "path": " > ".join(_path_parties(finding))})
+        writer.writerows(finding_csv_row(finding) for finding in self.findings(filters, sort, k))
         return out.getvalue()
 
     def diversion_summary(self, k: int | None = None) -> DiversionSummary:
@@ -481,18 +478,6 @@ def _text(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False)
     return value if isinstance(value, str) else str(value)
-
-
-def _path_parties(finding: DiversionFinding) -> list[str]:
-    """The holders along a finding's path, the one the crossing reached marked with `*`."""
-    out: list[str] = []
-    for hop in finding.path:
-        for who in (hop.party_id, hop.counterparty_id if hop.action == "ship" else None):
-            if who and (not out or out[-1].rstrip("*") != who):
-                out.append(who)
-        if hop.crossed and out:
-            out[-1] = out[-1].rstrip("*") + "*"
-    return out
 
 
 def _is_embedded(store: object) -> bool:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from api import views
-from api.cli import Neo4jOpt, StoreOpt, _parse_since, opened, stderr
+from api.cli import Neo4jOpt, StoreOpt, opened, parse_time, stderr
 from api.service import ApiService, DiversionFilters
 from graph.errors import ChannelgraphError
 
@@ -18,7 +18,13 @@ viz_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_a
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")]
 KOpt = Annotated[int | None, typer.Option(help="Consumer scans per case that confirm a suspected diversion.")]
-Text = Annotated[str | None, typer.Option()]
+Severity = Annotated[str | None, typer.Option(help="Only confirmed or only suspected findings.")]
+Responsible = Annotated[str | None, typer.Option(help="Only findings of this responsible distributor.")]
+Sku = Annotated[str | None, typer.Option(help="Only units of this SKU.")]
+Batch = Annotated[str | None, typer.Option(help="Only units of this batch.")]
+Since = Annotated[str | None, typer.Option(help="Only crossings at or after this ISO 8601 time.")]
+Until = Annotated[str | None, typer.Option(help="Only crossings at or before this ISO 8601 time.")]
+Region = Annotated[str | None, typer.Option(help="Only the flow into, out of and inside this region (and the regions in it).")]
 
 
 def _write(page: views.Page, out: Path) -> None:
@@ -40,14 +46,14 @@ def trace(code: Annotated[str, typer.Argument(help="A pallet, case, box or unit 
 
 
 @viz_app.command()
-def diversions(out: OutOpt = Path("diversions.html"), severity: Text = None, responsible: Text = None,
+def diversions(out: OutOpt = Path("diversions.html"), severity: Severity = None, responsible: Responsible = None,
                region: Annotated[str | None, typer.Option(help="Crossings into this region or one inside it.")] = None,
-               sku: Text = None, batch: Text = None, since: Text = None, until: Text = None, k: KOpt = None,
+               sku: Sku = None, batch: Batch = None, since: Since = None, until: Until = None, k: KOpt = None,
                store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
     """The findings (sortable, filterable, each with its path) and the territory-to-region flow."""
     try:
         filters = DiversionFilters(severity=severity, responsible=responsible, region=region, sku=sku, batch=batch,
-                                   since=_parse_since(since), until=_parse_since(until))
+                                   since=parse_time(since, "--since"), until=parse_time(until, "--until"))
     except ValueError as exc:
         raise ChannelgraphError(str(exc)) from exc
     with opened(store, neo4j, k=k) as (handle, settings):
@@ -57,7 +63,7 @@ def diversions(out: OutOpt = Path("diversions.html"), severity: Text = None, res
 @viz_app.command()
 def influencers(out: OutOpt = Path("influencers.html"),
                 by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
-                top: Annotated[int, typer.Option(min=1)] = 20,
+                top: Annotated[int, typer.Option(min=1, help="How many referrers to rank.")] = 20,
                 user: Annotated[str | None, typer.Option(help="Whose cascade to show first [default: the top one].")] = None,
                 store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
     """The super-user ranking and the cascade trees of the top users."""
@@ -70,7 +76,7 @@ def influencers(out: OutOpt = Path("influencers.html"),
 
 
 @viz_app.command()
-def network(out: OutOpt = Path("network.html"), region: Text = None, sku: Text = None, batch: Text = None,
+def network(out: OutOpt = Path("network.html"), region: Region = None, sku: Sku = None, batch: Batch = None,
             store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
     """The aggregated F -> B -> b -> C flow of a region, SKU or batch (all units if none)."""
     with opened(store, neo4j) as (handle, settings):

@@ -27,6 +27,8 @@ ACTION_ROWS = Lookup(pa.array(ACTIONS))
 VIEW_KEYS = {"responsible": ("responsible",), "region-pair": ("from_territory", "to_region"), "case": ("case",),
              "batch": ("batch",), "sku": ("sku",), "month": ("month",)}  # the key columns of each grouped view
 VIEWS = tuple(VIEW_KEYS)
+CSV_COLUMNS = ("code", "severity", "responsible", "territory", "exit_via", "crossing_event_id", "crossing_ts",
+               "crossing_party", "crossing_region", "sku", "batch", "case", "path")  # of `finding_csv_row`
 
 
 class Hop(BaseModel):
@@ -598,6 +600,20 @@ def find_diversions(store, *, k: int = 3, severity: str | None = None,  # noqa: 
 def view_columns(by: str) -> list[str]:
     """The columns of a `diversion_view` row, in order."""
     return ["rank", *VIEW_KEYS[by], "units", "confirmed", "suspected", "crossings", "first_ts", "last_ts"]
+
+
+def finding_csv_row(finding: DiversionFinding) -> dict[str, str | None]:
+    """A finding as one flat CSV row (CSV_COLUMNS): the territory `|`-separated, the path as
+    its holders `F > B > b*` (`*`: the holder the crossing reached)."""
+    holders: list[str] = []
+    for hop in finding.path:
+        for who in (hop.party_id, hop.counterparty_id if hop.action == "ship" else None):
+            if who and (not holders or holders[-1].rstrip("*") != who):
+                holders.append(who)
+        if hop.crossed and holders:
+            holders[-1] = holders[-1].rstrip("*") + "*"
+    row = {**finding.model_dump(exclude={"path"}), "territory": "|".join(finding.territory), "path": " > ".join(holders)}
+    return {column: row[column] for column in CSV_COLUMNS}
 
 
 def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:

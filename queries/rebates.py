@@ -24,6 +24,7 @@ A policy file (TOML; see docs/policy.example.toml)::
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,12 +130,15 @@ class RebateReport(BaseModel):
     totals: list[RebateTotal]  # per month, role and party
     withheld_lines: list[RebateLine]  # every withheld line, with the finding behind it
     lines: list[RebateLine] | None = None  # every line, when asked for
+    unscanned_skus: list[str] = []  # SKUs the policy names that no consumer scan in the store has (misspelt?)
 
 
 def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None = None,
             month: str | None = None, lines: bool = False) -> RebateReport:
     """Totals and withheld lines of the rebates of every consumer scan (of one `YYYY-MM`
-    month if given); every line too with `lines=True`."""
+    month if given; any other spelling is a ValueError); every line too with `lines=True`."""
+    if month is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        raise ValueError(f"month {month!r}: expected YYYY-MM, e.g. 2024-03")
     facts = sales_facts(store, k=k, as_of=as_of)
     sales = facts.sell_out  # not copied: the credited scans are `rows` of it
     months = (sales["ts"].dt.year * 12 + sales["ts"].dt.month - 1).to_numpy(np.int64)  # since year 0
@@ -177,7 +181,8 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
             "scans": table["scans"].tolist(), **{name: [round(value, 2) for value in table[name].tolist()]
                                                  for name in ("owed", "withheld")}}),
         withheld_lines=lines_of(np.flatnonzero(withheld)),
-        lines=lines_of(np.arange(len(rows))) if lines else None)
+        lines=lines_of(np.arange(len(rows))) if lines else None,
+        unscanned_skus=sorted(set(policy.sku) - set(sales["sku"].dropna())))
 
 
 @dataclass

@@ -41,9 +41,10 @@ def test_cli_documents(world: Path, capsys):
     assert [row["activated"] for row in json.loads(out)] == [1, 12]
     code, out, _ = run(capsys, "consumers", "--store", str(world), "--profile", "wx-a1", "--format", "json")
     assert json.loads(out)["lifecycle"]["stage"] == "referral"
-    code, out, _ = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--format", "json")
+    code, out, err = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--format", "json")
     report = json.loads(out)
     assert (report["owed"], report["withheld"], len(report["withheld_lines"]), report["lines"]) == (28.0, 13.5, 6, None)
+    assert report["unscanned_skus"] == ["SKU001"] and "[sku.SKU001]" in err  # the example's SKU001 is not in this world
     code, out, _ = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--lines", "--format", "csv")
     assert len(out.splitlines()) == 1 + 15
     code, out, _ = run(capsys, "regions", "--store", str(world), "--level", "city", "--matrix", "--format", "json")
@@ -59,6 +60,12 @@ def test_cli_documents(world: Path, capsys):
     (["consumers", "--profile", "S1"], "consumer 'S1' is not stored"),
     (["regions", "--period", "decade"], "period 'decade'"),
     (["rebates", "--policy", "no-such-policy.toml"], "policy no-such-policy.toml"),
+    (["rebates", "--policy", str(POLICY), "--month", "2024-3"], "month '2024-3'"),
+    (["stores", "--as-of", ""], "--as-of ''"),
+    (["consumers", "--funnel", "month", "--stage", "retained"], "--stage"),
+    (["consumers", "--profile", "C1", "--segment", "loyal"], "--segment"),
+    (["consumers", "--profile", "C1", "--funnel", "month"], "--funnel"),
+    (["consumers", "--as-of", "2024-13-01"], "--as-of '2024-13-01'"),
 ])
 def test_cli_errors_are_one_line(world: Path, capsys, argv: list[str], message: str):
     code, out, err = run(capsys, *argv, "--store", str(world))
@@ -94,6 +101,7 @@ def test_api_documents(client: TestClient):
     ("get", "/api/rebates?month=March", None, 422),
     ("post", "/api/rebates", {"default": {"boss": 1.0}}, 400),
     ("post", "/api/rebates", {"default": {"store": -1.0}}, 400),
+    ("post", "/api/rebates", {"defualt": {"store": 1.0}}, 422),  # a typo is not an empty policy
 ])
 def test_api_errors_have_one_shape(client: TestClient, method: str, url: str, body: dict | None, status: int):
     response = client.request(method, url, json=body)

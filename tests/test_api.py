@@ -197,6 +197,16 @@ def test_routing_errors_share_the_shape(client):
     assert client.get("/docs").status_code == 404  # Swagger UI would load scripts from a CDN
 
 
+def test_the_views_start_page_links_every_view(client):
+    """`/` and `/views` (the README's address of the views) are the start page; it links
+    every view of the navigation, the analytics views too."""
+    page = client.get("/views")
+    assert page.status_code == 200 and page.text == client.get("/").text
+    cards = page.text.split('<ul class="cards">', 1)[1].split("</ul>", 1)[0]
+    for view in ("trace", "diversions", "influencers", "network", "stores", "consumers", "rebates", "regions"):
+        assert f'href="/views/{view}"' in cards, view
+
+
 def test_server_is_read_only_without_an_api_key(client):
     rows = {"tables": {"scans": [{"code": "H1", "action": "scan", "party_id": "wx-new", "ts": "2024-04-01T00:00:00Z"}]}}
     assert "read-only" in error_of(client.post("/api/datasets", json=rows), 403)

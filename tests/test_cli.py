@@ -8,8 +8,10 @@ import csv
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,11 +72,25 @@ def test_documents_alone_on_stdout_with_the_issue_fields(world):
     assert done.returncode == 0 and [set(i) for i in json.loads(done.stdout)] == [INFLUENCER] * 2
 
 
+def test_findings_csv_is_the_api_download(world, capsys):
+    """`diversions --format csv` and GET /api/diversions.csv are one CSV (territory `|`-separated, the path as holders)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from graph.settings import Settings
+
+    store, _ = world
+    code, out, _ = run(capsys, "diversions", "--store", str(store), "--format", "csv")
+    download = TestClient(create_app(Settings(store=store))).get("/api/diversions.csv").text
+    assert code == 0 and out == download and " > " in out
+
+
 @pytest.mark.parametrize(("argv", "message", "status"), [
     (["trace", "NOPE"], "unknown code 'NOPE'", 1),
     (["diversions", "--severity", "maybe"], "severity 'maybe'", 1),
     (["diversions", "--by", "colour"], "--by 'colour'", 1),
     (["diversions", "--since", "yesterday"], "--since 'yesterday'", 1),
+    (["diversions", "--since", ""], "--since ''", 1),
     (["diversions", "--k", "0"], "k", 1),
     (["trace", "K1", "--k", "-1"], "k", 1),
     (["influencers", "--top", "-1"], "--top", 2),
@@ -86,6 +102,9 @@ def test_documents_alone_on_stdout_with_the_issue_fields(world):
     (["diversions", "--untracked", "--by", "sku"], "--untracked", 1),
     (["diversions", "--untracked", "--severity", "confirmed"], "--untracked", 1),
     (["influencers", "--stats", "--cascade", "C1"], "--stats", 1),
+    (["generate", "never-written", "--scale", "0"], "--scale 0", 1),
+    (["generate", "never-written", "--scale", "-1"], "--scale -1", 1),
+    (["generate", "/proc/no-such-folder/data"], "/proc/no-such-folder: No such file", 1),
 ])
 def test_bad_input_is_a_one_line_error(world, capsys, argv: list[str], message: str, status: int):
     store, _ = world
@@ -115,6 +134,28 @@ def test_reading_a_folder_without_a_store_is_a_one_line_error(tmp_path, capsys, 
         assert (code, out) == (1, ""), err
         assert err.count("\n") == 1 and err.startswith(f"channelgraph: error: no store at {folder} (the folder {what})"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no store folder made
+
+
+def test_serve_warns_of_a_folder_without_a_store(tmp_path):
+    """`serve` may start before the first load (it answers once one happens), but a mistyped
+    --store is said on stderr before the server starts, not left to look like empty answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--store", str(tmp_path / "typo"),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lines = []
+        for line in server.stderr:
+            lines.append(line)
+            if line.startswith("channelgraph on"):
+                break
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    said = " ".join(" ".join(lines).split())
+    assert f"warning: no store at {tmp_path / 'typo'} (the folder does not exist)" in said, said
 
 
 def test_the_default_store_folder_is_checked_too(tmp_path, capsys, monkeypatch):
@@ -223,3 +264,62 @@ def test_demo_recovers_the_planted_answers_and_writes_offline_views(tmp_path):
         if hop["counterparty_id"]:
             arrow = "<-" if hop["action"] == "receive" else "->"
             assert f"{arrow} {hop['counterparty_id']}" in table.stdout.replace("\n", " ")
+
+
+def test_help_says_what_the_options_default_to(capsys):
+    """Bracketed help text (the env variable, the default) is printed, not taken for markup."""
+    def said(text: str) -> str:  # wrapped anywhere, hyphens included
+        return "".join(text.split())
+
+    code, out, _ = run(capsys, "load", "--help")
+    assert code == 0 and said("[env CHANNELGRAPH_STORE; default ./channelgraph-data]") in said(out)
+    assert said("[default: STORE/rejects]") in said(out)
+    code, out, _ = run(capsys, "stores", "--help")
+    assert code == 0 and said("[default: the latest event]") in said(out)
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's CLI block that answer and exit (not demo, neo4j, serve)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## The CLI", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split(" #", 1)[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line.startswith("channelgraph ")
+            and line.split()[1] not in ("demo", "neo4j", "serve")]
+
+
+def test_every_readme_command_answers_on_the_readme_scenario(tmp_path, capsys, monkeypatch):
+    """A new user runs the README's CLI block as written, in a folder of their own (the
+    default store, `docs/` of the checkout), CODE and PARTY_ID from the scenario's answers:
+    each command exits 0 and finds something."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHANNELGRAPH_STORE", raising=False)
+    (tmp_path / "docs").symlink_to(ROOT / "docs")
+    commands = readme_commands()
+    assert commands[0].startswith("channelgraph generate data/") and len(commands) >= 15
+    answers = None
+    for line in commands:
+        if answers is None and not line.startswith("channelgraph generate"):
+            answers = json.loads((tmp_path / "data" / "answers.json").read_text())
+            code = answers["diversions"][0]["code"]
+            party = answers["super_users"][0]["party_id"]
+        argv = line.split()[1:]
+        if answers is not None:
+            argv = [code if a == "CODE" else party if a == "PARTY_ID" else a for a in argv]
+        status, out, err = run(capsys, *argv)
+        assert status == 0, f"{line}: {err}"
+        assert "--out" in argv or (out.strip() and "nothing found" not in out and out.strip() != "[]"), f"{line}: {out}"
+
+
+def test_every_option_says_what_it_does():
+    import typer
+
+    from api.cli import app
+
+    def commands(command, path: str) -> Iterator[tuple[str, object]]:  # noqa: ANN001 - a click command (typer's own click)
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}")
+
+    bare = [f"{path} {param.opts[0]}" for path, command in commands(typer.main.get_command(app), "channelgraph")
+            for param in command.params if param.param_type_name == "option" and not param.help]
+    assert bare == []
