@@ -32,6 +32,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ class EmbeddedStore:
         self._cache: dict[str, Any] = {}  # tables, and arrays and indexes derived from them
         self.version = self._live_version()
         self._new: Path | None = None  # the folder of the version a load is writing
+        self._writer: ThreadPoolExecutor | None = None  # writes its columns, one at a time (`_write_column`)
+        self._writing: Future | None = None  # the column being written
 
     # ------------------------------------------------------------ reading
 
@@ -334,12 +337,13 @@ class EmbeddedStore:
             self._new = self.path / f".tmp-{uuid.uuid4().hex}"
             try:
                 self._new.mkdir()
-                yield self._new / "spill"
+                with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as self._writer:
+                    yield self._new / "spill"
             except OSError as exc:
                 raise StoreError(f"{self.path}: cannot write the store ({exc.strerror or exc}); the previous version is intact") from exc
             finally:
-                shutil.rmtree(self._new, ignore_errors=True)
-                self._new = None
+                shutil.rmtree(self._new, ignore_errors=True)  # no column is being written: `_writer` was shut down
+                self._new, self._writer, self._writing = None, None, None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -369,6 +373,7 @@ class EmbeddedStore:
         for name in TABLES:
             if name not in ("codes", "scans"):
                 self._write_table(name, retractions if name == "retractions" else self._merged(name, validated))
+        self._written()
         shutil.rmtree(self._new / "spill", ignore_errors=True)  # all read: a version folder holds tables only
         for folder in self._new.iterdir():  # on disk before the version is: written back meanwhile, synced now
             for path in folder.iterdir():
@@ -502,6 +507,7 @@ class EmbeddedStore:
 
     def _new_column(self, table: str, name: str) -> pa.Array:
         """A column already written into the new version (memory-mapped)."""
+        self._written()
         return _one_array(_read_table(self._new, table).column(name))
 
     def _write_table(self, name: str, table: pa.Table) -> None:
@@ -509,15 +515,28 @@ class EmbeddedStore:
             self._write_column(name, i, field.name, values)
 
     def _write_column(self, table: str, i: int, name: str, values: pa.Array | pa.ChunkedArray) -> None:
-        """Writes column `i` of `table` in the new version (one batch: takes by row stay O(rows))."""
+        """Writes column `i` of `table` in the new version (one batch: takes by row stay
+        O(rows)) in the background, while the next one is computed: once the column written
+        before is (`_written`), so at most two are in memory."""
         folder = self._new / table
         folder.mkdir(exist_ok=True)
         values = _one_array(values)
-        field = pa.field(name, values.type)
-        path = folder / f"{i}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([field])) as writer:
-            writer.write_batch(pa.record_batch([values], schema=pa.schema([field])))
-        release_memory()
+        self._written()
+        self._writing = self._writer.submit(_write_column_file, folder / f"{i}.arrow", name, values)
+
+    def _written(self) -> None:
+        """Waits until the column being written is on file (raises its error, if any)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+            release_memory()
+
+
+def _write_column_file(path: Path, name: str, values: pa.Array) -> None:
+    """An Arrow IPC file of one column (Arrow writes it without holding the GIL)."""
+    schema = pa.schema([pa.field(name, values.type)])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(pa.record_batch([values], schema=schema))
 
 
 def _read_table(version: Path, name: str) -> pa.Table:

@@ -282,6 +282,70 @@ def _parse_ts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
         return _parse_ts(encoded.dictionary).take(encoded.indices)
     if not pa.types.is_string(values.type):
         values = values.cast(pa.string())
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    return pa.concat_arrays([_parse_ts_fast(chunk) for chunk in chunks]) if chunks else pa.array([], TS_TYPE)
+
+
+_TS_HEAD = 19  # bytes of YYYY-MM-DDTHH:MM:SS, and where its separators are:
+_TS_SEPARATORS = {4: ord("-"), 7: ord("-"), 10: ord("T"), 13: ord(":"), 16: ord(":")}
+# pandas reads a time as nanoseconds when some value in the same call has a finer
+# fraction than microseconds: only years inside that range read the same in any company
+_TS_YEARS = [int.from_bytes(year, "big") for year in (b"1678", b"2261")]
+_EPOCH_2000_US = 946_684_800 * 1_000_000
+
+
+def _parse_ts_fast(values: pa.StringArray) -> pa.Array:
+    """`_parse_ts_exact` of `values`, sooner: a value that starts YYYY-MM-DDTHH:MM:SS
+    (years 1678-2261) and goes on with a suffix (offset, fraction, or none) is that time as Arrow reads it
+    (strictly: no Feb 30 or 24:00) shifted by the suffix as `_parse_ts_exact` reads it
+    after 2000-01-01T00:00:00, when that is a whole number of microseconds. Other values
+    are parsed by `_parse_ts_exact`, and so is the whole array if Arrow refuses a time."""
+    binary = values.cast(pa.binary())
+    rows = np.flatnonzero(pc.greater_equal(pc.fill_null(pc.binary_length(binary), 0), _TS_HEAD).to_numpy(zero_copy_only=False))
+    candidates = binary if len(rows) == len(values) else binary.take(pa.array(rows))
+    heads = pc.binary_slice(candidates, 0, _TS_HEAD)
+    start = heads.buffers()[1] and int(np.frombuffer(heads.buffers()[1], np.int32, 1, heads.offset * 4)[0])
+    matrix = np.frombuffer(heads.buffers()[2] or b"", np.uint8, _TS_HEAD * len(heads), start).reshape(-1, _TS_HEAD)
+    year = np.ascontiguousarray(matrix[:, :4]).view(">u4")[:, 0]  # its text, compared as a number
+    ok = (year >= _TS_YEARS[0]) & (year <= _TS_YEARS[1])
+    for place, separator in _TS_SEPARATORS.items():
+        ok &= matrix[:, place] == separator
+    tails = pc.dictionary_encode(pc.binary_slice(candidates, _TS_HEAD, 2**31 - 1))
+    shift = _ts_shifts(tails.dictionary.to_pylist())[tails.indices.to_numpy(zero_copy_only=False)]
+    ok &= shift != _NO_SHIFT
+    try:
+        heads = heads if ok.all() else heads.filter(pa.array(ok))
+        times = heads.cast(pa.string()).cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        return _parse_ts_exact(values)
+    micros = np.zeros(len(values), np.int64)
+    micros[rows[ok]] = times + shift[ok]
+    done = np.zeros(len(values), bool)
+    done[rows[ok]] = True
+    rest = np.flatnonzero(~done & pc.is_valid(values).to_numpy(zero_copy_only=False))
+    if len(rest):
+        exact = _parse_ts_exact(values.take(pa.array(rest)))
+        micros[rest] = exact.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        done[rest] = exact.is_valid().to_numpy(zero_copy_only=False)
+    return pa.array(micros, TS_TYPE, mask=~done)
+
+
+_NO_SHIFT = np.iinfo(np.int64).min
+
+
+def _ts_shifts(suffixes: list[bytes]) -> np.ndarray:
+    """Per suffix of a time: its shift in microseconds as `_parse_ts_exact` reads it
+    after 2000-01-01T00:00:00 (an offset: minus it; a fraction: plus it); _NO_SHIFT if
+    that is not a time or not a whole number of microseconds."""
+    series = pd.Series(["2000-01-01T00:00:00" + s.decode("utf-8", "replace") for s in suffixes], dtype=object)
+    parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce").astype("datetime64[ns, UTC]")
+    nanos = parsed.astype("int64").to_numpy() - _EPOCH_2000_US * 1000
+    good = parsed.notna().to_numpy() & (nanos % 1000 == 0)
+    return np.where(good, nanos // 1000, _NO_SHIFT)
+
+
+def _parse_ts_exact(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The reference parser of times (pandas, value by value): any ISO 8601 form."""
     # pandas reads the chunks as they are (combining them first would copy the text)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")

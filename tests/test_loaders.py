@@ -76,6 +76,33 @@ def test_each_rule_rejects_the_row_that_breaks_it(tmp_path, table, row, reason):
     assert reject["table"] == table
 
 
+def test_times_read_fast_as_the_reference_parser_reads_them():
+    """The fast path of times (numpy and Arrow) gives what pandas gives value by value:
+    offsets, Z, no offset, fractions, leap days, Feb 30, 24:00, :60, years near the edges
+    of its range, other forms; chunks with and without a value that Arrow refuses."""
+    from loaders.validate import _parse_ts, _parse_ts_exact
+
+    rng = np.random.default_rng(5)
+    n = 40_000
+    year = rng.choice([1600, 1677, 1678, 1900, 2000, 2024, 2100, 2261, 2262, 2300], n)
+    month, day = rng.integers(1, 13, n), np.where(rng.random(n) < 0.02, rng.integers(29, 33, n), rng.integers(1, 29, n))
+    hour, minute, second = rng.integers(0, 25, n), rng.integers(0, 60, n), rng.integers(0, 61, n)
+    tails = rng.choice(["", "Z", "+05:30", "-09:30", "-00:00", "+0530", "+05", ".25", ".999999Z", ".1234567Z", "+24:00", " ", "z", "x"], n)
+    values = [f"{y:04d}-{m:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}{t}"
+              for y, m, d, h, mi, s, t in zip(year, month, day, hour, minute, second, tails)]
+    values += ["2024-04-01 09:49:46", "2024-04-01", "20240401T094946Z", "2024-04-01T09:49", "", "garbage", None,
+               "\u00e92024-04-01T09:49:46", "2024-04-01T09:49:\u00e96", "2024-04-01T09:49:46\u00e9", "+2024-04-01T09:49:46"]
+    at, with_times = 0, 0
+    while at < len(values):
+        size = int(rng.integers(1, 300))
+        chunk = pa.array(values[at:at + size], pa.string())
+        at += size
+        parsed = _parse_ts(chunk)
+        assert parsed.equals(_parse_ts_exact(chunk)), chunk
+        with_times += parsed.null_count < len(chunk)
+    assert with_times > 50
+
+
 def test_packaging_cycle_and_orphans_of_rejected_codes(tmp_path):
     world = channel_world()
     world["codes"] += [{"code": "Y1", "level": "case", "parent_code": "Y2"}, {"code": "Y2", "level": "case", "parent_code": "Y1"},
