@@ -14,6 +14,7 @@ from graph.settings import Settings
 from graph.store import open_store
 from loaders.generate import generate_dataset
 from loaders.ingest import load_dataset
+from loaders.readers import ANSWERS
 from queries.diversion import diversion_view, judge_store
 from queries.influence import influencers, referral_stats
 from queries.trace import trace
@@ -39,7 +40,7 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         top = influencers(store, top=5, by="cascade_size")
         referrals = referral_stats(store)
         example = trace(store, findings[0].code, k=settings.k) if findings else None
-        answers = json.loads((dataset / "answers.json").read_text())
+        answers = json.loads((dataset / ANSWERS).read_text())
         pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
         pages += write_analytics_views(store, out_dir / "views", k=settings.k, policy=demo_policy(settings))
     finally:

@@ -33,6 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from loaders.readers import ANSWERS
+
 log = logging.getLogger(__name__)
 
 TABLES = ("regions", "parties", "products", "codes", "scans", "referrals")
@@ -1264,7 +1266,7 @@ def generate_dataset(out_dir: Path, *, scale: float = 1.0, seed: int = 0, fmt: s
         "implicit_consumers": int(world.used_implicit.sum()) + plants.consumers,
         **plants.answers,
     }
-    counts = _write_answers(out_dir / "answers.json", summary, world, answers, super_users,
+    counts = _write_answers(out_dir / ANSWERS, summary, world, answers, super_users,
                             ref_noise)
     return {**summary, "out_dir": str(out_dir), **counts}
 

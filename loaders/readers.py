@@ -12,6 +12,7 @@ Parquet counts rows from 1.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -36,6 +37,7 @@ csv.field_size_limit(2**31 - 1)  # the exact CSV reader takes fields as large as
 CHUNK_ROWS = 1 << 20  # rows per chunk: bounds the memory of reading (and of validating) a big file
 CSV_BLOCK_BYTES = 4 << 20  # CSV text parsed at a time (a chunk is whole blocks)
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+ANSWERS = "answers.json"  # the known answers `channelgraph generate` writes next to the data
 EPCIS_SUFFIXES = (".xml", ".json", ".jsonld")
 META_COLUMNS = ("_file", "_line")
 
@@ -78,7 +80,9 @@ def table_of(path: Path) -> str | None:
 
 
 def discover(dataset: Path) -> list[Source]:
-    """The readable sources of a dataset: a folder of tables/EPCIS files, or one file."""
+    """The readable sources of a dataset: a folder of tables/EPCIS files, or one file. Other
+    files are ignored with a warning (naming the table a misspelt file name comes close to),
+    except the answers a generated scenario keeps next to its data."""
     if not dataset.exists():
         raise DatasetError(f"{dataset}: no such file or directory")
     paths = sorted(p for p in dataset.rglob("*") if p.is_file()) if dataset.is_dir() else [dataset]
@@ -91,8 +95,10 @@ def discover(dataset: Path) -> list[Source]:
             sources.append(Source(table, path))
         elif path.suffix in EPCIS_SUFFIXES and _looks_like_epcis(path):
             sources.append(Source("epcis", path))
-        else:
-            log.warning("ignoring %s: not a channelgraph table or EPCIS document", path)
+        elif path.name != ANSWERS:
+            guess = difflib.get_close_matches(path.name[: -len(path.suffix)] if path.suffix else path.name, list(TABLES), n=1)
+            log.warning("ignoring %s: not a channelgraph table or EPCIS document%s", path,
+                        f" (did you mean {guess[0]}{path.suffix}?)" if guess else "")
     if not sources:
         raise DatasetError(f"{dataset}: no tables (regions, parties, products, codes, scans, referrals) or EPCIS documents found")
     return sources

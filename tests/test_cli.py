@@ -323,3 +323,16 @@ def test_every_option_says_what_it_does():
     bare = [f"{path} {param.opts[0]}" for path, command in commands(typer.main.get_command(app), "channelgraph")
             for param in command.params if param.param_type_name == "option" and not param.help]
     assert bare == []
+
+
+def test_load_warns_of_a_misspelt_table_file_but_not_of_the_answers(tmp_path):
+    """A generated folder's answers.json is no data and no warning; a file named like a table
+    with a typo is ignored with a warning that names the table it comes close to."""
+    data = write_world(channel_world(), tmp_path / "world")
+    (data / "answers.json").write_text("{}")
+    (data / "scans.csv").rename(data / "scnas.csv")
+    done = channelgraph("load", str(data), "--store", str(tmp_path / "store"), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert "scnas.csv" in done.stderr and "did you mean scans.csv?" in done.stderr
+    assert "answers.json" not in done.stderr
+    assert json.loads(done.stdout)["accepted"].get("scans", 0) == 0
