@@ -1,8 +1,8 @@
 """EPCIS 2.0 / 1.2 documents load into the canonical model (loaders/epcis.py) and a
 diversion finding exports as EPCIS 2.0 (loaders/epcis_export.py).
 
-Ground truth: the GS1/openepcis example documents in ../shared/epcis-examples (read in
-place, see SOURCES.md there) and a small hand-written channel (`channel_document`) whose
+Ground truth: the GS1/openepcis example documents in tests/data/epcis-examples (a copy of
+../shared/epcis-examples, see SOURCES.md there) and a small hand-written channel (`channel_document`) whose
 answers are worked out by hand below. Store tests run on both stores (`store` fixture).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from queries.diversion import find_diversions
 from queries.trace import trace
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / ".." / "shared" / "epcis-examples"
+EXAMPLES = REPO / "tests" / "data" / "epcis-examples"
 PAIRS = ("ObjectEvent", "AggregationEvent", "TransactionEvent", "TransformationEvent", "Combination_of_different_event")
 CONTEXT = "https://ref.gs1.org/standards/epcis/epcis-context.jsonld"
 

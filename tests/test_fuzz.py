@@ -320,7 +320,7 @@ def test_fuzzed_files_load_identically_into_neo4j(files, neo4j_uri):
 
 # ------------------------------------------------------------------ EPCIS documents
 
-EPCIS_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "epcis-examples"
+EPCIS_EXAMPLES = Path(__file__).resolve().parent / "data" / "epcis-examples"
 JSON_EXAMPLES = sorted(p.name for p in EPCIS_EXAMPLES.glob("*.json")) if EPCIS_EXAMPLES.is_dir() else []
 XML_EXAMPLES = sorted(p.name for p in EPCIS_EXAMPLES.glob("*.xml")) if EPCIS_EXAMPLES.is_dir() else []
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False), st.text(max_size=8),
@@ -360,7 +360,7 @@ def broken_json(draw: st.DrawFn, document: Any) -> Any:
     return document
 
 
-@needs(bool(JSON_EXAMPLES), "needs ../shared/epcis-examples")
+@needs(bool(JSON_EXAMPLES), "needs tests/data/epcis-examples")
 @settings(max_examples=25, deadline=None, derandomize=IN_CI, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_broken_epcis_documents_never_crash(data):
@@ -389,7 +389,7 @@ def test_broken_epcis_documents_never_crash(data):
         assert_usable(tmp / "store", tmp)
 
 
-@needs(bool(JSON_EXAMPLES), "needs ../shared/epcis-examples")
+@needs(bool(JSON_EXAMPLES), "needs tests/data/epcis-examples")
 def test_epcis_event_with_a_huge_integer_is_a_reject_record(tmp_path):
     """A value orjson cannot write (an integer beyond 64 bits) once crashed writing rejects."""
     document = json.loads((EPCIS_EXAMPLES / "ObjectEvent.json").read_bytes())
