@@ -130,16 +130,26 @@ def sellers(store, codes: Sequence[str]) -> dict[str, str | None]:  # noqa: ANN0
     the timelines of these units alone (what one consumer's profile needs)."""
     timeline = store.timelines(list(codes))
     j = judge(timeline, judging_context(store, timeline))
-    rows, seller = _sell_outs(j, j.holds_store & (j.action != SCAN))
-    holders = take_rows(j.context.party_ids, np.where(seller >= 0, j.holder[np.maximum(seller, 0)], -1))
-    return dict(zip(take_rows(timeline.units.column("code"), timeline.unit[rows]).to_pylist(), holders.to_pylist()))
+    rows, seller = _sell_outs(j, _handlers(j))
+    stores = take_rows(j.context.party_ids, seller)
+    return dict(zip(take_rows(timeline.units.column("code"), timeline.unit[rows]).to_pylist(), stores.to_pylist()))
 
 
-def _sell_outs(j: Judgement, store_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each unit's first consumer scan (timeline rows) and the last row at or before it
-    where a store holds the unit (`store_row`; -1: none): the sell-outs of a judgement."""
+def _handlers(j: Judgement) -> np.ndarray:
+    """Per timeline row, the store handling the goods (party row, -1 none): the store
+    holding them after the event, else the store performing it (a store's ship to a
+    consumer); a scan is a sale, not handling."""
+    by_store = j.context.kind[j.party] == diversion.STORE
+    handler = np.where(j.holds_store, j.holder, np.where(by_store, j.party, -1))
+    return np.where(j.action != SCAN, handler, -1)
+
+
+def _sell_outs(j: Judgement, handler: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sell-outs of a judgement: each unit's first consumer scan (timeline rows) and
+    the store credited with it, the last to handle the unit before (`_handlers`; -1 none)."""
     rows = j.timeline.first_per_unit(np.flatnonzero(j.action == SCAN))
-    return rows, j.timeline.latest(store_row, rows)
+    last = j.timeline.latest(handler >= 0, rows)
+    return rows, np.where(last >= 0, handler[np.maximum(last, 0)], -1)
 
 
 def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
@@ -346,11 +356,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     def sku(units: np.ndarray) -> pa.DictionaryArray:
         return _keyed(skus.dictionary, sku_of[units])
 
-    # the store handling the goods: the store holding them after the event, else the store
-    # performing it (a store's ship to a consumer); scans are sales, not handling
-    by_store = context.kind[j.party] == diversion.STORE
-    handler = np.where(j.holds_store, j.holder, np.where(by_store, j.party, -1))
-    store_row = (handler >= 0) & (j.action != SCAN)
+    handler = _handlers(j)
     crossing = np.full(timeline.units.num_rows, len(timeline), np.int64)
     crossing[j.verdicts.unit] = j.verdicts.row
     severity = np.full(timeline.units.num_rows, -1, np.int64)
@@ -361,7 +367,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
         """Per timeline row: at or after its unit's crossing."""
         return rows >= crossing[unit[rows]]
 
-    rows = np.flatnonzero(store_row)
+    rows = np.flatnonzero(handler >= 0)
     unit_holder = unit[rows].astype(np.int64) * (len(party_ids) + 1) + handler[rows]
     again = np.diff(unit_holder, prepend=-1) == 0  # the store of the row before (cheap; most repeats)
     rows, unit_holder = rows[~again], unit_holder[~again]
@@ -369,7 +375,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     sell_in = _table(code=take_rows(codes, unit[rows]), sku=sku(unit[rows]), store=party(handler[rows]),
                      ts=at(rows, times), diverted=diverted(rows))
 
-    rows, seller = _sell_outs(j, store_row)
+    rows, seller = _sell_outs(j, handler)
     sold = sku(unit[rows])
     products = store.stored("products", skus.dictionary)
     price_of = take_rows(products.column("unit_price"), encode(skus.dictionary, products.column("sku").combine_chunks()))
@@ -377,7 +383,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
     sell_out = _table(
         event_id=at(rows, event_ids), code=take_rows(codes, unit[rows]), sku=sold, unit_price=price,
         consumer=party(j.party[rows]), ts=at(rows, times), region_id=_keyed(region_ids, j.location[rows]),
-        store=party(np.where(seller >= 0, handler[np.maximum(seller, 0)], -1)),
+        store=party(seller),
         finding=at(np.where(diverted(rows), crossing[unit[rows]], -1), event_ids),
         severity=_keyed(severities, np.where(diverted(rows), severity[unit[rows]], -1)))
 

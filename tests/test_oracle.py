@@ -503,3 +503,15 @@ def test_the_oracle_reads_store_health_as_written(tmp_path: Path):
     assert [ss4[k] for k in ("sell_in", "sell_in_window", "sell_out", "scan_rate", "daily_sales", "stock",
                              "days_of_cover", "next_purchase_date", "next_purchase_qty")] == [
         168, 120, 48, 0.4912, 1.163, 70.3, 60.4, "2024-05-24T09:36:00Z", 33]
+
+
+def test_profile_stores_are_the_sell_out_credit(sales_at):
+    """A consumer's profile names, per unit bought, the store its sell-out credits
+    (oracle.sales), also when that store shipped the unit to the consumer itself."""
+    at, data, _ = sales_at
+    credit = {row["unit"]: row["store"] for row in oracle.sales(data).sell_out}
+    buyers = {row["consumer"] for row in oracle.sales(data).sell_out if data.kind(row["consumer"]) == "consumer"}
+    for consumer in sorted(buyers)[:40]:
+        got = cli("consumers", "--profile", consumer, *at)
+        assert {p["code"]: p["store"] for p in got["purchases"]} == {
+            p["code"]: credit[p["code"]] for p in got["purchases"]}, consumer
