@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
 from graph.timeline import Lookup, Timeline, encode, ranges
-from loaders.keys import StringKeys, positions, sorted_rows
+from loaders.keys import StringKeys, gather, positions, sorted_rows
 from loaders.validate import TYPES, AcceptedRows, Validated, release_memory
 
 log = logging.getLogger(__name__)
@@ -441,8 +441,8 @@ class EmbeddedStore:
             added = new.column(name) if name in new.column_names else None
             if added is not None and stored is not None and name != "code" and (at >= 0).any():  # values left empty keep the stored ones
                 added = pc.coalesce(added, _one_array(old.column(name)).take(pa.array(at, mask=at < 0)).cast(added.type))
-            return _concat([stored if stored is not None else pa.nulls(int(kept.sum()), field.type),
-                            added if added is not None else pa.nulls(new.num_rows, field.type)]).take(pa.array(order))
+            return gather(_concat([stored if stored is not None else pa.nulls(int(kept.sum()), field.type),
+                            added if added is not None else pa.nulls(new.num_rows, field.type)]), order)
 
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         links = new.links.get("parent_code") if not old.num_rows else None
@@ -480,7 +480,7 @@ class EmbeddedStore:
                 return new.take(name, rows) if name in new.column_names else pa.nulls(len(rows), field.type)
             values = _concat([_one_array(old.column(name)) if name in old.column_names else pa.nulls(old.num_rows, field.type),
                               new.column(name) if name in new.column_names else pa.nulls(new.num_rows, field.type)])
-            return values if rows is None else values.take(pa.array(rows))
+            return values if rows is None else gather(values, rows)
 
         code_idx = code_rows.pop().find(merged("code"), new.links.pop("code", None) if not old.num_rows else None).astype(np.int32)
         event_ids = merged("event_id")
@@ -498,7 +498,7 @@ class EmbeddedStore:
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         for i, name in enumerate(names):
             if name == "code" and (code_idx >= 0).all():  # the code of each scan's code row: read in order (sorted by code_idx)
-                self._write_column("scans", i, name, self._new_column("codes", "code").take(pa.array(code_idx).take(order)))
+                self._write_column("scans", i, name, gather(self._new_column("codes", "code"), code_idx[order_rows]))
             else:
                 self._write_column("scans", i, name, merged(name, order_rows))
         self._write_column("scans", len(names), "code_idx", pa.array(code_idx, mask=code_idx < 0).take(order))

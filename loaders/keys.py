@@ -326,6 +326,23 @@ class StringKeys:
         return np.concatenate([self._rows, np.flatnonzero(~valid)])
 
 
+def gather(values: pa.Array, rows: np.ndarray) -> pa.Array:
+    """`values` at `rows` (numpy row numbers), as Arrow's take gives them. Strings (or
+    bytes) that all have one length and no nulls, such as codes and event ids, are copied
+    as fixed-width records: about a third of the time of Arrow's take, whose string by
+    string copies dominate random gathers of big columns."""
+    n = len(values)
+    if n and len(rows) and values.null_count == 0 and values.type in (pa.string(), pa.binary()):
+        offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4)
+        width = int(offsets[1] - offsets[0])
+        if (0 < width and len(rows) * width < 2**31 and int(offsets[-1] - offsets[0]) == n * width
+                and (np.diff(offsets) == width).all() and int(rows.min()) >= 0):
+            records = np.frombuffer(values.buffers()[2], f"V{width}", n, int(offsets[0]))[rows]
+            starts = np.arange(0, (len(rows) + 1) * width, width, dtype=np.int32)
+            return pa.Array.from_buffers(values.type, len(rows), [None, pa.py_buffer(starts), pa.py_buffer(records)])
+    return values.take(pa.array(rows))
+
+
 def _equal(a: pa.Array, rows_a: np.ndarray, b: pa.Array, rows_b: np.ndarray) -> np.ndarray:
     """Whether a[rows_a[i]] == b[rows_b[i]], pair by pair."""
     if not len(rows_a):

@@ -16,7 +16,9 @@ the store reads the accepted rows back column by column (`AcceptedRows`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
-from loaders.keys import StringKeys, positions, sort_order, sorted_rows, string_array
+from loaders.keys import StringKeys, gather, positions, sort_order, sorted_rows, string_array
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
@@ -92,12 +94,22 @@ class Validated:
 # ---------------------------------------------------------------- rows and where they are kept
 
 
+def _spiller() -> ThreadPoolExecutor:
+    """The thread that writes chunks to files while the next chunk is validated."""
+    return ThreadPoolExecutor(1, thread_name_prefix="spill")
+
+
+_SPILLER = _spiller()
+os.register_at_fork(after_in_child=lambda: globals().update(_SPILLER=_spiller()))  # a child has not its parent's threads
+
+
 class _Chunks:
     """The rows of a table under validation, chunk by chunk: each chunk's typed columns,
     and (when the rows may still be rejected later, which needs their raw values) its raw
     columns with `_file` and `_line`. Typed columns equal to raw ones are kept once, as
-    raw. In memory, or (with a folder) written to Arrow IPC files, memory-mapped when read
-    back, so only the pages of the columns asked for are touched."""
+    raw. In memory, or (with a folder) written to Arrow IPC files on a background thread,
+    one chunk at a time, and memory-mapped when read back, so only the pages of the
+    columns asked for are touched."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
@@ -105,6 +117,7 @@ class _Chunks:
         self.typed: list[pa.Table | Path] = []
         self.starts = [0]  # row number of each chunk's first row, then the number of rows
         self.names: dict[str, None] = {}  # raw column names, in the order first seen
+        self._writing: Future | None = None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -113,18 +126,29 @@ class _Chunks:
         return self.starts[-1]
 
     def add(self, n: int, typed: pa.Table, raw: pa.Table | None) -> None:
-        number = len(self.typed)
-        self.typed.append(self._kept(typed, f"{number:05d}.typed.arrow"))
-        self.raw.append(self._kept(raw, f"{number:05d}.raw.arrow") if raw is not None else None)
+        """Adds a chunk; with a folder, it is written to files in the background once the
+        chunk added before is (`flush`), so at most two are in memory."""
+        self.typed.append(typed)
+        self.raw.append(raw)
         self.starts.append(self.n + n)
+        if self.folder is not None:
+            self.flush()
+            self._writing = _SPILLER.submit(self._spill, len(self.typed) - 1)
 
-    def _kept(self, table: pa.Table, name: str) -> pa.Table | Path:
-        if self.folder is None:
-            return table
-        path = self.folder / name
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)  # a batch per parsed block: combined when read back (`_combined`)
-        return path
+    def flush(self) -> None:
+        """Waits until every chunk added is on file (raises the error of a failed write)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def _spill(self, number: int) -> None:
+        """Writes chunk `number` to files, then holds their paths instead of its tables."""
+        for parts, kind in ((self.typed, "typed"), (self.raw, "raw")):
+            if parts[number] is not None:
+                path = self.folder / f"{number:05d}.{kind}.arrow"
+                with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, parts[number].schema) as writer:
+                    writer.write_table(parts[number])  # a batch per parsed block: combined when read back (`_combined`)
+                parts[number] = path
 
     def column(self, name: str, type_: pa.DataType) -> pa.ChunkedArray:
         """The typed column `name` over all chunks (nulls in chunks without it)."""
@@ -179,7 +203,7 @@ class AcceptedRows:
         self.num_rows = int(keep.sum())
         self.order: np.ndarray | None = None
         self.links: dict[str, np.ndarray] = {}
-        self._taken: tuple[np.ndarray, pa.Array] | None = None  # the last `rows` taken, as rows of all the chunks
+        self._taken: tuple[np.ndarray, np.ndarray] | None = None  # the last `rows` taken, as rows of all the chunks
 
     @classmethod
     def of(cls, table: pa.Table) -> AcceptedRows:
@@ -202,9 +226,8 @@ class AcceptedRows:
         Columns taken one after another at the same `rows` (the same array) share the work
         of finding those rows."""
         if self._taken is None or self._taken[0] is not rows:
-            self._taken = (rows, pa.array(rows if self._rows is None else self._rows[rows]))
-        values = _combined(self._chunks.column(name, self.schema.field(name).type))
-        return values.take(self._taken[1])
+            self._taken = (rows, rows if self._rows is None else self._rows[rows])
+        return gather(_combined(self._chunks.column(name, self.schema.field(name).type)), self._taken[1])
 
     def to_table(self) -> pa.Table:
         """All accepted rows in memory (fine for small tables; big ones: column by column)."""
@@ -400,17 +423,16 @@ def _typed_columns(rows: _Rows) -> dict[str, pa.Array]:
 
 def _with_content_ids(ids: pa.Array, columns: dict[str, pa.Array], names: tuple[str, ...], prefix: str) -> pa.Array:
     """`ids`, with a stable id derived from the row's content where it is missing."""
-    missing = pc.is_null(ids)
-    rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+    missing = pc.is_null(ids).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(missing)
     if not len(rows):
         return ids
     taken = pa.array(rows)
     frame = pd.DataFrame({name: pd.Series(pd.arrays.ArrowStringArray(pc.take(columns[name], taken).cast(pa.string())))
                           for name in names})
-    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    derived = np.full(len(ids), None, dtype=object)
-    derived[rows] = [f"{prefix}{h}" for h in hashed]
-    return pc.coalesce(ids, pa.array(derived, pa.string()))
+    hashed = pa.array(pd.util.hash_pandas_object(frame, index=False).to_numpy(), pa.uint64())
+    derived = pc.binary_join_element_wise(prefix, hashed.cast(pa.string()), "")  # prefix and the hash in decimal
+    return pc.replace_with_mask(string_array(ids), pa.array(missing), derived)
 
 
 def _same_values(a: Callable[[str], pa.ChunkedArray | pa.Array], rows_a: np.ndarray,
@@ -455,31 +477,35 @@ class _TableValidation(_Verdicts):
         self.pre_rejects: list[Reject] = []
         self._early: list[tuple[int, Reject]] = []  # (row, reject) recorded with their chunk
         failed, oks, present = [], [], set()
-        for raw in chunks:
-            rows = _Rows(self.spec, raw.data)
-            typed = _typed_columns(rows)
-            if check is not None:
-                check(rows, typed)
-            start = self.chunks.n
-            present.update(raw.data.column_names)
-            self.chunks.names.update(dict.fromkeys(raw.data.column_names))
-            self.pre_rejects += raw.rejects
-            oks.append(rows.ok)
-            if rows.held.any():
-                found = np.flatnonzero(rows.held)
-                held.append(found + start)
-                self._held.add(len(found), pa.table({"row": found + start}), raw.data.take(pa.array(found)))
-            # A table without a required column rejects every row once it is read (below).
-            late = late_rejects or any(c.required and c.name not in raw.data.column_names for c in self.spec.columns)
-            if late:
-                failed += [(found + start, reason) for found, reason in rows.failed]
-                differing = {k: v for k, v in typed.items() if v is not rows.col(k)}
-                self.chunks.add(rows.n, pa.table(differing), raw.data)
-            else:
-                self._early += self._records(rows.failed, lambda found, raw=raw.data: raw.take(pa.array(found)).to_pylist(), start)
-                extras = {name: rows.col(name) for name in raw.data.column_names
-                          if name not in self.spec.column_names and name not in META_COLUMNS}
-                self.chunks.add(rows.n, pa.table({**typed, **extras}), None)
+        try:
+            for raw in chunks:
+                rows = _Rows(self.spec, raw.data)
+                typed = _typed_columns(rows)
+                if check is not None:
+                    check(rows, typed)
+                start = self.chunks.n
+                present.update(raw.data.column_names)
+                self.chunks.names.update(dict.fromkeys(raw.data.column_names))
+                self.pre_rejects += raw.rejects
+                oks.append(rows.ok)
+                if rows.held.any():
+                    found = np.flatnonzero(rows.held)
+                    held.append(found + start)
+                    self._held.add(len(found), pa.table({"row": found + start}), raw.data.take(pa.array(found)))
+                # A table without a required column rejects every row once it is read (below).
+                late = late_rejects or any(c.required and c.name not in raw.data.column_names for c in self.spec.columns)
+                if late:
+                    failed += [(found + start, reason) for found, reason in rows.failed]
+                    differing = {k: v for k, v in typed.items() if v is not rows.col(k)}
+                    self.chunks.add(rows.n, pa.table(differing), raw.data)
+                else:
+                    self._early += self._records(rows.failed, lambda found, raw=raw.data: raw.take(pa.array(found)).to_pylist(), start)
+                    extras = {name: rows.col(name) for name in raw.data.column_names
+                              if name not in self.spec.column_names and name not in META_COLUMNS}
+                    self.chunks.add(rows.n, pa.table({**typed, **extras}), None)
+        finally:  # every chunk on file (or the load failing) before the rules across rows
+            self.chunks.flush()
+            self._held.flush()
         super().__init__(self.chunks.n)
         self.ok = np.concatenate(oks) if oks else self.ok
         self.failed = failed

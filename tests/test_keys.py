@@ -91,3 +91,27 @@ def test_sorted_rows_match_lexsort(seed):
     tiny = rng.integers(0, 3, n).astype(np.int8)
     for columns in ([small], [small, tiny], [tiny, wide], [wide, small, tiny]):
         assert keys.sorted_rows(*columns).tolist() == np.lexsort(columns[::-1]).tolist()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_gather_is_arrows_take(seed):
+    """Fixed-width strings (the fast path), sliced ones, varied lengths, nulls, bytes,
+    large strings: always what Arrow's take gives, rows repeated or not."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    width = rng.randint(1, 5)
+    fixed = ["".join(rng.choice("ab1") for _ in range(width)) for _ in range(n)]
+    rows = np.array([rng.randrange(n) for _ in range(rng.randint(0, 2 * n))], np.int64)
+    for values in (pa.array(fixed), pa.array(fixed).slice(n // 3), pa.array([s.encode() for s in fixed], pa.binary()),
+                   pa.array(fixed, pa.large_string()), pa.array(random_strings(rng, n)), pa.array(["中" * width] * n),
+                   pa.array(["ab"] * (n - 1) + ["abc"])):
+        at = rows[rows < len(values)]
+        assert keys.gather(values, at).equals(values.take(pa.array(at))), values
+        assert keys.gather(values, at.astype(np.int32)).to_pylist() == [values[int(i)].as_py() for i in at]
+
+
+def test_gather_refuses_rows_out_of_range():
+    with pytest.raises(IndexError):
+        keys.gather(pa.array(["ab", "cd"]), np.array([0, 2]))
+    with pytest.raises(IndexError):
+        keys.gather(pa.array(["ab", "cd"]), np.array([-1]))
