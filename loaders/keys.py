@@ -26,6 +26,7 @@ here is exact; only its speed depends on the strings.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 
 MAX_PACKED_BYTES = 256  # longer strings are hashed
 BLOCK = 1 << 22  # values looked up (or hashed) at a time: bounds the memory of a lookup
+PACK_BLOCK = 1 << 15  # strings packed at a time (`_Strings.blocks`)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
@@ -80,11 +82,19 @@ class _Strings:
 
     def sample(self, size: int) -> _Strings:
         """About `size` of the strings, spread over all of them."""
-        sample = copy.copy(self)
-        pick = np.arange(0, len(self), max(len(self) // size, 1))
-        sample.rows, sample.starts, sample.lengths = self.rows[pick], self.starts[pick], self.lengths[pick]
-        sample.matrix = self.matrix[pick] if self.matrix is not None else None
-        return sample
+        return self._subset(np.arange(0, len(self), max(len(self) // size, 1)))
+
+    def blocks(self) -> Iterator[_Strings]:
+        """The strings in blocks of PACK_BLOCK: a block's integers stay in the CPU's cache
+        while all of its positions are packed."""
+        for start in range(0, len(self), PACK_BLOCK):
+            yield self._subset(slice(start, start + PACK_BLOCK))
+
+    def _subset(self, pick: np.ndarray | slice) -> _Strings:
+        subset = copy.copy(self)
+        subset.rows, subset.starts, subset.lengths = self.rows[pick], self.starts[pick], self.lengths[pick]
+        subset.matrix = self.matrix[pick] if self.matrix is not None else None
+        return subset
 
     def hashes(self) -> np.ndarray:
         """A 64-bit hash of each string (its length, then its bytes 8 at a time), computed
@@ -143,29 +153,37 @@ class _Packing:
         sample = 1 << 16
         if len(strings) > 2 * sample and cls.of(strings.sample(sample)) is None:
             return None
-        packing, ints = cls(), np.zeros(len(strings), np.uint64)
-        for p in range(min(strings.width, MAX_PACKED_BYTES + 1)):
-            column, ended = strings.at(p)
-            seen = np.zeros(256, bool)
-            seen[column if ended is None else column[~ended]] = True
-            has_end = ended is not None and bool(ended.any())
-            rank = np.full(256, cls.UNSEEN, np.uint16)
-            rank[seen] = np.arange(has_end, has_end + int(seen.sum()), dtype=np.uint16)
-            bits = (int(seen.sum()) + has_end - 1).bit_length()
-            packing.ranks.append(rank)
-            packing.ended.append(has_end)
-            packing.bits.append(bits)
-            packing.total_bits += bits
-            if packing.total_bits > 64 or p == MAX_PACKED_BYTES:
+        width = min(strings.width, MAX_PACKED_BYTES + 1)
+        seen, has_end = np.zeros((width, 256), bool), np.zeros(width, bool)  # per position: the bytes there, a string ended
+        for i, block in enumerate(strings.blocks()):
+            for p in range(width):
+                column, ended = block.at(p)
+                seen[p, column if ended is None else column[~ended]] = True
+                has_end[p] |= ended is not None and bool(ended.any())
+            if i == 0 and sum(_bits(seen, has_end)) > 64:  # the first block's bytes are too many already
                 return None
-            if bits:
-                ints <<= np.uint64(bits)
-                ints |= _ranks(rank, column, ended)
-        return packing, ints
+        bits = _bits(seen, has_end)
+        if sum(bits) > 64 or width > MAX_PACKED_BYTES:
+            return None
+        packing = cls()
+        for p in range(width):
+            rank = np.full(256, cls.UNSEEN, np.uint16)
+            rank[seen[p]] = np.arange(has_end[p], has_end[p] + int(seen[p].sum()), dtype=np.uint16)
+            packing.ranks.append(rank)
+        packing.ended, packing.bits, packing.total_bits = has_end.tolist(), bits, sum(bits)
+        return packing, packing.encode(strings)[0]
 
     def encode(self, strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
         """(each string's integer, whether it is one the packing can hold: at most as long
         as the longest packed string, each byte seen at its position)."""
+        if len(strings) <= PACK_BLOCK:
+            return self._encode(strings)
+        ints, known = np.empty(len(strings), np.uint64), np.empty(len(strings), bool)
+        for start, block in zip(range(0, len(strings), PACK_BLOCK), strings.blocks()):
+            ints[start:start + PACK_BLOCK], known[start:start + PACK_BLOCK] = self._encode(block)
+        return ints, known
+
+    def _encode(self, strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
         known = strings.lengths <= len(self.ranks)
         ints = np.zeros(len(strings), np.uint64)
         for p, (rank, has_end, bits) in enumerate(zip(self.ranks, self.ended, self.bits)):
@@ -181,6 +199,11 @@ class _Packing:
                 ints <<= np.uint64(bits)
                 ints |= value
         return ints, known
+
+
+def _bits(seen: np.ndarray, has_end: np.ndarray) -> list[int]:
+    """Per position, the bits of the ranks of its bytes (0: a string ended, then the bytes)."""
+    return [(int(n) - 1).bit_length() for n in seen.sum(axis=1) + has_end]
 
 
 def _ranks(rank: np.ndarray, column: np.ndarray, ended: np.ndarray | None) -> np.ndarray:
