@@ -482,7 +482,12 @@ class EmbeddedStore:
                               new.column(name) if name in new.column_names else pa.nulls(new.num_rows, field.type)])
             return values if rows is None else gather(values, rows)
 
-        code_idx = code_rows.pop().find(merged("code"), new.links.pop("code", None) if not old.num_rows else None).astype(np.int32)
+        codes, links = code_rows.pop(), new.links.pop("code", None) if not old.num_rows else None
+        if links is not None and (links >= 0).all():  # every scan names a code of this load: its column is not read
+            code_idx = codes.of_links(links).astype(np.int32)
+        else:
+            code_idx = codes.find(merged("code"), links).astype(np.int32)
+        del codes, links
         event_ids = merged("event_id")
         event_order, by_time = _event_order(merged("ts"), merged("action"), event_ids)
         retracted = pc.is_in(event_ids, value_set=retractions.column("event_id"))
