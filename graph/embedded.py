@@ -375,9 +375,7 @@ class EmbeddedStore:
                 self._write_table(name, retractions if name == "retractions" else self._merged(name, validated))
         self._written()
         shutil.rmtree(self._new / "spill", ignore_errors=True)  # all read: a version folder holds tables only
-        for folder in self._new.iterdir():  # on disk before the version is: written back meanwhile, synced now
-            for path in folder.iterdir():
-                _fsync(path)
+        for folder in self._new.iterdir():  # on disk before the version is (each file was synced once written)
             _fsync(folder)
         _fsync(self._new)
         os.rename(self._new, final)
@@ -538,10 +536,12 @@ class EmbeddedStore:
 
 
 def _write_column_file(path: Path, name: str, values: pa.Array) -> None:
-    """An Arrow IPC file of one column (Arrow writes it without holding the GIL)."""
+    """An Arrow IPC file of one column, synced to disk (Arrow writes it without holding
+    the GIL; it runs on the writer thread while the next column is computed)."""
     schema = pa.schema([pa.field(name, values.type)])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch([values], schema=schema))
+    _fsync(path)
 
 
 def _read_table(version: Path, name: str) -> pa.Table:
