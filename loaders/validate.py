@@ -94,13 +94,16 @@ class Validated:
 # ---------------------------------------------------------------- rows and where they are kept
 
 
-def _spiller() -> ThreadPoolExecutor:
-    """The thread that writes chunks to files while the next chunk is validated."""
-    return ThreadPoolExecutor(1, thread_name_prefix="spill")
+def _start_spiller() -> None:
+    """The thread that writes chunks to files while the next chunk is validated (anew in
+    a forked child, which has none of its parent's threads)."""
+    global _SPILLER
+    _SPILLER = ThreadPoolExecutor(1, thread_name_prefix="spill")
 
 
-_SPILLER = _spiller()
-os.register_at_fork(after_in_child=lambda: globals().update(_SPILLER=_spiller()))  # a child has not its parent's threads
+_SPILLER: ThreadPoolExecutor
+_start_spiller()
+os.register_at_fork(after_in_child=_start_spiller)
 
 
 class _Chunks:
