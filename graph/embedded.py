@@ -456,7 +456,7 @@ class EmbeddedStore:
             if name == "level":
                 is_unit = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
             elif name == "parent_code" and parent_idx is None:
-                parent_idx = rows.find(values, None)
+                parent_idx = rows.find(values)
             del values
         parent_idx = parent_idx.astype(np.int32)
         units = _unit_counts(is_unit, parent_idx)
@@ -484,7 +484,7 @@ class EmbeddedStore:
         if links is not None and (links >= 0).all():  # every scan names a code of this load: its column is not read
             code_idx = codes.of_links(links).astype(np.int32)
         else:
-            code_idx = codes.find(merged("code"), links).astype(np.int32)
+            code_idx = codes.find(merged("code")).astype(np.int32)
         del codes, links
         event_ids = merged("event_id")
         event_order, by_time = _event_order(merged("ts"), merged("action"), event_ids)
@@ -630,11 +630,8 @@ class _CodeRows:
         self.row_of[order] = np.arange(len(order))
         self.accepted_at, self._index, self._built = accepted_at, index, None
 
-    def find(self, values: pa.Array, links: np.ndarray | None) -> np.ndarray:
-        """The row of each value (-1: none); `links`, if given, are validation's links of
-        the values (`AcceptedRows.links`)."""
-        if links is not None and not (links[pc.is_valid(values).to_numpy(zero_copy_only=False)] < 0).any():
-            return self.of_links(links)
+    def find(self, values: pa.Array) -> np.ndarray:
+        """The row of each value (-1: none), looked up in the index."""
         self._built = self._built or self._index()
         merged = self._built.positions(values)
         return np.where(merged >= 0, self.row_of[np.maximum(merged, 0)], -1)

@@ -153,7 +153,9 @@ class _Packing:
         sample = 1 << 16
         if len(strings) > 2 * sample and cls.of(strings.sample(sample)) is None:
             return None
-        width = min(strings.width, MAX_PACKED_BYTES + 1)
+        if strings.width > MAX_PACKED_BYTES:
+            return None
+        width = strings.width
         seen, has_end = np.zeros((width, 256), bool), np.zeros(width, bool)  # per position: the bytes there, a string ended
         for i, block in enumerate(strings.blocks()):
             for p in range(width):
@@ -163,7 +165,7 @@ class _Packing:
             if i == 0 and sum(_bits(seen, has_end)) > 64:  # the first block's bytes are too many already
                 return None
         bits = _bits(seen, has_end)
-        if sum(bits) > 64 or width > MAX_PACKED_BYTES:
+        if sum(bits) > 64:
             return None
         packing = cls()
         for p in range(width):
@@ -176,8 +178,6 @@ class _Packing:
     def encode(self, strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
         """(each string's integer, whether it is one the packing can hold: at most as long
         as the longest packed string, each byte seen at its position)."""
-        if len(strings) <= PACK_BLOCK:
-            return self._encode(strings)
         ints, known = np.empty(len(strings), np.uint64), np.empty(len(strings), bool)
         for start, block in zip(range(0, len(strings), PACK_BLOCK), strings.blocks()):
             ints[start:start + PACK_BLOCK], known[start:start + PACK_BLOCK] = self._encode(block)
@@ -351,9 +351,9 @@ class StringKeys:
 
 def gather(values: pa.Array, rows: np.ndarray) -> pa.Array:
     """`values` at `rows` (numpy row numbers), as Arrow's take gives them. Strings (or
-    bytes) that all have one length and no nulls, such as codes and event ids, are copied
-    as fixed-width records: about a third of the time of Arrow's take, whose string by
-    string copies dominate random gathers of big columns."""
+    bytes) that all have one length and no nulls, such as codes, are copied as fixed-width
+    records: a random gather of 16.5M 12-byte codes takes 0.73-0.87 s so, 0.92-1.08 s by
+    Arrow's take, which copies string by string."""
     n = len(values)
     if n and len(rows) and values.null_count == 0 and values.type in (pa.string(), pa.binary()):
         offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4)
