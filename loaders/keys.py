@@ -221,10 +221,16 @@ def by_value(values: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarra
     if bits + row_bits > 64:
         order = np.argsort(values, kind="stable")
         return rows[order].astype(row_type, copy=False), values[order]
-    packed = values << np.uint64(row_bits)
-    packed |= rows.astype(np.uint64)
+    packed = values << np.uint64(row_bits)  # the one array of n integers made here: the rest works in place
+    packed |= rows.view(np.uint32 if rows.dtype == np.int32 else np.uint64)  # rows are never negative
     packed.sort()
-    return (packed & np.uint64((1 << row_bits) - 1)).astype(row_type), packed >> np.uint64(row_bits)
+    if row_type is np.int32:
+        sorted_rows = packed.astype(np.uint32)  # the low 32 bits
+        sorted_rows &= np.uint32((1 << row_bits) - 1)
+    else:
+        sorted_rows = packed & np.uint64((1 << row_bits) - 1)
+    packed >>= np.uint64(row_bits)
+    return sorted_rows.view(row_type), packed
 
 
 def sorted_rows(*keys: np.ndarray) -> np.ndarray:
@@ -327,7 +333,7 @@ class StringKeys:
             return out
         run_start = np.ones(len(rows), bool)
         run_start[later] = False
-        first = np.maximum.accumulate(np.where(run_start, np.arange(len(rows)), 0))[later]
+        first = np.maximum.accumulate(np.where(run_start, np.arange(len(rows), dtype=_row_type(len(rows))), 0))[later]
         out[rows[later]] = rows[first]
         if self._keys is not None:  # hashed: check each match, and decide those that merely share bits exactly
             wrong = ~_equal(self._keys, rows[later], self._keys, rows[first])

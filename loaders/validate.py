@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from graph.errors import DatasetError
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
 from loaders.keys import StringKeys, gather, positions, sort_order, sorted_rows, string_array
 from loaders.readers import META_COLUMNS, RawTable, Reject
@@ -44,6 +45,7 @@ MAX_ID_LENGTH = 1024
 ID_COLUMNS = frozenset({"region_id", "parent_id", "party_id", "upstream_id", "sku", "code", "parent_code",
                         "event_id", "counterparty_id", "referral_id", "referrer_id", "referee_id"})
 SPILLED = ("codes", "scans", "referrals")  # tables that can be big: their chunks go to the spill folder
+MAX_COLUMN_TEXT = 2**31 - 1  # bytes of text a spilled string column holds (Arrow's 32-bit offsets)
 
 
 class Known(Protocol):
@@ -107,19 +109,20 @@ os.register_at_fork(after_in_child=_start_spiller)
 
 
 class _Chunks:
-    """The rows of a table under validation, chunk by chunk: each chunk's typed columns,
-    and (when the rows may still be rejected later, which needs their raw values) its raw
-    columns with `_file` and `_line`. Typed columns equal to raw ones are kept once, as
-    raw. In memory, or (with a folder) written to Arrow IPC files on a background thread,
-    one chunk at a time, and memory-mapped when read back, so only the pages of the
-    columns asked for are touched."""
+    """The rows of a table under validation, added chunk by chunk and read back column by
+    column: each chunk's typed columns, and (when the rows may still be rejected later,
+    which needs their raw values) its raw columns with `_file` and `_line`. A raw column
+    whose typed column is the same array is kept once, among the columns. In memory, or
+    (with a folder) written to files on a background thread, one chunk at a time: the
+    columns to `_ColumnFiles`, each chunk's other raw columns to an Arrow IPC file."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
-        self.raw: list[pa.Table | Path | None] = []
-        self.typed: list[pa.Table | Path] = []
         self.starts = [0]  # row number of each chunk's first row, then the number of rows
         self.names: dict[str, None] = {}  # raw column names, in the order first seen
+        self.raw: list[pa.Table | Path | None] = []  # each chunk's raw columns not among the columns
+        self._pieces: dict[str, list[tuple[int, pa.ChunkedArray]]] = {}  # in memory: (first row, values) of each column
+        self._files = _ColumnFiles(folder) if folder is not None else None
         self._writing: Future | None = None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -129,14 +132,24 @@ class _Chunks:
         return self.starts[-1]
 
     def add(self, n: int, typed: pa.Table, raw: pa.Table | None) -> None:
-        """Adds a chunk; with a folder, it is written to files in the background once the
-        chunk added before is (`flush`), so at most two are in memory."""
-        self.typed.append(typed)
-        self.raw.append(raw)
-        self.starts.append(self.n + n)
-        if self.folder is not None:
-            self.flush()
-            self._writing = _SPILLER.submit(self._spill, len(self.typed) - 1)
+        """Adds a chunk of `n` rows: `typed` columns, and `raw` ones where `typed` has none.
+        With a folder, it is written to files in the background once the chunk added
+        before is (`flush`), so at most two are in memory."""
+        start = self.n
+        self.starts.append(start + n)
+        columns = {name: raw.column(name) for name in raw.column_names if name not in META_COLUMNS} if raw is not None else {}
+        columns.update(zip(typed.column_names, typed.columns))
+        kept = None
+        if raw is not None:
+            self.names.update(dict.fromkeys(raw.column_names))
+            kept = raw.select([name for name in raw.column_names if name in META_COLUMNS or name in typed.column_names])
+        self.raw.append(kept)
+        if self._files is None:
+            for name, values in columns.items():
+                self._pieces.setdefault(name, []).append((start, values))
+            return
+        self.flush()
+        self._writing = _SPILLER.submit(self._spill, len(self.raw) - 1, start, columns)
 
     def flush(self) -> None:
         """Waits until every chunk added is on file (raises the error of a failed write)."""
@@ -144,25 +157,41 @@ class _Chunks:
         if writing is not None:
             writing.result()
 
-    def _spill(self, number: int) -> None:
-        """Writes chunk `number` to files, then holds their paths instead of its tables."""
-        for parts, kind in ((self.typed, "typed"), (self.raw, "raw")):
-            if parts[number] is not None:
-                path = self.folder / f"{number:05d}.{kind}.arrow"
-                with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, parts[number].schema) as writer:
-                    writer.write_table(parts[number])  # a batch per parsed block: combined when read back (`_combined`)
-                parts[number] = path
+    def _spill(self, number: int, start: int, columns: dict[str, pa.ChunkedArray]) -> None:
+        """Writes chunk `number` (its first row `start`) to files; then holds the path of its
+        raw file instead of its raw table."""
+        for name, values in columns.items():
+            self._files.append(name, values, start)
+        if self.raw[number] is not None:
+            path = self.folder / f"{number:05d}.raw.arrow"
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.raw[number].schema) as writer:
+                writer.write_table(self.raw[number])
+            self.raw[number] = path
 
     def column(self, name: str, type_: pa.DataType) -> pa.ChunkedArray:
-        """The typed column `name` over all chunks (nulls in chunks without it)."""
-        return pa.chunked_array([part for i in range(len(self.typed)) for part in self.part(i, name, type_).chunks], type_)
+        """The column `name` over all chunks (nulls in chunks without it)."""
+        return self._rows(name, type_, 0, self.n)
 
     def part(self, i: int, name: str, type_: pa.DataType) -> pa.ChunkedArray:
-        """The typed column `name` of chunk i (nulls if it has none)."""
-        values = _read_column(self.typed[i], name)
-        if values is None and self.raw[i] is not None:
-            values = _read_column(self.raw[i], name)
-        return values if values is not None else pa.chunked_array([pa.nulls(self.starts[i + 1] - self.starts[i], type_)], type_)
+        """The column `name` of chunk i (nulls if it has none)."""
+        return self._rows(name, type_, self.starts[i], self.starts[i + 1])
+
+    def _rows(self, name: str, type_: pa.DataType, start: int, stop: int) -> pa.ChunkedArray:
+        """Rows start..stop-1 of column `name`, as `type_` (nulls where no chunk gave it)."""
+        if self._files is not None:
+            values = self._files.rows(name, start, stop)
+            parts = [pa.nulls(stop - start, type_)] if values is None else \
+                values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+        else:
+            parts, row = [], start
+            for first, values in self._pieces.get(name, []):
+                low, high = max(first, start), min(first + len(values), stop)
+                if low < high:
+                    parts += [pa.nulls(low - row, type_)] if low > row else []
+                    parts += values.slice(low - first, high - low).chunks
+                    row = high
+            parts += [pa.nulls(stop - row, type_)] if row < stop else []
+        return pa.chunked_array([p if p.type == type_ else p.cast(type_) for p in parts], type_)
 
     def raw_rows(self, rows: np.ndarray) -> list[dict]:
         """The raw rows at `rows` (ascending; of chunks with raw columns) as dicts of every
@@ -170,9 +199,123 @@ class _Chunks:
         out: list[dict] = []
         chunk_of = np.searchsorted(self.starts, rows, "right") - 1
         for chunk in np.unique(chunk_of):
-            local = rows[chunk_of == chunk] - self.starts[chunk]
-            out += _read_table(self.raw[chunk]).take(pa.array(local)).to_pylist()
+            local = pa.array(rows[chunk_of == chunk] - self.starts[chunk])
+            table = _read_table(self.raw[chunk]).take(local)
+            for name in self.names:  # the raw values kept among the columns: strings (a typed column has its raw values in `raw`)
+                if name not in table.column_names:
+                    values = self.part(int(chunk), name, pa.string()) if self._stored_type(name) == pa.string() else None
+                    table = table.append_column(name, values.take(local) if values is not None else pa.nulls(len(local), pa.string()))
+            out += table.to_pylist()
         return out
+
+    def _stored_type(self, name: str) -> pa.DataType | None:
+        if self._files is not None:
+            return self._files.types.get(name)
+        pieces = self._pieces.get(name)
+        return pieces[0][1].type if pieces else None
+
+
+class _ColumnFiles:
+    """Columns appended to chunk by chunk and read back whole, each column in files of its
+    own: its values (strings: their bytes, with their end offsets in a second file) and,
+    once a chunk has nulls, one byte a row saying which are valid. A column read back is
+    one Arrow array over the memory-mapped files: no copy is made of its values, as
+    concatenating chunks would (for 16.5M codes, 250 MB a column)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.number: dict[str, int] = {}  # file number of each column
+        self.types: dict[str, pa.DataType] = {}
+        self.appended: dict[str, int] = {}  # rows appended
+        self.bytes: dict[str, int] = {}  # string bytes appended
+        self.valid: dict[str, int] = {}  # rows whose validity is on file
+
+    def append(self, name: str, values: pa.Array | pa.ChunkedArray, start: int) -> None:
+        """Appends `values` as the rows of column `name` from row `start` (rows it skipped
+        before are null)."""
+        if name not in self.number:
+            self.number[name], self.types[name] = len(self.number), values.type
+            self.appended[name] = self.bytes[name] = self.valid[name] = 0
+            if _is_string(values.type):
+                self._write(name, "offsets", np.zeros(1, np.int32))
+        if values.type != self.types[name]:
+            values = values.cast(self.types[name])
+        if start > self.appended[name]:
+            self._append(name, pa.nulls(start - self.appended[name], self.types[name]))
+        for chunk in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
+            self._append(name, chunk)
+
+    def _append(self, name: str, values: pa.Array) -> None:
+        n, type_ = len(values), self.types[name]
+        if not n:
+            return
+        if values.null_count:
+            if self.valid[name] < self.appended[name]:
+                self._write(name, "valid", np.ones(self.appended[name] - self.valid[name], np.uint8))
+            self._write(name, "valid", pc.is_valid(values).to_numpy(zero_copy_only=False).view(np.uint8))
+            self.valid[name] = self.appended[name] + n
+        if _is_string(type_):
+            offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4)
+            first, last = int(offsets[0]), int(offsets[-1])
+            if self.bytes[name] + last - first > MAX_COLUMN_TEXT:
+                raise DatasetError(f"{self.folder.name}: column {name} holds over 2 GiB of text in one load; "
+                                   "load the table's files in several loads")
+            self._write(name, "offsets", offsets[1:] - np.int32(first - self.bytes[name]))
+            if last > first:
+                self._write(name, "data", memoryview(values.buffers()[2])[first:last])
+            self.bytes[name] += last - first
+        elif pa.types.is_boolean(type_):
+            self._write(name, "data", values.fill_null(False).to_numpy(zero_copy_only=False).view(np.uint8))
+        elif type_ != pa.null():
+            width = type_.bit_width // 8
+            self._write(name, "data", memoryview(values.buffers()[1])[values.offset * width:(values.offset + n) * width])
+        self.appended[name] += n
+
+    def _write(self, name: str, kind: str, data: np.ndarray | memoryview) -> None:
+        with open(self._path(name, kind), "ab") as f:
+            f.write(data)
+
+    def _path(self, name: str, kind: str) -> Path:
+        return self.folder / f"{self.number[name]}.{kind}"
+
+    def rows(self, name: str, start: int, stop: int) -> pa.Array | pa.ChunkedArray | None:
+        """Rows start..stop-1 of column `name` over the memory-mapped files (rows after the
+        last appended are null); None if no chunk had the column."""
+        if name not in self.number:
+            return None
+        type_ = self.types[name]
+        end = max(start, min(stop, self.appended[name]))
+        length = end - start
+        validity, nulls = None, 0
+        if self.valid[name] > start and length:
+            valid = np.frombuffer(self._read(name, "valid", start, min(end, self.valid[name]) - start), np.uint8)
+            if len(valid) < length:
+                valid = np.concatenate([valid, np.ones(length - len(valid), np.uint8)])
+            nulls = length - int(np.count_nonzero(valid))
+            validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
+        if not length or type_ == pa.null():
+            values = pa.nulls(length, type_)
+        elif _is_string(type_):
+            offsets = self._read(name, "offsets", start * 4, (length + 1) * 4)
+            values = pa.Array.from_buffers(type_, length, [validity, offsets, self._read(name, "data", 0, self.bytes[name])], nulls)
+        elif pa.types.is_boolean(type_):
+            bits = np.packbits(np.frombuffer(self._read(name, "data", start, length), np.uint8), bitorder="little")
+            values = pa.Array.from_buffers(type_, length, [validity, pa.py_buffer(bits)], nulls)
+        else:
+            width = type_.bit_width // 8
+            values = pa.Array.from_buffers(type_, length, [validity, self._read(name, "data", start * width, length * width)], nulls)
+        return values if end == stop else pa.chunked_array([values, pa.nulls(stop - end, type_)], type_)
+
+    def _read(self, name: str, kind: str, offset: int, size: int) -> pa.Buffer:
+        """`size` bytes of a column's file from `offset` (memory-mapped: no copy)."""
+        if not size:
+            return pa.py_buffer(b"")
+        with pa.memory_map(str(self._path(name, kind))) as source:
+            return source.read_buffer().slice(offset, size)
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_binary(type_)
 
 
 def _read_table(part: pa.Table | Path) -> pa.Table:
@@ -181,11 +324,6 @@ def _read_table(part: pa.Table | Path) -> pa.Table:
         return part
     with pa.memory_map(str(part)) as source:
         return pa.ipc.open_file(source).read_all()
-
-
-def _read_column(part: pa.Table | Path, name: str) -> pa.ChunkedArray | None:
-    table = _read_table(part)
-    return table.column(name) if name in table.column_names else None
 
 
 class AcceptedRows:

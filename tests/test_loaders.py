@@ -418,3 +418,80 @@ def test_counterparty_registered_by_an_earlier_load(store, tmp_path):
     assert rejects == sorted(LATE_CONSUMER_REJECTS.items())
     assert {r["event_id"] for r in scans} == {r["event_id"] for r in LATE_CONSUMER_SCANS} - set(LATE_CONSUMER_REJECTS)
     assert [c["party_id"] for c in consumers].count("wx-late") == 1
+
+
+def _random_chunk(rng: np.random.Generator, n: int) -> tuple[pa.Table, pa.Table | None]:
+    """A chunk as validation adds it: typed columns where typing changed the values (times,
+    numbers), raw text columns (some absent, some with nulls or empty strings, some sliced
+    or in pieces), and `_file`/`_line` when the raw rows are kept."""
+    def text(k: int) -> pa.Array:
+        values = [None if rng.random() < 0.2 else "".join(rng.choice(list("ab中"), rng.integers(0, 4))) for _ in range(k + 2)]
+        return pa.array(values, pa.string()).slice(1, k)  # sliced: offsets do not start at 0
+    times = [None if rng.random() < 0.3 else int(v) for v in rng.integers(0, 10**12, n)]
+    typed = {"t": pa.array(times if rng.random() < 0.8 else [None] * n, pa.timestamp("us", tz="UTC"))}  # always typed
+    if rng.random() < 0.6:
+        typed["f"] = pa.array(rng.random(n)).slice(0, n)
+    if rng.random() < 0.3:
+        typed["b"] = pa.array(rng.random(n) < 0.5)
+    if rng.random() < 0.3:
+        return pa.table(typed), None
+    raw = {name: (pa.chunked_array([text(n // 2), text(n - n // 2)]) if rng.random() < 0.5 else text(n))
+           for name in ("a", "t", "x") if rng.random() < 0.7}
+    raw["_file"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([f"f{rng.integers(3)}.csv"]))
+    raw["_line"] = pa.array(rng.integers(2, 10**6, n))
+    return pa.table(typed), pa.table(raw)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_spilled_chunks_read_back_as_kept_in_memory(seed, tmp_path):
+    """A big table's rows go to spill files one chunk after another and are read back a
+    column at a time, a chunk at a time or a few raw rows at a time: always the values
+    added (typed where typed, raw otherwise, nulls where a chunk lacked the column)."""
+    from loaders.validate import _Chunks
+    rng = np.random.default_rng(seed)
+    types = {"a": pa.string(), "x": pa.string(), "t": pa.timestamp("us", tz="UTC"), "f": pa.float64(), "b": pa.bool_()}
+    chunks = [_random_chunk(rng, int(rng.integers(0, 40))) for _ in range(int(rng.integers(1, 7)))]
+    kept = [_Chunks(None), _Chunks(tmp_path / "spill")]
+    for typed, raw in chunks:
+        for c in kept:
+            c.add(typed.num_rows, typed, raw)
+    for c in kept:
+        c.flush()
+
+    def value(typed: pa.Table, raw: pa.Table | None, name: str) -> list:
+        for table in (typed, raw):
+            if table is not None and name in table.column_names:
+                return table.column(name).to_pylist()
+        return [None] * typed.num_rows
+
+    for c in kept:
+        for name, type_ in types.items():
+            want = [v for typed, raw in chunks for v in value(typed, raw, name)]
+            assert c.column(name, type_).to_pylist() == want, (name, c.folder)
+            for i, (typed, raw) in enumerate(chunks):
+                assert c.part(i, name, type_).to_pylist() == value(typed, raw, name)
+        raw_rows = np.array([row for i, (typed, raw) in enumerate(chunks) if raw is not None
+                             for row in range(c.starts[i], c.starts[i + 1]) if rng.random() < 0.5], np.int64)
+        names = list(c.names)
+        want = [{name: value(None, raw, name)[row - c.starts[i]] if name in raw.column_names else None for name in names}
+                for row in raw_rows for i, (typed, raw) in [(np.searchsorted(c.starts, row, "right") - 1, chunks[np.searchsorted(c.starts, row, "right") - 1])]]
+        assert [{name: r.get(name) for name in names} for r in c.raw_rows(raw_rows)] == want
+
+
+def test_a_column_over_the_text_limit_is_a_clear_error_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    """A spilled string column holds at most MAX_COLUMN_TEXT bytes in one load (Arrow's
+    32-bit offsets; 2 GiB): beyond it the load stops with a one-line error naming the
+    table and column, and the store keeps what it held."""
+    import loaders.validate
+    from api.cli import main
+    store = EmbeddedStore(tmp_path / "s")
+    load(store, write_world(channel_world(), tmp_path / "first"), tmp_path)
+    before = _contents(EmbeddedStore(tmp_path / "s"))
+    world = channel_world()
+    world["codes"] = world["codes"] + [{"code": f"EXTRA{i:04d}", "level": "unit", "sku": "P1"} for i in range(50)]
+    monkeypatch.setattr(loaders.validate, "MAX_COLUMN_TEXT", 200)
+    assert main(["load", str(write_world(world, tmp_path / "second")), "--store", str(tmp_path / "s")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("channelgraph: error: codes: column code holds over 2 GiB of text in one load"), error
+    assert "\n" not in error
+    assert _contents(EmbeddedStore(tmp_path / "s")) == before
