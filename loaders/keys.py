@@ -40,6 +40,11 @@ _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
 
 
+def string_offsets(values: pa.Array) -> np.ndarray:
+    """The offsets of a string or binary array's values in its data (len(values) + 1)."""
+    return np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+
+
 def string_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """`values` as one plain string array."""
     if isinstance(values, pa.ChunkedArray):
@@ -55,7 +60,7 @@ class _Strings:
     def __init__(self, values: pa.Array):
         n = len(values)
         valid = np.ones(n, bool) if values.null_count == 0 else pc.is_valid(values).to_numpy(zero_copy_only=False)
-        offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4) if n else np.zeros(1, np.int32)
+        offsets = string_offsets(values) if n else np.zeros(1, np.int32)
         data = values.buffers()[2]
         self.data = np.frombuffer(data, np.uint8) if data is not None and n else np.zeros(0, np.uint8)
         if values.null_count == 0:
@@ -362,7 +367,7 @@ def gather(values: pa.Array, rows: np.ndarray) -> pa.Array:
     Arrow's take, which copies string by string."""
     n = len(values)
     if n and len(rows) and values.null_count == 0 and values.type in (pa.string(), pa.binary()):
-        offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4)
+        offsets = string_offsets(values)
         width = int(offsets[1] - offsets[0])
         if (0 < width and len(rows) * width < 2**31 and int(offsets[-1] - offsets[0]) == n * width
                 and (np.diff(offsets) == width).all() and int(rows.min()) >= 0):

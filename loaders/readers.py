@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from graph.errors import DatasetError
 from graph.model import TABLES
+from loaders.keys import string_offsets
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(2**31 - 1)  # the exact CSV reader takes fields as large as pyarrow does
@@ -151,7 +152,7 @@ def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
     if _may_have_white_space(values):
         values = pc.utf8_trim_whitespace(values)
     if values.null_count == 0:
-        present = np.diff(_offsets(values)) > 0
+        present = np.diff(string_offsets(values)) > 0
         if present.all():
             return values
         present = pa.array(present)
@@ -164,14 +165,9 @@ def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
     return pa.Array.from_buffers(pa.string(), len(values), [present.buffers()[1], *values.buffers()[1:]])
 
 
-def _offsets(values: pa.Array) -> np.ndarray:
-    """The offsets of a string or binary array's values in its data."""
-    return np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
-
-
 def _text_of(values: pa.Array) -> np.ndarray:
     """The bytes of a string or binary array's values, one after another."""
-    offsets, data = _offsets(values), values.buffers()[2]
+    offsets, data = string_offsets(values), values.buffers()[2]
     return np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None and len(values) else np.zeros(0, np.uint8)
 
 
@@ -181,7 +177,7 @@ def _may_have_white_space(values: pa.Array) -> bool:
     text = _text_of(values)
     if not len(text) or (text.min() > 0x20 and text.max() < 0x80):  # no such byte anywhere: the common case
         return False
-    offsets = _offsets(values)
+    offsets = string_offsets(values)
     text = np.frombuffer(values.buffers()[2], np.uint8)
     first, last = text[np.minimum(offsets[:-1], len(text) - 1)], text[np.maximum(offsets[1:] - 1, 0)]
     edge = (first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80)
@@ -285,7 +281,7 @@ def _empty_rows(parsed: pa.Table) -> np.ndarray:
     usually the first tells)."""
     empty = np.ones(parsed.num_rows, bool)
     for column in parsed.columns:
-        lengths = np.concatenate([np.diff(_offsets(chunk)) for chunk in column.chunks]) if column.num_chunks else np.zeros(0, np.int32)
+        lengths = np.concatenate([np.diff(string_offsets(chunk)) for chunk in column.chunks]) if column.num_chunks else np.zeros(0, np.int32)
         empty &= lengths == 0
         if not empty.any():
             return empty

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from graph.errors import DatasetError
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
-from loaders.keys import StringKeys, gather, positions, sort_order, sorted_rows, string_array
+from loaders.keys import StringKeys, gather, positions, sort_order, sorted_rows, string_array, string_offsets
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class _ColumnFiles:
             self._write(name, "valid", pc.is_valid(values).to_numpy(zero_copy_only=False).view(np.uint8))
             self.valid[name] = self.appended[name] + n
         if _is_string(type_):
-            offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4)
+            offsets = string_offsets(values)
             first, last = int(offsets[0]), int(offsets[-1])
             if self.bytes[name] + last - first > MAX_COLUMN_TEXT:
                 raise DatasetError(f"{self.folder.name}: column {name} holds over 2 GiB of text in one load; "
@@ -626,7 +626,6 @@ class _TableValidation(_Verdicts):
                     check(rows, typed)
                 start = self.chunks.n
                 present.update(raw.data.column_names)
-                self.chunks.names.update(dict.fromkeys(raw.data.column_names))
                 self.pre_rejects += raw.rejects
                 oks.append(rows.ok)
                 if rows.held.any():
@@ -639,7 +638,8 @@ class _TableValidation(_Verdicts):
                     failed += [(found + start, reason) for found, reason in rows.failed]
                     differing = {k: v for k, v in typed.items() if v is not rows.col(k)}
                     self.chunks.add(rows.n, pa.table(differing), raw.data)
-                else:
+                else:  # the chunk's raw columns are let go (`add` records the names of those it keeps)
+                    self.chunks.names.update(dict.fromkeys(raw.data.column_names))
                     self._early += self._records(rows.failed, lambda found, raw=raw.data: raw.take(pa.array(found)).to_pylist(), start)
                     extras = {name: rows.col(name) for name in raw.data.column_names
                               if name not in self.spec.column_names and name not in META_COLUMNS}
