@@ -6,7 +6,11 @@ class ChannelgraphError(Exception):
 
 
 class DatasetError(ChannelgraphError):
-    """A dataset (file or folder) cannot be read at all."""
+    """A dataset (file or folder) cannot be read at all. The message is one line: parsers'
+    messages quoting the bad input (lxml's, Arrow's) carry its line breaks, which collapse."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
 
 
 class StoreError(ChannelgraphError):
