@@ -179,9 +179,7 @@ class _Chunks:
     def _rows(self, name: str, type_: pa.DataType, start: int, stop: int) -> pa.ChunkedArray:
         """Rows start..stop-1 of column `name`, as `type_` (nulls where no chunk gave it)."""
         if self._files is not None:
-            values = self._files.rows(name, start, stop)
-            parts = [pa.nulls(stop - start, type_)] if values is None else \
-                values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+            parts = self._files.rows(name, start, stop) or [pa.nulls(stop - start, type_)]
         else:
             parts, row = [], start
             for first, values in self._pieces.get(name, []):
@@ -278,9 +276,9 @@ class _ColumnFiles:
     def _path(self, name: str, kind: str) -> Path:
         return self.folder / f"{self.number[name]}.{kind}"
 
-    def rows(self, name: str, start: int, stop: int) -> pa.Array | pa.ChunkedArray | None:
-        """Rows start..stop-1 of column `name` over the memory-mapped files (rows after the
-        last appended are null); None if no chunk had the column."""
+    def rows(self, name: str, start: int, stop: int) -> list[pa.Array] | None:
+        """Rows start..stop-1 of column `name` over the memory-mapped files, in parts (rows
+        after the last appended are null); None if no chunk had the column."""
         if name not in self.number:
             return None
         type_ = self.types[name]
@@ -304,7 +302,7 @@ class _ColumnFiles:
         else:
             width = type_.bit_width // 8
             values = pa.Array.from_buffers(type_, length, [validity, self._read(name, "data", start * width, length * width)], nulls)
-        return values if end == stop else pa.chunked_array([values, pa.nulls(stop - end, type_)], type_)
+        return [values] + ([pa.nulls(stop - end, type_)] if end < stop else [])
 
     def _read(self, name: str, kind: str, offset: int, size: int) -> pa.Buffer:
         """`size` bytes of a column's file from `offset` (memory-mapped: no copy)."""
