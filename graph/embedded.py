@@ -31,9 +31,11 @@ import logging
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ DERIVED_FIELDS = (pa.field("parent_idx", pa.int32()), pa.field("unit_count", pa.
                   pa.field("event_order", pa.int64()), pa.field("retracted", pa.bool_()))
 DERIVED_COLUMNS = tuple(field.name for field in DERIVED_FIELDS)
 DERIVED_OF = {"codes": ("parent_idx", "unit_count"), "scans": ("code_idx", "event_order", "retracted")}
+WRITERS = 2  # columns of a new version computed and written at a time (`_write_column`)
 _FEW = 256  # up to this many keys are looked up one by one instead of by a hash join
 _LEVEL_RANKS = Lookup(pa.array(LEVELS))
 
@@ -77,8 +80,8 @@ class EmbeddedStore:
         self._cache: dict[str, Any] = {}  # tables, and arrays and indexes derived from them
         self.version = self._live_version()
         self._new: Path | None = None  # the folder of the version a load is writing
-        self._writer: ThreadPoolExecutor | None = None  # writes its columns, one at a time (`_write_column`)
-        self._writing: Future | None = None  # the column being written
+        self._writer: ThreadPoolExecutor | None = None  # computes and writes its columns (`_write_column`)
+        self._writing: deque[Future] = deque()  # the columns being computed and written, oldest first
 
     # ------------------------------------------------------------ reading
 
@@ -337,13 +340,14 @@ class EmbeddedStore:
             self._new = self.path / f".tmp-{uuid.uuid4().hex}"
             try:
                 self._new.mkdir()
-                with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as self._writer:
+                with ThreadPoolExecutor(WRITERS, thread_name_prefix="store-writer") as self._writer:
                     yield self._new / "spill"
             except OSError as exc:
                 raise StoreError(f"{self.path}: cannot write the store ({exc.strerror or exc}); the previous version is intact") from exc
             finally:
                 shutil.rmtree(self._new, ignore_errors=True)  # no column is being written: `_writer` was shut down
-                self._new, self._writer, self._writing = None, None, None
+                self._new, self._writer = None, None
+                self._writing.clear()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -442,26 +446,33 @@ class EmbeddedStore:
             return gather(_concat([stored if stored is not None else pa.nulls(int(kept.sum()), field.type),
                             added if added is not None else pa.nulls(new.num_rows, field.type)]), order)
 
+        found: dict[str, np.ndarray] = {}  # from the values written: is_unit (level), parent_idx (parent_code)
+
+        def level() -> pa.Array:
+            values = column("level")
+            found["is_unit"] = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
+            return values
+
+        def parent_code() -> pa.Array:
+            values = column("parent_code")
+            found["parent_idx"] = rows.find(values)
+            return values
+
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         links = new.links.get("parent_code") if not old.num_rows else None
-        is_unit, parent_idx = None, None
         for i, name in enumerate(names):
             if name == "parent_code" and links is not None and "code" in names[:i]:
                 # every parent is an accepted code (-1: none): its code, read in order (the codes are sorted)
-                parent_idx = rows.of_links(links[order])
-                values = self._new_column("codes", "code").take(pa.array(parent_idx, mask=parent_idx < 0))
+                parent_idx = found["parent_idx"] = rows.of_links(links[order])
+                self._write_column("codes", i, name, partial(self._new_column("codes", "code").take,
+                                                             pa.array(parent_idx, mask=parent_idx < 0)))
             else:
-                values = column(name)
-            self._write_column("codes", i, name, values)
-            if name == "level":
-                is_unit = pc.equal(values, LEVELS[0]).to_numpy(zero_copy_only=False)
-            elif name == "parent_code" and parent_idx is None:
-                parent_idx = rows.find(values)
-            del values
-        parent_idx = parent_idx.astype(np.int32)
-        units = _unit_counts(is_unit, parent_idx)
-        self._write_column("codes", len(names), "parent_idx", pa.array(parent_idx, pa.int32()))
-        self._write_column("codes", len(names) + 1, "unit_count", pa.array(units, pa.int64()))
+                self._write_column("codes", i, name, {"level": level, "parent_code": parent_code}.get(name, partial(column, name)))
+        self._written()
+        parent_idx = found["parent_idx"].astype(np.int32)
+        units = _unit_counts(found["is_unit"], parent_idx)
+        self._write_column("codes", len(names), "parent_idx", partial(pa.array, parent_idx, pa.int32()))
+        self._write_column("codes", len(names) + 1, "unit_count", partial(pa.array, units, pa.int64()))
         return rows
 
     def _write_scans(self, validated: Validated, code_rows: list[_CodeRows], retractions: pa.Table) -> None:
@@ -501,12 +512,12 @@ class EmbeddedStore:
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         for i, name in enumerate(names):
             if name == "code" and (code_idx >= 0).all():  # the code of each scan's code row: read in order (sorted by code_idx)
-                self._write_column("scans", i, name, gather(self._new_column("codes", "code"), code_idx[order_rows]))
+                self._write_column("scans", i, name, partial(gather, self._new_column("codes", "code"), code_idx[order_rows]))
             else:
-                self._write_column("scans", i, name, merged(name, order_rows))
-        self._write_column("scans", len(names), "code_idx", pa.array(code_idx, mask=code_idx < 0).take(order))
-        self._write_column("scans", len(names) + 1, "event_order", pa.array(event_order).take(order))
-        self._write_column("scans", len(names) + 2, "retracted", retracted.take(order))
+                self._write_column("scans", i, name, partial(merged, name, order_rows))
+        self._write_column("scans", len(names), "code_idx", lambda: pa.array(code_idx, mask=code_idx < 0).take(order))
+        self._write_column("scans", len(names) + 1, "event_order", lambda: pa.array(event_order).take(order))
+        self._write_column("scans", len(names) + 2, "retracted", partial(retracted.take, order))
 
     def _new_column(self, table: str, name: str) -> pa.Array:
         """A column already written into the new version (memory-mapped)."""
@@ -515,24 +526,26 @@ class EmbeddedStore:
 
     def _write_table(self, name: str, table: pa.Table) -> None:
         for i, (field, values) in enumerate(zip(table.schema, table.columns)):
-            self._write_column(name, i, field.name, values)
+            self._write_column(name, i, field.name, partial(_one_array, values))
 
-    def _write_column(self, table: str, i: int, name: str, values: pa.Array | pa.ChunkedArray) -> None:
-        """Writes column `i` of `table` in the new version (one batch: takes by row stay
-        O(rows)) in the background, while the next one is computed: once the column written
-        before is (`_written`), so at most two are in memory."""
+    def _write_column(self, table: str, i: int, name: str, values: Callable[[], pa.Array | pa.ChunkedArray]) -> None:
+        """Computes column `i` of `table` (`values()`) and writes it in the new version (one
+        batch: takes by row stay O(rows)) on a writer thread, while the main thread goes on:
+        at most WRITERS columns are being computed and written at a time, so in memory."""
         folder = self._new / table
         folder.mkdir(exist_ok=True)
-        values = _one_array(values)
-        self._written()
-        self._writing = self._writer.submit(_write_column_file, folder / f"{i}.arrow", name, values)
+        while len(self._writing) >= WRITERS:
+            self._written_oldest()
+        self._writing.append(self._writer.submit(lambda: _write_column_file(folder / f"{i}.arrow", name, _one_array(values()))))
 
     def _written(self) -> None:
-        """Waits until the column being written is on file (raises its error, if any)."""
-        writing, self._writing = self._writing, None
-        if writing is not None:
-            writing.result()
-            release_memory()
+        """Waits until every column being written is on file (raises the first error)."""
+        while self._writing:
+            self._written_oldest()
+
+    def _written_oldest(self) -> None:
+        self._writing.popleft().result()
+        release_memory()
 
 
 def _write_column_file(path: Path, name: str, values: pa.Array) -> None:

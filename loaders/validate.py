@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -343,6 +344,7 @@ class AcceptedRows:
         self.order: np.ndarray | None = None
         self.links: dict[str, np.ndarray] = {}
         self._taken: tuple[np.ndarray, np.ndarray] | None = None  # the last `rows` taken, as rows of all the chunks
+        self._taking = threading.Lock()  # guards `_taken`
 
     @classmethod
     def of(cls, table: pa.Table) -> AcceptedRows:
@@ -362,11 +364,13 @@ class AcceptedRows:
 
     def take(self, name: str, rows: np.ndarray) -> pa.Array:
         """Column `name` of the accepted rows at `rows` (a copy of those values only).
-        Columns taken one after another at the same `rows` (the same array) share the work
-        of finding those rows."""
-        if self._taken is None or self._taken[0] is not rows:
-            self._taken = (rows, rows if self._rows is None else self._rows[rows])
-        return gather(_combined(self._chunks.column(name, self.schema.field(name).type)), self._taken[1])
+        Columns taken at the same `rows` (the same array), one after another or at once on
+        several threads, share the work of finding those rows."""
+        with self._taking:
+            if self._taken is None or self._taken[0] is not rows:
+                self._taken = (rows, rows if self._rows is None else self._rows[rows])
+            found = self._taken[1]
+        return gather(_combined(self._chunks.column(name, self.schema.field(name).type)), found)
 
     def to_table(self) -> pa.Table:
         """All accepted rows in memory (fine for small tables; big ones: column by column)."""
