@@ -179,6 +179,28 @@ def test_incremental_load_and_updates(tmp_path):
     assert (s1["region_id"], s1["name"], s1["upstream_id"]) == ("NB", "Xihu store", "D1")  # missing values kept
 
 
+def test_update_is_a_duplicate_only_when_it_changes_nothing(tmp_path):
+    """DOMAIN.md §2: unknown columns are kept, and a second folder updates the first. A row
+    that only fills in a value (an unknown column, a code's produced_at) is an update; a
+    row that only leaves stored values empty changes nothing, also when loaded again."""
+    store = EmbeddedStore(tmp_path / "s")
+    load(store, write_world(channel_world(), tmp_path / "d"), tmp_path)
+    update = {"parties": [{"party_id": "F1", "kind": "factory", "name": "Brand factory", "region_id": "HZ", "phone": "0571"},
+                          {"party_id": "D1", "kind": "distributor", "region_id": "HZ"}],
+              "codes": [{"code": "A1", "level": "unit", "produced_at": "2024-01-02T08:00:00+08:00", "color": "red"},
+                        {"code": "A2", "level": "unit"}]}
+    data = write_world(update, tmp_path / "update")
+    first = load(store, data, tmp_path)
+    assert (first.accepted, first.duplicates) == ({"parties": 1, "codes": 1}, {"parties": 1, "codes": 1})
+    again = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert (again.accepted, again.duplicates) == ({"parties": 0, "codes": 0}, {"parties": 2, "codes": 2})
+    stored = EmbeddedStore(tmp_path / "s")
+    f1, d1 = sorted(stored.stored("parties", pa.array(["F1", "D1"])).to_pylist(), key=lambda p: p["party_id"] != "F1")
+    assert (f1["phone"], d1["name"], d1["territory"]) == ("0571", "Zhejiang distributor", "ZJ")
+    a1 = stored.stored("codes", pa.array(["A1"])).to_pylist()[0]
+    assert (a1["color"], a1["produced_at"].isoformat(), a1["parent_code"]) == ("red", "2024-01-02T00:00:00+00:00", "CA")
+
+
 def test_csv_irregular_rows_bom_crlf_and_bad_utf8(tmp_path):
     data = tmp_path / "d"
     write_world(channel_world(), data)
