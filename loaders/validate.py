@@ -506,8 +506,16 @@ def _ts_shifts(suffixes: list[bytes]) -> np.ndarray:
     return np.where(good, nanos // 1000, _NO_SHIFT)
 
 
+# the seconds of a time and its fraction (a decimal point or comma, ISO 8601's preferred
+# sign): pandas reads only the point, and every time of a call in nanoseconds when one
+# fraction is finer than microseconds (then the years outside 1678-2262 of the others fail)
+_TS_FRACTION = r"^(\d{4}-?\d{2}-?\d{2}[T ]\d{2}(?::?\d{2}){2})[.,](\d{1,6})\d*"
+
+
 def _parse_ts_exact(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The reference parser of times (pandas, value by value): any ISO 8601 form."""
+    """The reference parser of times (pandas, value by value): any ISO 8601 form pandas
+    reads, a fraction of a second after a point or a comma, cut to microseconds."""
+    values = pc.replace_substring_regex(values, _TS_FRACTION, r"\1.\2")
     # pandas reads the chunks as they are (combining them first would copy the text)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")

@@ -103,6 +103,18 @@ def test_times_read_fast_as_the_reference_parser_reads_them():
     assert with_times > 50
 
 
+def test_decimal_comma_and_a_time_beside_nanoseconds_are_times():
+    """ISO 8601 writes a fraction of a second after a comma or a point; a valid time is a
+    time whatever the other values of its chunk (here one with nanoseconds)."""
+    from loaders.validate import _parse_ts
+
+    values = ["2024-02-01T08:00:00,5+08:00", "20240201T080000,25Z", "2024-02-01 08:00:00,123456789",
+              "0001-01-01T00:00:00Z", "2024-02-01T08:00:00.123456789Z"]
+    assert [t and t.isoformat() for t in _parse_ts(pa.array(values)).to_pylist()] == [
+        "2024-02-01T00:00:00.500000+00:00", "2024-02-01T08:00:00.250000+00:00", "2024-02-01T08:00:00.123456+00:00",
+        "0001-01-01T00:00:00+00:00", "2024-02-01T08:00:00.123456+00:00"]
+
+
 def test_packaging_cycle_and_orphans_of_rejected_codes(tmp_path):
     world = channel_world()
     world["codes"] += [{"code": "Y1", "level": "case", "parent_code": "Y2"}, {"code": "Y2", "level": "case", "parent_code": "Y1"},
