@@ -510,8 +510,16 @@ def _ts_shifts(suffixes: list[bytes]) -> np.ndarray:
     return np.where(good, nanos // 1000, _NO_SHIFT)
 
 
+# the seconds of a time and its fraction (a decimal point or comma, ISO 8601's preferred
+# sign): pandas reads only the point, and every time of a call in nanoseconds when one
+# fraction is finer than microseconds (then the years outside 1678-2262 of the others fail)
+_TS_FRACTION = r"^(\d{4}-?\d{2}-?\d{2}[T ]\d{2}(?::?\d{2}){2})[.,](\d{1,6})\d*"
+
+
 def _parse_ts_exact(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The reference parser of times (pandas, value by value): any ISO 8601 form."""
+    """The reference parser of times (pandas, value by value): any ISO 8601 form pandas
+    reads, a fraction of a second after a point or a comma, cut to microseconds."""
+    values = pc.replace_substring_regex(values, _TS_FRACTION, r"\1.\2")
     # pandas reads the chunks as they are (combining them first would copy the text)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
@@ -739,10 +747,21 @@ class _TableValidation(_Verdicts):
         return rows[found][first], found[first], stored
 
     def compare_with_store(self) -> None:
-        """Marks rows identical to the stored row as duplicates."""
+        """Marks rows that change nothing stored as duplicates (`leaves_unchanged`)."""
         rows, at, stored = self.stored_rows()
-        same = _same_values(self.column, rows, stored.column, at, list(self.spec.column_names))
-        self.duplicate[rows[same]] = True
+        self.duplicate[rows[self.leaves_unchanged(rows, stored, at)]] = True
+
+    def leaves_unchanged(self, rows: np.ndarray, stored: pa.Table, at: np.ndarray) -> np.ndarray:
+        """Per row rows[i], whether writing it over stored row at[i] changes nothing: each of
+        its values, in every column it has (unknown ones too), is empty (an update keeps the
+        stored value it leaves empty) or the stored value."""
+        same = np.ones(len(rows), bool)
+        for name in self.schema.names:
+            new = pc.take(self.column(name), pa.array(rows))
+            old = pc.take(stored.column(name), pa.array(at)).cast(new.type) if name in stored.column_names else None
+            kept = pc.is_null(new) if old is None else pc.or_kleene(pc.is_null(new), pc.equal(new, old))
+            same &= pc.fill_null(kept, False).to_numpy(zero_copy_only=False)
+        return same
 
     def rejects(self) -> list[Reject]:
         """The reject records: the readers' first, then the rows' in row order."""
@@ -993,18 +1012,14 @@ def _check_immutable_codes(v: _TableValidation) -> None:
     if not len(rows):
         return
     conflict = np.zeros(len(rows), bool)
-    same = np.ones(len(rows), bool)
     for name in ("level", "parent_code", "sku", "batch"):
         a = pc.take(v.column(name), pa.array(rows))
         b = pc.take(stored.column(name), pa.array(at)).cast(a.type)
-        equal = pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False)
-        both = (pc.is_valid(a).to_numpy(zero_copy_only=False), pc.is_valid(b).to_numpy(zero_copy_only=False))
-        conflict |= both[0] & both[1] & ~equal
-        same &= (~both[0] & ~both[1]) | equal
+        conflict |= pc.fill_null(pc.not_equal(a, b), False).to_numpy(zero_copy_only=False)  # both given, and different
     mask = np.zeros(v.n, bool)
     mask[rows[conflict]] = True
     v.fail_values(mask, "code {!r} is already stored with another level, parent, sku or batch", "code")
-    v.duplicate[rows[same & ~conflict]] = True
+    v.duplicate[rows[v.leaves_unchanged(rows, stored, at) & ~conflict]] = True
 
 
 def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region_ids: pa.Array, new_parties: pa.Array,

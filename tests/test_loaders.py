@@ -103,6 +103,18 @@ def test_times_read_fast_as_the_reference_parser_reads_them():
     assert with_times > 50
 
 
+def test_decimal_comma_and_a_time_beside_nanoseconds_are_times():
+    """ISO 8601 writes a fraction of a second after a comma or a point; a valid time is a
+    time whatever the other values of its chunk (here one with nanoseconds)."""
+    from loaders.validate import _parse_ts
+
+    values = ["2024-02-01T08:00:00,5+08:00", "20240201T080000,25Z", "2024-02-01 08:00:00,123456789",
+              "0001-01-01T00:00:00Z", "2024-02-01T08:00:00.123456789Z"]
+    assert [t and t.isoformat() for t in _parse_ts(pa.array(values)).to_pylist()] == [
+        "2024-02-01T00:00:00.500000+00:00", "2024-02-01T08:00:00.250000+00:00", "2024-02-01T08:00:00.123456+00:00",
+        "0001-01-01T00:00:00+00:00", "2024-02-01T08:00:00.123456+00:00"]
+
+
 def test_packaging_cycle_and_orphans_of_rejected_codes(tmp_path):
     world = channel_world()
     world["codes"] += [{"code": "Y1", "level": "case", "parent_code": "Y2"}, {"code": "Y2", "level": "case", "parent_code": "Y1"},
@@ -177,6 +189,28 @@ def test_incremental_load_and_updates(tmp_path):
     load(store, write_world({"parties": moved}, tmp_path / "update"), tmp_path)
     s1 = EmbeddedStore(tmp_path / "s").stored("parties", pa.array(["S1"])).to_pylist()[0]
     assert (s1["region_id"], s1["name"], s1["upstream_id"]) == ("NB", "Xihu store", "D1")  # missing values kept
+
+
+def test_update_is_a_duplicate_only_when_it_changes_nothing(tmp_path):
+    """DOMAIN.md §2: unknown columns are kept, and a second folder updates the first. A row
+    that only fills in a value (an unknown column, a code's produced_at) is an update; a
+    row that only leaves stored values empty changes nothing, also when loaded again."""
+    store = EmbeddedStore(tmp_path / "s")
+    load(store, write_world(channel_world(), tmp_path / "d"), tmp_path)
+    update = {"parties": [{"party_id": "F1", "kind": "factory", "name": "Brand factory", "region_id": "HZ", "phone": "0571"},
+                          {"party_id": "D1", "kind": "distributor", "region_id": "HZ"}],
+              "codes": [{"code": "A1", "level": "unit", "produced_at": "2024-01-02T08:00:00+08:00", "color": "red"},
+                        {"code": "A2", "level": "unit"}]}
+    data = write_world(update, tmp_path / "update")
+    first = load(store, data, tmp_path)
+    assert (first.accepted, first.duplicates) == ({"parties": 1, "codes": 1}, {"parties": 1, "codes": 1})
+    again = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert (again.accepted, again.duplicates) == ({"parties": 0, "codes": 0}, {"parties": 2, "codes": 2})
+    stored = EmbeddedStore(tmp_path / "s")
+    f1, d1 = sorted(stored.stored("parties", pa.array(["F1", "D1"])).to_pylist(), key=lambda p: p["party_id"] != "F1")
+    assert (f1["phone"], d1["name"], d1["territory"]) == ("0571", "Zhejiang distributor", "ZJ")
+    a1 = stored.stored("codes", pa.array(["A1"])).to_pylist()[0]
+    assert (a1["color"], a1["produced_at"].isoformat(), a1["parent_code"]) == ("red", "2024-01-02T00:00:00+00:00", "CA")
 
 
 def test_csv_irregular_rows_bom_crlf_and_bad_utf8(tmp_path):
