@@ -112,6 +112,22 @@ def test_views_rank_repeat_offenders(world_store):
     assert {r["sku"]: r["units"] for r in diversion_view(findings, "sku")} == {"BJ500": 13, "BJ250": 2}
 
 
+def test_views_span_crossings_in_time_order(store, tmp_path: Path):
+    """DOMAIN.md §3 views over time: first_ts is the earliest crossing of a group. V2's
+    scan (00:00:00Z) comes before V1's (00:00:00.25Z), whatever their text says."""
+    tables = channel_world()
+    tables["codes"] += [{"code": "CV", "level": "case"}, {"code": "V1", "level": "unit", "parent_code": "CV"},
+                        {"code": "V2", "level": "unit", "parent_code": "CV"}]
+    tables["scans"] += [
+        {"event_id": "v0", "code": "CV", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
+        {"event_id": "v1", "code": "V1", "action": "scan", "party_id": "wx-v1", "ts": "2024-03-05T00:00:00.25Z", "region_id": "NJ"},
+        {"event_id": "v2", "code": "V2", "action": "scan", "party_id": "wx-v2", "ts": "2024-03-05T00:00:00Z", "region_id": "NJ"},
+    ]
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    row = next(r for r in diversion_view(find_diversions(store), "case") if r["case"] == "CV")
+    assert (row["units"], row["first_ts"], row["last_ts"]) == (2, "2024-03-05T00:00:00Z", "2024-03-05T00:00:00.250000Z")
+
+
 def test_trace_unit_through_three_packaging_levels(world_store):
     result = trace(world_store, "B2")
     assert result.ancestors == ["BB", "CB", "PB"]
