@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from graph.model import ACTIONS, KINDS
 from loaders.validate import TS_TYPE
 from graph.timeline import Lookup, Timeline, encode, ranges
-from queries.common import R, parallel_map, python_columns, take_rows, trusted_models, utc
+from queries.common import R, iso, parallel_map, python_columns, take_rows, trusted_models, utc
 
 SHIP, RECEIVE, OPEN, SCAN = range(len(ACTIONS))
 FACTORY, DISTRIBUTOR, STORE = (KINDS.index(k) for k in ("factory", "distributor", "store"))
@@ -627,6 +627,7 @@ def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
         "responsible": f.responsible, "from_territory": "|".join(f.territory), "to_region": f.crossing_region,
         "case": f.case, "batch": f.batch, "sku": f.sku, "month": f.crossing_ts[:7], "severity": f.severity,
         "crossing_event_id": f.crossing_event_id, "crossing_ts": f.crossing_ts} for f in findings])
+    frame["crossing_ts"] = pd.to_datetime(frame["crossing_ts"], format="ISO8601")  # by instant: as text, ":00.5Z" < ":00Z"
     keys = list(VIEW_KEYS[by])
     grouped = frame.groupby(keys, dropna=False).agg(
         units=("severity", "size"),
@@ -637,5 +638,6 @@ def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
     ).reset_index()
     grouped = grouped.sort_values(["units", "crossings", *keys], ascending=[False, False, *([True] * len(keys))])
     grouped.insert(0, "rank", range(1, len(grouped) + 1))
+    grouped[["first_ts", "last_ts"]] = grouped[["first_ts", "last_ts"]].map(iso)
     return [{k: (None if isinstance(v, float) and np.isnan(v) else (int(v) if isinstance(v, np.integer) else v))
              for k, v in row.items()} for row in grouped.to_dict("records")]

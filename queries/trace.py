@@ -6,10 +6,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from graph.errors import NotFound
-from graph.model import LEVELS
+from graph.model import LEVEL_RANK, LEVELS
 from graph.timeline import EVENT_COLUMNS
 from queries.common import python_columns
 from queries.diversion import (RECEIVE, SHIP, DiversionFinding, EventFacts, Findings, Hop, Judgement, judge, judging_context,
@@ -51,60 +52,65 @@ class FlowEdge(BaseModel):
 
 def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any Store
     """The custody path of `code`: events on it and on every code it is packed in, the
-    assigned distributor, its diversion finding if any; for a case or pallet, a summary
-    of what it holds. Raises NotFound for an unknown code."""
+    assigned distributor, its diversion finding if any; for a case, box or pallet, a
+    summary of the units it holds. Raises NotFound for an unknown code."""
     lineage = store.lineage(code)
     if not lineage.num_rows:
         raise NotFound(f"unknown code {code!r}")
     level, ancestors = lineage.column("level")[0].as_py(), lineage.slice(1)
     descendants = store.descendants(code) if level != LEVELS[0] else None
-    units = [code]
-    if descendants is not None:
-        units += [d for d, of_level in zip(descendants.column("code").to_pylist(), descendants.column("level").to_pylist())
-                  if of_level == LEVELS[0]]
-    judgement, me = _judged(store, units, code, k)
-    mine = judgement.verdicts.unit == me
-    if descendants is None and (judgement.verdicts.severity[mine] == "suspected").any():
-        # the k rule looks at the whole case: it may confirm this one
-        judgement, me = _judged(store, units + _case_siblings(store, code, ancestors), code, k)
-        mine = judgement.verdicts.unit == me
-    timeline, context = judgement.timeline, judgement.context
-    finding = Findings.of(judgement, units=np.array([me])).models()[0] if mine.any() else None
-    path = finding.path if finding else unit_paths(judgement, np.array([me]))[me]
-    assigned = int(judgement.unit_assignment()[me])
+    units = [code] if descendants is None else _unit_codes(descendants)  # the units whose verdicts count
+    judgement = _judged(store, units, k)
+    if LEVEL_RANK[level] < LEVEL_RANK["case"] and (judgement.verdicts.severity == "suspected").any():
+        # the k rule looks at the whole case: it may confirm these
+        judgement = _judged(store, units + _case_mates(store, units, ancestors), k)
+    # a case, box or pallet is judged on its own: packed in a case, it is no unit of it for the k rule
+    own = judgement if descendants is None else _judged(store, [code], k)
+    timeline, context = own.timeline, own.context
+    me = timeline.units.column("code").to_pylist().index(code)
+    mine = own.verdicts.unit == me
+    finding = Findings.of(own, units=np.array([me])).models()[0] if mine.any() else None
+    path = finding.path if finding else unit_paths(own, np.array([me]))[me]
+    assigned = int(own.unit_assignment()[me])
     columns = python_columns(timeline.events.select(list(EVENT_COLUMNS)).take(pa.array(timeline.event[timeline.unit == me])))
     events = [dict(zip(columns, row)) for row in zip(*columns.values())]
     result = TraceResult(
         code=code, level=level, sku=timeline.units.column("sku")[me].as_py(),
         batch=timeline.units.column("batch")[me].as_py(), ancestors=ancestors.column("code").to_pylist(),
         assigned_distributor=context.party_ids[assigned].as_py() if assigned >= 0 else None,
-        untracked=bool((judgement.untracked == me).any()), path=path, events=events, diversion=finding)
+        untracked=bool((own.untracked == me).any()), path=path, events=events, diversion=finding)
     if descendants is not None:
-        unit_rows = np.arange(1, timeline.units.num_rows)
-        verdicts = judgement.verdicts[~mine]
+        held = np.flatnonzero(pc.is_in(judgement.timeline.units.column("code"), pa.array(units, pa.string())))
+        verdicts = judgement.verdicts[np.isin(judgement.verdicts.unit, held)]
         result.children = ChildrenSummary(
-            by_level=dict(Counter(descendants.column("level").to_pylist())), units=len(unit_rows),
+            by_level=dict(Counter(descendants.column("level").to_pylist())), units=len(held),
             diverted_units=len(verdicts), confirmed=int((verdicts.severity == "confirmed").sum()),
             suspected=int((verdicts.severity == "suspected").sum()),
-            untracked_units=int(np.isin(judgement.untracked, unit_rows).sum()))
+            untracked_units=int(np.isin(judgement.untracked, held).sum()))
     return result
 
 
-def _judged(store, units: list[str], code: str, k: int) -> tuple[Judgement, int]:  # noqa: ANN001
-    """The judgement of these units' timelines, and the position of `code` in it."""
-    timeline = store.timelines(units)
-    return judge(timeline, judging_context(store, timeline), k=k), timeline.units.column("code").to_pylist().index(code)
+def _judged(store, codes: list[str], k: int) -> Judgement:  # noqa: ANN001
+    """The judgement of these codes' timelines."""
+    timeline = store.timelines(codes)
+    return judge(timeline, judging_context(store, timeline), k=k)
 
 
-def _case_siblings(store, code: str, ancestors: pa.Table) -> list[str]:  # noqa: ANN001
-    """The other units packed in the case `code` is packed in (none without a case)."""
+def _unit_codes(codes: pa.Table) -> list[str]:
+    """The unit-level codes among `codes` (code and level columns)."""
+    return [c for c, level in zip(codes.column("code").to_pylist(), codes.column("level").to_pylist())
+            if level == LEVELS[0]]
+
+
+def _case_mates(store, units: list[str], ancestors: pa.Table) -> list[str]:  # noqa: ANN001
+    """The other units packed in the case that `units` are packed in (its `ancestors`;
+    none without a case)."""
     cases = [c for c, level in zip(ancestors.column("code").to_pylist(), ancestors.column("level").to_pylist())
              if level == "case"]
     if not cases:
         return []
-    inside = store.descendants(cases[0])
-    return [c for c, level in zip(inside.column("code").to_pylist(), inside.column("level").to_pylist())
-            if level == LEVELS[0] and c != code]
+    known = set(units)
+    return [c for c in _unit_codes(store.descendants(cases[0])) if c not in known]
 
 
 def flow(store, *, batch: str | None = None, sku: str | None = None) -> list[FlowEdge]:  # noqa: ANN001

@@ -112,6 +112,22 @@ def test_views_rank_repeat_offenders(world_store):
     assert {r["sku"]: r["units"] for r in diversion_view(findings, "sku")} == {"BJ500": 13, "BJ250": 2}
 
 
+def test_views_span_crossings_in_time_order(store, tmp_path: Path):
+    """DOMAIN.md §3 views over time: first_ts is the earliest crossing of a group. V2's
+    scan (00:00:00Z) comes before V1's (00:00:00.25Z), whatever their text says."""
+    tables = channel_world()
+    tables["codes"] += [{"code": "CV", "level": "case"}, {"code": "V1", "level": "unit", "parent_code": "CV"},
+                        {"code": "V2", "level": "unit", "parent_code": "CV"}]
+    tables["scans"] += [
+        {"event_id": "v0", "code": "CV", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
+        {"event_id": "v1", "code": "V1", "action": "scan", "party_id": "wx-v1", "ts": "2024-03-05T00:00:00.25Z", "region_id": "NJ"},
+        {"event_id": "v2", "code": "V2", "action": "scan", "party_id": "wx-v2", "ts": "2024-03-05T00:00:00Z", "region_id": "NJ"},
+    ]
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    row = next(r for r in diversion_view(find_diversions(store), "case") if r["case"] == "CV")
+    assert (row["units"], row["first_ts"], row["last_ts"]) == (2, "2024-03-05T00:00:00Z", "2024-03-05T00:00:00.250000Z")
+
+
 def test_trace_unit_through_three_packaging_levels(world_store):
     result = trace(world_store, "B2")
     assert result.ancestors == ["BB", "CB", "PB"]
@@ -141,6 +157,48 @@ def test_trace_case_summarises_children(world_store):
     assert result.children.units == 4
     assert (result.children.confirmed, result.children.suspected) == (3, 1)
     assert trace(world_store, "PB").children.by_level == {"case": 1, "box": 1, "unit": 2}
+
+
+def test_trace_of_a_box_counts_its_units_as_the_diversions_do(store, tmp_path: Path):
+    """DOMAIN.md §3: a suspected scan is confirmed when k units of the same case are scanned
+    outside in one region. Case CQ: box QX (Q1, Q2) and box QY (Q3), all three scanned in
+    Nanjing: confirmed, so QX holds 2 confirmed units. Case CW: box WX (W1, W2) scanned whole
+    in Nanjing: two units, below k = 3 (the box is no unit), so both stay suspected."""
+    tables = channel_world()
+    tables["codes"] += [{"code": "CQ", "level": "case"}, {"code": "QX", "level": "box", "parent_code": "CQ"},
+                        {"code": "QY", "level": "box", "parent_code": "CQ"}, {"code": "CW", "level": "case"},
+                        {"code": "WX", "level": "box", "parent_code": "CW"}]
+    tables["codes"] += [{"code": unit, "level": "unit", "parent_code": box}
+                        for unit, box in (("Q1", "QX"), ("Q2", "QX"), ("Q3", "QY"), ("W1", "WX"), ("W2", "WX"))]
+    tables["scans"] += [
+        {"event_id": "q0", "code": "CQ", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
+        *({"event_id": f"q{i}", "code": f"Q{i}", "action": "scan", "party_id": f"wx-q{i}", "ts": "2024-03-01T00:00:00Z",
+           "region_id": "NJ"} for i in (1, 2, 3)),
+        {"event_id": "w0", "code": "CW", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
+        {"event_id": "w1", "code": "WX", "action": "scan", "party_id": "wx-w", "ts": "2024-03-01T00:00:00Z", "region_id": "NJ"},
+    ]
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    severity = {f.code: f.severity for f in find_diversions(store)}
+    assert [severity[c] for c in ("Q1", "Q2", "Q3", "W1", "W2")] == ["confirmed"] * 3 + ["suspected"] * 2
+    held = trace(store, "QX").children
+    assert (held.units, held.confirmed, held.suspected) == (2, 2, 0)
+    held = trace(store, "WX").children
+    assert (held.units, held.confirmed, held.suspected) == (2, 0, 2)
+    assert trace(store, "W1").diversion.severity == "suspected"
+
+
+def test_trace_of_a_case_counts_the_untracked_units_it_holds(store, tmp_path: Path):
+    """The case ZZ sorts after its units: Z1 was shipped by the factory to D1 on its own,
+    Z2 never was (and neither was the case), so ZZ holds one untracked unit of two."""
+    tables = channel_world()
+    tables["codes"] += [{"code": "ZZ", "level": "case"}, {"code": "Z1", "level": "unit", "parent_code": "ZZ"},
+                        {"code": "Z2", "level": "unit", "parent_code": "ZZ"}]
+    tables["scans"].append({"event_id": "z1", "code": "Z1", "action": "ship", "party_id": "F1", "counterparty_id": "D1",
+                            "ts": "2024-02-01T00:00:00Z"})
+    load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")
+    result = trace(store, "ZZ")
+    assert result.untracked and result.assigned_distributor is None
+    assert (result.children.units, result.children.untracked_units) == (2, 1)
 
 
 def test_trace_unknown_code(world_store):
