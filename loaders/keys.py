@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 MAX_PACKED_BYTES = 256  # longer strings are hashed
-BLOCK = 1 << 22  # values looked up (or hashed) at a time: bounds the memory of a lookup
+BLOCK = 1 << 21  # values looked up (or hashed) at a time: bounds the memory of a lookup
+LOOKUP_THREADS = 2  # blocks looked up at once (`StringKeys.positions`)
 PACK_BLOCK = 1 << 15  # strings packed at a time (`_Strings.blocks`)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
+_LOOKUPS = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="lookup")  # numpy and Arrow let go of the GIL
 
 
 def string_offsets(values: pa.Array) -> np.ndarray:
@@ -293,14 +296,20 @@ class StringKeys:
 
     def positions(self, values: pa.Array | pa.ChunkedArray, *, among: np.ndarray | None = None) -> np.ndarray:
         """Row of each value among the keys (the first, if a key repeats; only rows where
-        `among` is true count), -1 when absent or null. Looked up block by block."""
+        `among` is true count), -1 when absent or null. Looked up block by block, blocks
+        on LOOKUP_THREADS threads at once."""
         values = string_array(values)
         out = np.full(len(values), -1, np.int64)
         rows, ints = self._sorted(among)
         if not len(values) or not len(rows):
             return out
-        for start in range(0, len(values), BLOCK):
-            out[start:start + BLOCK] = self._positions(values.slice(start, BLOCK), rows, ints)
+        step = min(BLOCK, -(-len(values) // LOOKUP_THREADS))
+
+        def look_up(start: int) -> None:
+            out[start:start + step] = self._positions(values.slice(start, step), rows, ints)
+
+        for _ in _LOOKUPS.map(look_up, range(0, len(values), step)):
+            pass
         return out
 
     def _positions(self, values: pa.Array, rows: np.ndarray, ints: np.ndarray) -> np.ndarray:
