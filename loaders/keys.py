@@ -26,6 +26,7 @@ here is exact; only its speed depends on the strings.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,7 +41,22 @@ PACK_BLOCK = 1 << 15  # strings packed at a time (`_Strings.blocks`)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
-_LOOKUPS = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="lookup")  # numpy and Arrow let go of the GIL
+
+
+class ThreadPool:
+    """Threads running the work given to `executor`, started anew in a forked child (which
+    has none of its parent's threads: an executor it inherited would never run its work)."""
+
+    def __init__(self, workers: int, name: str):
+        self._workers, self._name = workers, name
+        self._start()
+        os.register_at_fork(after_in_child=self._start)
+
+    def _start(self) -> None:
+        self.executor = ThreadPoolExecutor(self._workers, thread_name_prefix=self._name)
+
+
+_LOOKUPS = ThreadPool(LOOKUP_THREADS, "lookup")  # numpy and Arrow let go of the GIL while they work
 
 
 def string_offsets(values: pa.Array) -> np.ndarray:
@@ -308,7 +324,7 @@ class StringKeys:
         def look_up(start: int) -> None:
             out[start:start + step] = self._positions(values.slice(start, step), rows, ints)
 
-        for _ in _LOOKUPS.map(look_up, range(0, len(values), step)):
+        for _ in _LOOKUPS.executor.map(look_up, range(0, len(values), step)):
             pass
         return out
 

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from graph.errors import DatasetError
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
-from loaders.keys import StringKeys, gather, positions, sort_order, sorted_rows, string_array, string_offsets
+from loaders.keys import StringKeys, ThreadPool, gather, positions, sort_order, sorted_rows, string_array, string_offsets
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,7 @@ class Validated:
 # ---------------------------------------------------------------- rows and where they are kept
 
 
-def _start_spiller() -> None:
-    """The thread that writes chunks to files while the next chunk is validated (anew in
-    a forked child, which has none of its parent's threads)."""
-    global _SPILLER
-    _SPILLER = ThreadPoolExecutor(1, thread_name_prefix="spill")
-
-
-_SPILLER: ThreadPoolExecutor
-_start_spiller()
-os.register_at_fork(after_in_child=_start_spiller)
+_SPILLER = ThreadPool(1, "spill")  # writes chunks to files while the next chunk is validated
 
 
 class _Chunks:
@@ -151,7 +142,7 @@ class _Chunks:
                 self._pieces.setdefault(name, []).append((start, values))
             return
         self.flush()
-        self._writing = _SPILLER.submit(self._spill, len(self.raw) - 1, start, columns)
+        self._writing = _SPILLER.executor.submit(self._spill, len(self.raw) - 1, start, columns)
 
     def flush(self) -> None:
         """Waits until every chunk added is on file (raises the error of a failed write)."""

@@ -4,6 +4,7 @@ share a hash."""
 from __future__ import annotations
 
 import doctest
+import multiprocessing
 import random
 
 import numpy as np
@@ -115,3 +116,23 @@ def test_gather_refuses_rows_out_of_range():
         keys.gather(pa.array(["ab", "cd"]), np.array([0, 2]))
     with pytest.raises(IndexError):
         keys.gather(pa.array(["ab", "cd"]), np.array([-1]))
+
+
+def _look_up_in_child(values: list[str], found: multiprocessing.Queue) -> None:
+    found.put(keys.positions(pa.array(values), pa.array(sorted(values))).tolist())
+
+
+def test_lookups_run_in_a_forked_child():
+    """A forked child has none of its parent's threads: its lookups start their own
+    (an inherited executor would never run them, and the child would hang)."""
+    values = [f"K{i:05d}" for i in range(999, -1, -1)]
+    assert keys.positions(pa.array(values), pa.array(values)).tolist() == list(range(1000))  # the parent's threads run
+    context = multiprocessing.get_context("fork")
+    found = context.Queue()
+    child = context.Process(target=_look_up_in_child, args=(values, found))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert found.get(timeout=5) == list(range(999, -1, -1))
