@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ import pyarrow.compute as pc
 MAX_PACKED_BYTES = 256  # longer strings are hashed
 BLOCK = 1 << 21  # values looked up (or hashed) at a time: bounds the memory of a lookup
 LOOKUP_THREADS = 2  # blocks looked up at once (`StringKeys.positions`)
-PACK_BLOCK = 1 << 15  # strings packed at a time (`_Strings.blocks`)
+PACK_BLOCK = 1 << 17  # strings packed at a time (`_Strings.blocks`), a block a thread
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEEP = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)  # the low k bytes
@@ -112,7 +113,11 @@ class _Strings:
         """The strings in blocks of PACK_BLOCK: a block's integers stay in the CPU's cache
         while all of its positions are packed."""
         for start in range(0, len(self), PACK_BLOCK):
-            yield self._subset(slice(start, start + PACK_BLOCK))
+            yield self.block(start)
+
+    def block(self, start: int) -> _Strings:
+        """The PACK_BLOCK strings from `start` on."""
+        return self._subset(slice(start, start + PACK_BLOCK))
 
     def _subset(self, pick: np.ndarray | slice) -> _Strings:
         subset = copy.copy(self)
@@ -170,10 +175,10 @@ class _Packing:
         self.total_bits = 0
 
     @classmethod
-    def of(cls, strings: _Strings) -> tuple[_Packing, np.ndarray] | None:
+    def of(cls, strings: _Strings, *, threads: int = 1) -> tuple[_Packing, np.ndarray] | None:
         """The packing of these strings and their integers, or None if the integers would
         need more than 64 bits (tried on a sample first: its bytes are some of all the
-        bytes, so they need no more bits)."""
+        bytes, so they need no more bits). Blocks of strings are read on `threads` threads."""
         sample = 1 << 16
         if len(strings) > 2 * sample and cls.of(strings.sample(sample)) is None:
             return None
@@ -181,11 +186,9 @@ class _Packing:
             return None
         width = strings.width
         seen, has_end = np.zeros((width, 256), bool), np.zeros(width, bool)  # per position: the bytes there, a string ended
-        for i, block in enumerate(strings.blocks()):
-            for p in range(width):
-                column, ended = block.at(p)
-                seen[p, column if ended is None else column[~ended]] = True
-                has_end[p] |= ended is not None and bool(ended.any())
+        for i, (block_seen, block_end) in enumerate(_each(_bytes_seen, strings.blocks(), threads)):
+            seen |= block_seen
+            has_end |= block_end
             if i == 0 and sum(_bits(seen, has_end)) > 64:  # the first block's bytes are too many already
                 return None
         bits = _bits(seen, has_end)
@@ -197,14 +200,19 @@ class _Packing:
             rank[seen[p]] = np.arange(has_end[p], has_end[p] + int(seen[p].sum()), dtype=np.uint16)
             packing.ranks.append(rank)
         packing.ended, packing.bits, packing.total_bits = has_end.tolist(), bits, sum(bits)
-        return packing, packing.encode(strings)[0]
+        return packing, packing.encode(strings, threads=threads)[0]
 
-    def encode(self, strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, strings: _Strings, *, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(each string's integer, whether it is one the packing can hold: at most as long
-        as the longest packed string, each byte seen at its position)."""
+        as the longest packed string, each byte seen at its position). Blocks of strings
+        are encoded on `threads` threads."""
         ints, known = np.empty(len(strings), np.uint64), np.empty(len(strings), bool)
-        for start, block in zip(range(0, len(strings), PACK_BLOCK), strings.blocks()):
-            ints[start:start + PACK_BLOCK], known[start:start + PACK_BLOCK] = self._encode(block)
+
+        def encode_block(start: int) -> None:
+            ints[start:start + PACK_BLOCK], known[start:start + PACK_BLOCK] = self._encode(strings.block(start))
+
+        for _ in _each(encode_block, range(0, len(strings), PACK_BLOCK), threads):
+            pass
         return ints, known
 
     def _encode(self, strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
@@ -223,6 +231,22 @@ class _Packing:
                 ints <<= np.uint64(bits)
                 ints |= value
         return ints, known
+
+
+def _bytes_seen(strings: _Strings) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of the strings: which bytes are there, and whether a string ended before it."""
+    seen, has_end = np.zeros((strings.width, 256), bool), np.zeros(strings.width, bool)
+    for p in range(strings.width):
+        column, ended = strings.at(p)
+        seen[p, column if ended is None else column[~ended]] = True
+        has_end[p] = ended is not None and bool(ended.any())
+    return seen, has_end
+
+
+def _each(work: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """work(item) for each item, in order: on the lookup threads when `threads` > 1 (never
+    from one of them: it would wait for itself), else here."""
+    return _LOOKUPS.executor.map(work, items) if threads > 1 else map(work, items)
 
 
 def _bits(seen: np.ndarray, has_end: np.ndarray) -> list[int]:
@@ -283,7 +307,7 @@ class StringKeys:
         keys = string_array(keys)
         self._n = len(keys)
         strings = _Strings(keys)
-        packed = _Packing.of(strings)
+        packed = _Packing.of(strings, threads=LOOKUP_THREADS)
         self._packing = packed[0] if packed else None
         self._hash_bits = 64 - max(self._n.bit_length(), 1)
         if packed:

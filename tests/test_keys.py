@@ -57,6 +57,16 @@ def test_packed_strings_match_python(seed):
     assert keys.StringKeys(stored)._packing is not None
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_answers_do_not_depend_on_blocks(seed, monkeypatch):
+    """Strings packed and values looked up in blocks of a few, many blocks on the lookup
+    threads at once: the same answers as in one block."""
+    monkeypatch.setattr(keys, "PACK_BLOCK", 1 + seed % 5)
+    monkeypatch.setattr(keys, "BLOCK", 1 + seed % 7)
+    check_against_python(seed, longest=3)
+    check_against_python(seed)
+
+
 def test_long_varied_strings_are_hashed():
     strings = pa.array(["".join(random.Random(i).choices(ALPHABET, k=20)) for i in range(50)])
     assert keys.StringKeys(strings)._packing is None
