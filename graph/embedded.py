@@ -458,6 +458,7 @@ class EmbeddedStore:
             found["parent_idx"] = rows.find(values)
             return values
 
+        found_by = {"level": level, "parent_code": parent_code}
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
         links = new.links.get("parent_code") if not old.num_rows else None
         for i, name in enumerate(names):
@@ -467,7 +468,7 @@ class EmbeddedStore:
                 self._write_column("codes", i, name, partial(self._new_column("codes", "code").take,
                                                              pa.array(parent_idx, mask=parent_idx < 0)))
             else:
-                self._write_column("codes", i, name, {"level": level, "parent_code": parent_code}.get(name, partial(column, name)))
+                self._write_column("codes", i, name, found_by.get(name, partial(column, name)))
         self._written()
         parent_idx = found["parent_idx"].astype(np.int32)
         units = _unit_counts(found["is_unit"], parent_idx)

@@ -15,7 +15,7 @@ from graph.errors import StoreError
 from graph.model import LOAD_ORDER
 from graph.store import Store
 from loaders.readers import RawTable, Reject, Source, discover, read_chunks, read_source
-from loaders.validate import validate_dataset
+from loaders.validate import one_malloc_heap, validate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Pr
     """Load every table of `dataset` into `store`. Bad rows become reject records in a
     JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
     sources = discover(Path(dataset))
+    one_malloc_heap()
     with store.loading() as scratch:
         if any(source.table == "epcis" for source in sources):
             raw = _read_all(sources, progress, store)

@@ -348,7 +348,7 @@ class StringKeys:
         def look_up(start: int) -> None:
             out[start:start + step] = self._positions(values.slice(start, step), rows, ints)
 
-        for _ in _LOOKUPS.executor.map(look_up, range(0, len(values), step)):
+        for _ in _each(look_up, range(0, len(values), step), LOOKUP_THREADS):
             pass
         return out
 

@@ -747,10 +747,10 @@ class _TableValidation(_Verdicts):
         """Per row rows[i], whether writing it over stored row at[i] changes nothing: each of
         its values, in every column it has (unknown ones too), is empty (an update keeps the
         stored value it leaves empty) or the stored value."""
-        same = np.ones(len(rows), bool)
+        same, rows, at = np.ones(len(rows), bool), pa.array(rows), pa.array(at)
         for name in self.schema.names:
-            new = pc.take(self.column(name), pa.array(rows))
-            old = pc.take(stored.column(name), pa.array(at)).cast(new.type) if name in stored.column_names else None
+            new = pc.take(self.column(name), rows)
+            old = pc.take(stored.column(name), at).cast(new.type) if name in stored.column_names else None
             kept = pc.is_null(new) if old is None else pc.or_kleene(pc.is_null(new), pc.equal(new, old))
             same &= pc.fill_null(kept, False).to_numpy(zero_copy_only=False)
         return same
@@ -786,18 +786,17 @@ class _TableValidation(_Verdicts):
 # ---------------------------------------------------------------- the dataset
 
 
-def _one_malloc_heap() -> None:
-    """Has glibc's malloc keep one heap for all threads (M_ARENA_MAX = 1), as numpy's
-    allocations go through it: by default each thread allocating while another does gets a
-    heap of its own, which keeps the memory freed in it, and with the lookup and writer
-    threads that held 100-200 MB more at the peak of a 10M-scan load. Nothing elsewhere."""
+def one_malloc_heap() -> None:
+    """Has glibc's malloc give threads that need a heap from now on the one it has
+    (M_ARENA_MAX = 1), as numpy's allocations go through it: by default each thread
+    allocating while another does gets a heap of its own, which keeps the memory freed in
+    it, and with a load's lookup and writer threads that held 100-200 MB more at the peak
+    of a 10M-scan load. Called when a load starts (not at import: a server's request
+    threads keep their heaps). Nothing off glibc."""
     try:
         ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-_one_malloc_heap()
 
 
 def release_memory() -> None:
