@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from graph.errors import StoreError
 from graph.model import ACTIONS, LEVELS, TABLES
 from graph.timeline import Lookup, Timeline, encode, ranges
+from loaders.direct_io import DirectFile
 from loaders.keys import StringKeys, gather, positions, sorted_rows
 from loaders.validate import TYPES, AcceptedRows, Validated, release_memory
 
@@ -550,10 +551,10 @@ class EmbeddedStore:
 
 
 def _write_column_file(path: Path, name: str, values: pa.Array) -> None:
-    """An Arrow IPC file of one column, synced to disk (Arrow writes it without holding
-    the GIL; it runs on the writer thread while the next column is computed)."""
+    """An Arrow IPC file of one column, written past the page cache (`DirectFile`) and
+    synced to disk; it runs on a writer thread while the next column is computed."""
     schema = pa.schema([pa.field(name, values.type)])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    with pa.PythonFile(DirectFile(path), mode="w") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch([values], schema=schema))
     _fsync(path)
 

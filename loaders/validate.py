@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from graph.errors import DatasetError
 from graph.model import LEVEL_RANK, LOAD_ORDER, TABLES, TableSpec
+from loaders.direct_io import DirectFile
 from loaders.keys import StringKeys, ThreadPool, gather, positions, sort_order, sorted_rows, string_array, string_offsets
 from loaders.readers import META_COLUMNS, RawTable, Reject
 
@@ -263,7 +264,7 @@ class _ColumnFiles:
         self.appended[name] += n
 
     def _write(self, name: str, kind: str, data: np.ndarray | memoryview) -> None:
-        with open(self._path(name, kind), "ab") as f:
+        with DirectFile(self._path(name, kind), append=True) as f:
             f.write(data)
 
     def _path(self, name: str, kind: str) -> Path:
