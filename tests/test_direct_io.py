@@ -1,6 +1,7 @@
 """Direct writes (loaders/direct_io.py): a file holds exactly the bytes written, whatever
 their sizes against the block and the buffer, through appends, and without O_DIRECT."""
 
+import errno
 import os
 import random
 
@@ -99,3 +100,31 @@ def test_direct_writes_are_used_where_the_file_system_takes_them(tmp_path):
     with DirectFile(tmp_path / "f") as f:
         f.write(b"a" * (BLOCK + 1))
     assert f.direct
+
+
+def test_a_file_system_refusing_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
+    """Some file systems open with O_DIRECT and then refuse the write (EINVAL): the file
+    is reopened without it and nothing written is lost."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system")
+    direct_fds: set[int] = set()
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    pieces = _pieces(5, direct_io.BUFFER)
+    with DirectFile(tmp_path / "f") as f:
+        for piece in pieces:
+            f.write(piece)
+    assert not f.direct
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
