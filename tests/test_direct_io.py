@@ -81,12 +81,16 @@ def test_an_arrow_ipc_file_written_through_it_reads_back(tmp_path):
 
 def test_without_o_direct_the_page_cache_is_used(tmp_path, monkeypatch):
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
-    pieces = _pieces(9, direct_io.BUFFER)
-    with DirectFile(tmp_path / "f") as f:
+    _check_written_buffered(tmp_path / "f", seed=9)
+
+
+def _check_written_buffered(path, *, seed: int) -> None:
+    pieces = _pieces(seed, direct_io.BUFFER)
+    with DirectFile(path) as f:
         for piece in pieces:
             f.write(piece)
     assert not f.direct
-    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+    assert path.read_bytes() == b"".join(pieces)
 
 
 def test_direct_writes_are_used_where_the_file_system_takes_them(tmp_path):
@@ -122,9 +126,4 @@ def test_a_file_system_refusing_direct_writes_gets_buffered_ones(tmp_path, monke
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pwrite", pwrite)
-    pieces = _pieces(5, direct_io.BUFFER)
-    with DirectFile(tmp_path / "f") as f:
-        for piece in pieces:
-            f.write(piece)
-    assert not f.direct
-    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+    _check_written_buffered(tmp_path / "f", seed=5)
