@@ -263,13 +263,15 @@ def _ranks(rank: np.ndarray, column: np.ndarray, ended: np.ndarray | None) -> np
 def by_value(values: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """`rows` (ascending; `values[i]` is row `rows[i]`'s, of `bits` bits) stably sorted by
     value, and their values: one sort of (value, row) packed into one integer when they fit.
-    Rows come back as int32 when they fit (half the memory of int64)."""
+    Rows come back as int32 when they fit (half the memory of int64). `values` (uint64) is
+    used up: its memory holds the values returned."""
     row_bits = max(int(rows[-1]).bit_length(), 1) if len(rows) else 1
     row_type = _row_type(1 << row_bits)
     if bits + row_bits > 64:
         order = np.argsort(values, kind="stable")
         return rows[order].astype(row_type, copy=False), values[order]
-    packed = values << np.uint64(row_bits)  # the one array of n integers made here: the rest works in place
+    packed = values  # no new array of n integers: all works in place
+    packed <<= np.uint64(row_bits)
     packed |= rows.view(np.uint32 if rows.dtype == np.int32 else np.uint64)  # rows are never negative
     packed.sort()
     if row_type is np.int32:
