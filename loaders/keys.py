@@ -387,9 +387,7 @@ class StringKeys:
         later = np.flatnonzero(ints[1:] == ints[:-1]) + 1  # sorted positions after the first of their integer
         if not len(later):
             return out
-        run_start = np.ones(len(rows), bool)
-        run_start[later] = False
-        first = np.maximum.accumulate(np.where(run_start, np.arange(len(rows), dtype=_row_type(len(rows))), 0))[later]
+        first = np.searchsorted(ints, ints[later])  # the sorted position where each one's integer starts
         out[rows[later]] = rows[first]
         if self._keys is not None:  # hashed: check each match, and decide those that merely share bits exactly
             wrong = ~_equal(self._keys, rows[later], self._keys, rows[first])
