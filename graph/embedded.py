@@ -508,7 +508,8 @@ class EmbeddedStore:
         packed <<= 32
         packed |= event_order
         packed.sort()
-        order_rows = by_time[packed & 0xFFFFFFFF]
+        packed &= 0xFFFFFFFF  # the event orders, in (code row, event order) order
+        order_rows = by_time[packed]
         order = pa.array(order_rows)
         del packed, by_time
         names = list(dict.fromkeys([*old.column_names, *new.column_names]))
@@ -621,7 +622,9 @@ def _event_order(ts: pa.Array, action: pa.Array, event_id: pa.Array) -> tuple[np
     when = ts.cast(pa.int64()).to_numpy(zero_copy_only=False)
     by_time = sorted_rows(when, rank)
     tied = np.zeros(n, bool)  # events at the same time and action rank: ordered by event_id
-    same = (when[by_time][1:] == when[by_time][:-1]) & (rank[by_time][1:] == rank[by_time][:-1])
+    when_sorted, rank_sorted = when[by_time], rank[by_time]
+    same = (when_sorted[1:] == when_sorted[:-1]) & (rank_sorted[1:] == rank_sorted[:-1])
+    del when_sorted, rank_sorted
     tied[1:] |= same
     tied[:-1] |= same
     if tied.any():
@@ -642,7 +645,7 @@ class _CodeRows:
 
     def __init__(self, order: np.ndarray, accepted_at: int, index: Callable[[], StringKeys]):
         self.row_of = np.empty(len(order), np.int32 if len(order) < 2**31 else np.int64)
-        self.row_of[order] = np.arange(len(order))
+        self.row_of[order] = np.arange(len(order), dtype=self.row_of.dtype)
         self.accepted_at, self._index, self._built = accepted_at, index, None
 
     def find(self, values: pa.Array) -> np.ndarray:
