@@ -971,7 +971,7 @@ def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None
     _check_immutable_codes(v)
     keep = v.ok & ~v.duplicate
     accepted_row = np.full(v.n + 1, -1, parent_row.dtype)  # and a last -1, for the rows not found (-1)
-    accepted_row[:-1][keep] = np.arange(int(keep.sum()))
+    accepted_row[:-1][keep] = np.arange(int(keep.sum()), dtype=accepted_row.dtype)
     valid_codes = v.index().within(v.ok.copy())  # valid rows: accepted, or the same as a stored or earlier row
     outcome = v.outcome()  # lets the index of every row go
     if outcome.accepted is not None:
