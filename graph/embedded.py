@@ -611,7 +611,7 @@ def _unit_counts(is_unit: np.ndarray, parent_idx: np.ndarray) -> np.ndarray:
         walker = walker[walker >= 0]
         if not len(walker):
             break
-        units += np.bincount(walker, minlength=len(units))
+        np.add.at(units, walker, 1)  # in place: no array of counts per level
     return units
 
 
