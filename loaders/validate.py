@@ -794,17 +794,25 @@ def one_malloc_heap() -> None:
     it, and with a load's lookup and writer threads that held 100-200 MB more at the peak
     of a 10M-scan load. Called when a load starts (not at import: a server's request
     threads keep their heaps). Nothing off glibc."""
-    try:
-        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _glibc_malloc("mallopt", -8, 1)  # M_ARENA_MAX
 
 
 def release_memory() -> None:
-    """Hands the memory Arrow's allocator kept for reuse back to the system: called between
-    the phases of a load, so that memory one phase freed does not stay resident while the
-    next one allocates other memory (Arrow's and numpy's allocators do not share it)."""
+    """Hands the memory the allocators kept for reuse back to the system: Arrow's pool, and
+    the free pages inside glibc's heap (malloc_trim), where numpy's arrays under 32 MB live.
+    Called between the phases of a load, so that memory one phase freed does not stay
+    resident while the next one allocates other memory (Arrow's and numpy's allocators do
+    not share it). At scale 1000 the trim lowers the peak from 1788-1828 MiB to 1603-1640."""
     pa.default_memory_pool().release_unused()
+    _glibc_malloc("malloc_trim", 0)
+
+
+def _glibc_malloc(function: str, *args: int) -> None:
+    """Calls glibc's malloc tuning `function` (nothing where the C library is not glibc)."""
+    try:
+        getattr(ctypes.CDLL(None), function)(*args)
+    except (OSError, AttributeError):
+        pass
 
 
 def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill: Path | None = None) -> Validated:
