@@ -11,6 +11,7 @@ import pytest
 
 from loaders import direct_io
 from loaders.direct_io import BLOCK, DirectFile
+from tests.conftest import unavailable
 
 SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, 5]
 
@@ -93,30 +94,34 @@ def _check_written_buffered(path, *, seed: int) -> None:
     assert path.read_bytes() == b"".join(pieces)
 
 
-def test_direct_writes_are_used_where_the_file_system_takes_them(tmp_path):
+@pytest.fixture
+def o_direct(tmp_path) -> int:
+    """os.O_DIRECT, which this system and tmp_path's file system take (a real dependency:
+    without it the test fails in CI and skips locally)."""
     if not hasattr(os, "O_DIRECT"):
-        pytest.skip("no O_DIRECT on this system")
+        unavailable("no O_DIRECT on this system")
     try:
-        fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    except OSError:
-        pytest.skip("this file system refuses O_DIRECT")
-    os.close(fd)
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError as exc:
+        unavailable(f"the file system of {tmp_path} refuses O_DIRECT: {exc}")
+    return os.O_DIRECT
+
+
+def test_direct_writes_are_used_where_the_file_system_takes_them(tmp_path, o_direct):
     with DirectFile(tmp_path / "f") as f:
         f.write(b"a" * (BLOCK + 1))
     assert f.direct
 
 
-def test_a_file_system_refusing_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
+def test_a_file_system_refusing_direct_writes_gets_buffered_ones(tmp_path, monkeypatch, o_direct):
     """Some file systems open with O_DIRECT and then refuse the write (EINVAL): the file
     is reopened without it and nothing written is lost."""
-    if not hasattr(os, "O_DIRECT"):
-        pytest.skip("no O_DIRECT on this system")
     direct_fds: set[int] = set()
     real_open, real_pwrite = os.open, os.pwrite
 
     def open_(path, flags, *args):
         fd = real_open(path, flags, *args)
-        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
+        (direct_fds.add if flags & o_direct else direct_fds.discard)(fd)
         return fd
 
     def pwrite(fd, data, offset):

@@ -10,7 +10,7 @@ from loaders.ingest import load_dataset
 from queries.diversion import diversion_view, find_diversions, judge_store
 from queries.influence import attribute, cascade, influencers, referral_stats
 from queries.trace import flow, trace
-from tests.worlds import CHANNEL_DIVERSIONS, NOT_DIVERTED, UNTRACKED, channel_world, write_world
+from tests.worlds import CHANNEL_DIVERSIONS, NOT_DIVERTED, UNTRACKED, add_case, channel_world, write_world
 
 
 @pytest.fixture
@@ -60,10 +60,8 @@ def test_a_store_inside_that_ships_a_unit_on_has_handled_it(store, tmp_path: Pat
     store handled it inside, so the consumer's scan in Nanjing is travel; the same scan
     without the store's ship is a suspected diversion."""
     tables = channel_world()
-    tables["codes"] += [{"code": "CX", "level": "case"}, {"code": "X1", "level": "unit", "parent_code": "CX"},
-                        {"code": "X2", "level": "unit", "parent_code": "CX"}]
+    add_case(tables, "CX", ["X1", "X2"], shipped="x1")
     tables["scans"] += [
-        {"event_id": "x1", "code": "CX", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
         {"event_id": "x2", "code": "X1", "action": "ship", "party_id": "S1", "counterparty_id": "C1", "ts": "2024-02-03T00:00:00Z"},
         {"event_id": "x3", "code": "X1", "action": "scan", "party_id": "wx-x1", "ts": "2024-02-04T00:00:00Z", "region_id": "NJ"},
         {"event_id": "x4", "code": "X2", "action": "scan", "party_id": "wx-x2", "ts": "2024-02-04T00:00:00Z", "region_id": "NJ"},
@@ -116,10 +114,8 @@ def test_views_span_crossings_in_time_order(store, tmp_path: Path):
     """DOMAIN.md §3 views over time: first_ts is the earliest crossing of a group. V2's
     scan (00:00:00Z) comes before V1's (00:00:00.25Z), whatever their text says."""
     tables = channel_world()
-    tables["codes"] += [{"code": "CV", "level": "case"}, {"code": "V1", "level": "unit", "parent_code": "CV"},
-                        {"code": "V2", "level": "unit", "parent_code": "CV"}]
+    add_case(tables, "CV", ["V1", "V2"], shipped="v0")
     tables["scans"] += [
-        {"event_id": "v0", "code": "CV", "action": "ship", "party_id": "F1", "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"},
         {"event_id": "v1", "code": "V1", "action": "scan", "party_id": "wx-v1", "ts": "2024-03-05T00:00:00.25Z", "region_id": "NJ"},
         {"event_id": "v2", "code": "V2", "action": "scan", "party_id": "wx-v2", "ts": "2024-03-05T00:00:00Z", "region_id": "NJ"},
     ]
@@ -191,8 +187,7 @@ def test_trace_of_a_case_counts_the_untracked_units_it_holds(store, tmp_path: Pa
     """The case ZZ sorts after its units: Z1 was shipped by the factory to D1 on its own,
     Z2 never was (and neither was the case), so ZZ holds one untracked unit of two."""
     tables = channel_world()
-    tables["codes"] += [{"code": "ZZ", "level": "case"}, {"code": "Z1", "level": "unit", "parent_code": "ZZ"},
-                        {"code": "Z2", "level": "unit", "parent_code": "ZZ"}]
+    add_case(tables, "ZZ", ["Z1", "Z2"])
     tables["scans"].append({"event_id": "z1", "code": "Z1", "action": "ship", "party_id": "F1", "counterparty_id": "D1",
                             "ts": "2024-02-01T00:00:00Z"})
     load_dataset(store, write_world(tables, tmp_path / "world"), rejects_dir=tmp_path / "rejects")

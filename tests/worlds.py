@@ -175,6 +175,15 @@ def channel_world() -> dict[str, Rows]:
     return {name: [dict(row) for row in rows] for name, rows in tables.items()}
 
 
+def add_case(tables: dict[str, Rows], case: str, units: list[str], *, shipped: str | None = None) -> None:
+    """Adds case `case` holding `units` to the world's codes and, with `shipped` (an event
+    id), its shipment from the factory F1 to the distributor D1 on 2024-02-01."""
+    tables["codes"] += [{"code": case, "level": "case"}, *({"code": u, "level": "unit", "parent_code": case} for u in units)]
+    if shipped is not None:
+        tables["scans"].append({"event_id": shipped, "code": case, "action": "ship", "party_id": "F1",
+                                "counterparty_id": "D1", "ts": "2024-02-01T00:00:00Z"})
+
+
 def write_world(tables: dict[str, Rows], folder: Path, fmt: str = "csv") -> Path:
     """Write each table as `<name>.<fmt>` (csv, jsonl or parquet); returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
