@@ -102,17 +102,20 @@ class EmbeddedStore:
         return self._cache[name]
 
     def stored(self, table: str, keys: pa.Array) -> pa.Table:
+        """The stored rows whose key is among `keys` (which may repeat, or be null: a null
+        matches nothing); nothing is copied when the table is empty."""
         data = self.table(table)
         if data.num_rows == 0 or len(keys) == 0:
             return data.slice(0, 0)
         key = TABLES[table].key[0] if TABLES[table].key else "task_id"
         if len(keys) > _FEW or table not in MASTER_TABLES:
             return data.filter(pa.array(positions(data.column(key), keys) >= 0))
+        wanted = pc.drop_null(keys).to_pylist()
         if table == "codes":
-            rows = self.code_rows(keys.to_pylist())
+            rows = self.code_rows(wanted)
         else:
             index = self.cached(f"_index:{table}", lambda: {k: i for i, k in enumerate(data.column(key).to_pylist())})
-            rows = np.array([index.get(k, -1) for k in keys.to_pylist()], np.int64)
+            rows = np.array([index.get(k, -1) for k in wanted], np.int64)
         return data.take(pa.array(np.unique(rows[rows >= 0])))
 
     def regions(self) -> pa.Table:
@@ -466,12 +469,11 @@ class EmbeddedStore:
             if name == "parent_code" and links is not None and "code" in names[:i]:
                 # every parent is an accepted code (-1: none): its code, read in order (the codes are sorted)
                 parent_idx = found["parent_idx"] = rows.of_links(links[order])
-                self._write_column("codes", i, name, partial(self._new_column("codes", "code").take,
-                                                             pa.array(parent_idx, mask=parent_idx < 0)))
+                self._write_column("codes", i, name, partial(gather, self._new_column("codes", "code"), parent_idx))
             else:
                 self._write_column("codes", i, name, found_by.get(name, partial(column, name)))
         self._written()
-        parent_idx = found["parent_idx"].astype(np.int32)
+        parent_idx = found["parent_idx"].astype(np.int32, copy=False)
         units = _unit_counts(found["is_unit"], parent_idx)
         self._write_column("codes", len(names), "parent_idx", partial(pa.array, parent_idx, pa.int32()))
         self._write_column("codes", len(names) + 1, "unit_count", partial(pa.array, units, pa.int64()))
@@ -495,9 +497,9 @@ class EmbeddedStore:
 
         codes, links = code_rows.pop(), new.links.pop("code", None) if not old.num_rows else None
         if links is not None and (links >= 0).all():  # every scan names a code of this load: its column is not read
-            code_idx = codes.of_links(links).astype(np.int32)
+            code_idx = codes.of_links(links).astype(np.int32, copy=False)
         else:
-            code_idx = codes.find(merged("code")).astype(np.int32)
+            code_idx = codes.find(merged("code")).astype(np.int32, copy=False)
         del codes, links
         event_ids = merged("event_id")
         event_order, by_time = _event_order(merged("ts"), merged("action"), event_ids)
@@ -639,24 +641,25 @@ def _event_order(ts: pa.Array, action: pa.Array, event_id: pa.Array) -> tuple[np
 
 class _CodeRows:
     """Where codes are in the new version's codes table: `row_of` is the place of each
-    merged code (the live ones kept, then the accepted ones, from `accepted_at` on). A code
-    is found by the accepted code validation linked it to, else in an index of the merged
-    codes (`index()`, built when first needed)."""
+    merged code (the live ones kept, then the accepted ones, from `accepted_at` on), then
+    -1 (so row_of[-1], for a code not found, is -1). A code is found by the accepted code
+    validation linked it to, else in an index of the merged codes (`index()`, built when
+    first needed)."""
 
     def __init__(self, order: np.ndarray, accepted_at: int, index: Callable[[], StringKeys]):
-        self.row_of = np.empty(len(order), np.int32 if len(order) < 2**31 else np.int64)
+        self.row_of = np.empty(len(order) + 1, np.int32 if len(order) < 2**31 else np.int64)
         self.row_of[order] = np.arange(len(order), dtype=self.row_of.dtype)
+        self.row_of[-1] = -1
         self.accepted_at, self._index, self._built = accepted_at, index, None
 
     def find(self, values: pa.Array) -> np.ndarray:
         """The row of each value (-1: none), looked up in the index."""
         self._built = self._built or self._index()
-        merged = self._built.positions(values)
-        return np.where(merged >= 0, self.row_of[np.maximum(merged, 0)], -1)
+        return self.row_of[self._built.positions(values)]
 
     def of_links(self, links: np.ndarray) -> np.ndarray:
         """The row of each accepted code validation linked (-1: none)."""
-        return np.where(links >= 0, self.row_of[np.maximum(links, 0) + self.accepted_at], -1)
+        return self.row_of[self.accepted_at:][links]
 
 
 class _SortedStrings:

@@ -20,7 +20,8 @@ class Store(Protocol):
     uri: str
 
     def stored(self, table: str, keys: pa.Array) -> pa.Table:
-        """Stored rows (typed canonical columns) of `table` whose key is in `keys`."""
+        """Stored rows (typed canonical columns) of `table` whose key is in `keys` (keys may
+        repeat, and be null: a null matches nothing)."""
 
     def regions(self) -> pa.Table:
         """All stored regions."""

@@ -55,7 +55,8 @@ class Known(Protocol):
     """What a store already holds, as far as validation needs it."""
 
     def stored(self, table: str, keys: pa.Array) -> pa.Table:
-        """The stored rows (typed canonical columns) whose key is in `keys` (keys may repeat)."""
+        """The stored rows (typed canonical columns) whose key is in `keys` (keys may repeat,
+        and be null: a null matches nothing)."""
 
     def regions(self) -> pa.Table:
         """All stored regions."""
@@ -942,7 +943,7 @@ def _validate_codes(chunks: Iterable[RawTable], known: Known, spill: Path | None
     parent = v.array("parent_code")
     level_rank = _level_ranks(v.array("level"))
     has_parent = pc.is_valid(parent).to_numpy(zero_copy_only=False)
-    stored_parents = known.stored("codes", pc.drop_null(parent))
+    stored_parents = known.stored("codes", parent)
     # A parent is the first valid input row with its code (later ones are duplicates or
     # rejected), else the stored code. Rejecting a row only ever removes parents.
     parent_row = v.index().positions(parent, among=v.ok).astype(np.int32 if v.n < 2**31 else np.int64)
@@ -1061,14 +1062,14 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
     def known_party(values: pa.Array, consumers: tuple[pa.Array, ...] = ()) -> np.ndarray:
         """Whether each value names a party of the parties table, the store or `consumers`."""
         present = pc.is_valid(values).to_numpy(zero_copy_only=False)
-        stored = known.stored("parties", pc.drop_null(values)).column("party_id").combine_chunks()
+        stored = known.stored("parties", values).column("party_id").combine_chunks()
         pool = pa.concat_arrays([new_parties.cast(pa.string()), stored.cast(pa.string()), *consumers])
         return present & pc.is_in(values, value_set=pool).to_numpy(zero_copy_only=False)
 
     def check(rows: _Rows, typed: dict[str, pa.Array]) -> None:
         code = typed["code"]
         has_code = pc.is_valid(code).to_numpy(zero_copy_only=False)
-        stored_codes = known.stored("codes", pc.drop_null(code)).column("code")
+        stored_codes = known.stored("codes", code).column("code")
         in_load, accepted = loaded_code(code)
         code_links.append(accepted)
         unknown = has_code & ~in_load

@@ -106,26 +106,31 @@ def test_sorted_rows_match_lexsort(seed):
 
 @pytest.mark.parametrize("seed", range(30))
 def test_gather_is_arrows_take(seed):
-    """Fixed-width strings (the fast path), sliced ones, varied lengths, nulls, bytes,
-    large strings: always what Arrow's take gives, rows repeated or not."""
+    """Fixed-width strings (the fast path), with nulls among them, sliced ones, varied
+    lengths, bytes, large strings; rows repeated or not, -1 among them (a null): always
+    what Arrow's take gives."""
     rng = random.Random(seed)
     n = rng.randint(1, 60)
     width = rng.randint(1, 5)
     fixed = ["".join(rng.choice("ab1") for _ in range(width)) for _ in range(n)]
-    rows = np.array([rng.randrange(n) for _ in range(rng.randint(0, 2 * n))], np.int64)
+    with_nulls = [None if rng.random() < 0.3 else s for s in fixed]
+    rows = np.array([rng.randrange(-1, n) if seed % 2 else rng.randrange(n) for _ in range(rng.randint(0, 2 * n))], np.int64)
     for values in (pa.array(fixed), pa.array(fixed).slice(n // 3), pa.array([s.encode() for s in fixed], pa.binary()),
+                   pa.array(with_nulls), pa.array(with_nulls).slice(n // 2), pa.array([None] * n, pa.string()),
                    pa.array(fixed, pa.large_string()), pa.array(random_strings(rng, n)), pa.array(["中" * width] * n),
                    pa.array(["ab"] * (n - 1) + ["abc"])):
         at = rows[rows < len(values)]
-        assert keys.gather(values, at).equals(values.take(pa.array(at))), values
-        assert keys.gather(values, at.astype(np.int32)).to_pylist() == [values[int(i)].as_py() for i in at]
+        expected = values.take(pa.array(at, mask=at < 0))
+        gathered = keys.gather(values, at)
+        gathered.validate(full=True)
+        assert gathered.equals(expected) and gathered.null_count == expected.null_count, values
+        assert keys.gather(values, at.astype(np.int32)).to_pylist() == [values[int(i)].as_py() if i >= 0 else None for i in at]
 
 
 def test_gather_refuses_rows_out_of_range():
-    with pytest.raises(IndexError):
-        keys.gather(pa.array(["ab", "cd"]), np.array([0, 2]))
-    with pytest.raises(IndexError):
-        keys.gather(pa.array(["ab", "cd"]), np.array([-1]))
+    for values in (pa.array(["ab", "cd"]), pa.array(["ab", None]), pa.array(["ab", "cde"])):
+        with pytest.raises(IndexError):
+            keys.gather(values, np.array([0, 2]))
 
 
 def _look_up_in_child(values: list[str], found: multiprocessing.Queue) -> None:
