@@ -341,21 +341,22 @@ class StringKeys:
         `among` is true count), -1 when absent or null. Looked up block by block, blocks
         on LOOKUP_THREADS threads at once."""
         values = string_array(values)
-        out = np.full(len(values), -1, np.int64)
         rows, ints = self._sorted(among)
         if not len(values) or not len(rows):
-            return out
+            return np.full(len(values), -1, np.int64)
+        out = np.empty(len(values), np.int64)  # each block fills its part, on its thread
         step = min(BLOCK, -(-len(values) // LOOKUP_THREADS))
 
         def look_up(start: int) -> None:
-            out[start:start + step] = self._positions(values.slice(start, step), rows, ints)
+            self._positions(values.slice(start, step), rows, ints, out[start:start + step])
 
         for _ in _each(look_up, range(0, len(values), step), LOOKUP_THREADS):
             pass
         return out
 
-    def _positions(self, values: pa.Array, rows: np.ndarray, ints: np.ndarray) -> np.ndarray:
-        out = np.full(len(values), -1, np.int64)
+    def _positions(self, values: pa.Array, rows: np.ndarray, ints: np.ndarray, out: np.ndarray) -> None:
+        """Writes the row of each of `values` into `out` (as `positions`)."""
+        out.fill(-1)
         strings = _Strings(values)
         if self._packing is not None:
             asked, known = self._packing.encode(strings)
@@ -376,7 +377,6 @@ class StringKeys:
                 found = pc.index_in(values.take(pa.array(wanted[wrong])), value_set=self._keys.take(pa.array(rows[members])))
                 found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
                 out[wanted[wrong]] = np.where(found >= 0, rows[members][np.maximum(found, 0)], -1)
-        return out
 
     def first_rows(self, *, among: np.ndarray | None = None) -> np.ndarray:
         """For each row, the first row holding the same string (itself when first); -1 for
@@ -418,11 +418,12 @@ def gather(values: pa.Array, rows: np.ndarray) -> pa.Array:
     if len(values) and len(rows) and values.type in (pa.string(), pa.binary()):
         offsets = string_offsets(values)
         valid = pc.is_valid(values).to_numpy(zero_copy_only=False) if values.null_count else None
-        width = int(offsets[-1] - offsets[0]) // max(len(values) - values.null_count, 1)
-        lengths = np.diff(offsets)
-        if 0 < width and len(rows) * width < 2**31 and (lengths == (width if valid is None else width * valid)).all():
+        lengths, present = np.diff(offsets), len(values) - values.null_count
+        width = int(offsets[-1] - offsets[0]) // max(present, 1)
+        if (0 < width and len(rows) * width < 2**31 and np.count_nonzero(lengths == width) == present
+                and (valid is None or not lengths[~valid].any())):
             # the values one after another, `width` bytes each (a null has none)
-            records = np.frombuffer(values.buffers()[2], f"V{width}", len(values) - values.null_count, int(offsets[0]))
+            records = np.frombuffer(values.buffers()[2], f"V{width}", present, int(offsets[0]))
             if valid is None and not absent.any():
                 return _fixed_width(values.type, records[rows], None)
             picked_valid = ~absent if valid is None else valid[rows] & ~absent

@@ -127,6 +127,15 @@ def test_gather_is_arrows_take(seed):
         assert keys.gather(values, at.astype(np.int32)).to_pylist() == [values[int(i)].as_py() if i >= 0 else None for i in at]
 
 
+def test_gather_of_nulls_holding_bytes():
+    """A null may hold bytes (Arrow allows it): [null holding "ab", "", "cd"] is not of one
+    width, whatever the lengths add up to."""
+    valid = pa.array([False, True, True]).buffers()[1]
+    values = pa.Array.from_buffers(pa.string(), 3, [valid, pa.py_buffer(np.array([0, 2, 2, 4], np.int32)), pa.py_buffer(b"abcd")])
+    rows = np.array([2, 1, 0, -1, 1])
+    assert keys.gather(values, rows).to_pylist() == ["cd", "", None, None, ""]
+
+
 def test_gather_refuses_rows_out_of_range():
     for values in (pa.array(["ab", "cd"]), pa.array(["ab", None]), pa.array(["ab", "cde"])):
         with pytest.raises(IndexError):
