@@ -14,6 +14,8 @@ from graph.errors import ChannelgraphError
 
 TABLE_COLUMNS = ("store_id", "region_id", "sell_in", "sell_out", "daily_sales", "stock", "days_of_cover", "flags")
 AsOfOpt = Annotated[str | None, typer.Option("--as-of", help="Analyse as known at this ISO 8601 time [default: the latest event].")]
+ConsumersAsOfOpt = Annotated[str | None, typer.Option(
+    "--as-of", help="Analyse as known at this ISO 8601 time [default: the latest purchase or referral].")]
 
 
 @contextmanager
@@ -51,7 +53,7 @@ def consumers(
     segment: Annotated[str | None, typer.Option(help="Only this RFM segment: champions, loyal, promising, at_risk, hibernating, lost, prospect.")] = None,
     profile: Annotated[str | None, typer.Option(help="The 360° profile of this consumer instead.")] = None,
     funnel: Annotated[str | None, typer.Option(help="Stage counts at the end of each month or week instead.")] = None,
-    as_of: AsOfOpt = None,
+    as_of: ConsumersAsOfOpt = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
     """Consumer lifecycle: AARRR stage and next action, RFM scores and segment."""

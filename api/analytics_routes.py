@@ -29,6 +29,8 @@ from queries.stores import StoreHealth, store_health
 router = APIRouter()
 Level = Literal["province", "city", "district"]
 AsOf = Annotated[datetime | None, Query(description="Analyse as known at this time (ISO 8601; no offset = UTC) [default: the latest event].")]
+ConsumersAsOf = Annotated[datetime | None, Query(
+    description="Analyse as known at this time (ISO 8601; no offset = UTC) [default: the latest purchase or referral].")]
 
 
 class ConsumersPage(BaseModel):
@@ -86,7 +88,7 @@ def stores(svc: Svc, region: Annotated[str | None, Query(max_length=500)] = None
 @router.get("/api/consumers", response_model=ConsumersPage, responses=responses(422), tags=["analytics"],
             summary="Consumer lifecycle: AARRR stage, next action, RFM scores and segment")
 def consumers(svc: Svc, stage: Literal[STAGES] | None = None,  # type: ignore[valid-type]
-              segment: Annotated[str | None, Query(max_length=50)] = None, as_of: AsOf = None,
+              segment: Annotated[str | None, Query(max_length=50)] = None, as_of: ConsumersAsOf = None,
               offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> ConsumersPage:
     items = svc.cached(lambda: lifecycle(svc.store, stage=stage, segment=segment, as_of=as_of),
                        "api-consumers", stage, segment, _iso(as_of))

@@ -16,8 +16,9 @@ condition holds:
   queries/influence.py, who bought at or after being referred).
 
 RFM over buyers: recency (days since the last purchase), frequency (purchases), monetary
-(spend); each scored 1-5 by quintile (score = 1 + floor(5 x share of buyers strictly worse)),
-named by SEGMENTS from R and the mean of F and M.
+(spend); each scored 1-5 by quintile: score = ceil(5 x rank / buyers), the rank counted from
+the worst (1) and tied values sharing their average rank, so the best buyer scores 5 however
+few buyers there are; named by SEGMENTS from R and the mean of F and M.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
     """Purchases (with the store each unit came from), stores, referrals and tags of one consumer."""
     consumers, purchases, referrals = _inputs(store)
     if party_id not in consumers.index:
-        raise NotFound(f"consumer {party_id!r} is not stored")
+        other = store.stored("parties", pa.array([party_id], pa.string())).column("kind").to_pylist()
+        raise NotFound(f"{party_id!r} is a {other[0]}, not a consumer" if other else f"consumer {party_id!r} is not stored")
     as_of = _latest(purchases, referrals)
     table = _History.of(consumers, purchases, referrals).table(as_of, bulk_units=bulk_units, top_value=top_value)
     life = _models(table.loc[[party_id]])[0]
@@ -284,11 +286,11 @@ class _History:
 
 
 def _quintile(values: pd.Series) -> pd.Series:
-    """1 + floor(5 x share of values strictly lower), so ties share a score."""
+    """ceil(5 x rank / n), ranks from the lowest value (1), tied values sharing their
+    average rank: quintiles when the values differ; the highest value scores 5."""
     if values.empty:
         return values
-    worse = values.rank(method="min") - 1
-    return (1 + np.floor(5 * worse / len(values))).astype(int)
+    return np.ceil(5 * values.rank(method="average") / len(values)).clip(1, 5).astype(int)
 
 
 def _models(table: pd.DataFrame) -> list[ConsumerLifecycle]:

@@ -57,7 +57,8 @@ def test_cli_documents(world: Path, capsys):
     (["stores", "--region", "Atlantis"], "region 'Atlantis' is not stored"),
     (["stores", "--window", "10"], "multiple of 7"),
     (["consumers", "--stage", "fans"], "stage 'fans'"),
-    (["consumers", "--profile", "S1"], "consumer 'S1' is not stored"),
+    (["consumers", "--profile", "S1"], "'S1' is a store, not a consumer"),
+    (["consumers", "--profile", "nobody"], "consumer 'nobody' is not stored"),
     (["regions", "--period", "decade"], "period 'decade'"),
     (["rebates", "--policy", "no-such-policy.toml"], "policy no-such-policy.toml"),
     (["rebates", "--policy", str(POLICY), "--month", "2024-3"], "month '2024-3'"),
@@ -84,7 +85,7 @@ def test_api_documents(client: TestClient):
     page = client.get("/api/consumers", params={"stage": "activated", "limit": 3}).json()
     assert (page["total"], len(page["items"])) == (8, 3)
     assert client.get("/api/consumers/funnel").json()[-1]["referral"] == 4
-    assert client.get("/api/consumers/C1").json()["lifecycle"]["segment"] == "lost"  # one unit, 3 days before the last scan
+    assert client.get("/api/consumers/C1").json()["lifecycle"]["segment"] == "loyal"  # one unit, 3 days before the last scan (R, F, M 3)
     assert client.get("/api/rebates", params={"month": "2024-02"}).json()["withheld"] == 3.5  # b4: 2 + 1 + 0.5
     posted = client.post("/api/rebates", json={"default": {"store": 1.0}}).json()
     assert (posted["owed"], posted["withheld"]) == (3.0, 2.0)  # r5, t4, u2 owed; b4, a5 withheld

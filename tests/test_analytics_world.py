@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from graph.errors import ChannelgraphError, NotFound
 from loaders.ingest import load_dataset
-from queries.consumers import lifecycle, profile, stage_funnel
+from queries.consumers import _quintile, lifecycle, profile, stage_funnel
 from queries.rebates import load_policy, policy_from, rebates
 from queries.regions import region_sell_through
 from queries.stores import store_health
@@ -86,12 +87,25 @@ def test_consumer_stages_and_next_actions(world_store):
     assert table["wx-b2"].next_action == "repurchase"
     c1 = table["C1"]
     assert (c1.purchases, c1.purchase_days, c1.monetary, c1.converted_referrals) == (1, 1, 300.0, 1)
-    # 12 buyers of one unit each: only wx-b2 bought longer ago (26 days against 3) and for less (120.5)
-    assert (c1.r, c1.f, c1.m, c1.segment) == (1, 1, 1, "lost")
+    # 12 buyers of one unit each. Recency: wx-b2 26 days (rank 1), C1 and 6 others 3 days (ranks 2-8, average 5:
+    # ceil(5 x 5 / 12) = 3), wx-j2 2.96 days (rank 9: 4), wx-k2..k4 later (5). F: all tied (average rank 6.5: 3).
+    # M: wx-b2 120.5 (rank 1: 1), the others 300 (average rank 7: 3)
+    assert (c1.r, c1.f, c1.m, c1.segment) == (3, 3, 3, "loyal")
+    assert [(table[p].r, table[p].f, table[p].m) for p in ("wx-b2", "wx-j2", "wx-k4")] == [(1, 3, 1), (4, 3, 3), (5, 3, 3)]
     assert table["wx-a1"].converted_referrals == 2
-    assert [c.party_id for c in lifecycle(world_store, stage="referral", segment="promising")] == ["wx-j2"]
+    assert [c.party_id for c in lifecycle(world_store, stage="referral", segment="loyal")] == ["C1", "wx-a1", "wx-j2", "wx-k1"]
+    assert [c.party_id for c in lifecycle(world_store, stage="activated", segment="lost")] == ["wx-b2"]
     with pytest.raises(ValueError):
         lifecycle(world_store, stage="loyalist")
+
+
+def test_rfm_scores_are_quintiles_with_ties_sharing():
+    """Distinct values: quintiles; ties share their average rank; the best of a few scores 5."""
+    scores = {tuple(values): _quintile(pd.Series(values, dtype=float)).tolist() for values in
+              ([5, 1, 4, 2, 3], list(range(10)), [10, 20], [7, 7, 7], [1] * 100, [3], [1, 2, 2, 2, 9])}
+    assert scores == {(5, 1, 4, 2, 3): [5, 1, 4, 2, 3], tuple(range(10)): [1, 1, 2, 2, 3, 3, 4, 4, 5, 5],
+                      (10, 20): [3, 5], (7, 7, 7): [4, 4, 4], (1,) * 100: [3] * 100, (3,): [5],
+                      (1, 2, 2, 2, 9): [1, 3, 3, 3, 5]}
 
 
 def test_lifecycle_at_times_far_from_the_data(world_store):
@@ -118,8 +132,10 @@ def test_consumer_profile(world_store):
     assert one.referred_by == {"referrer_id": "C1", "ts": "2024-02-20T00:00:00Z"}
     assert [(r["referee_id"], r["converted"]) for r in one.referrals] == [("wx-k1", True), ("wx-k2", True)]
     assert {"stage:referral", "referrer", "referred", "sku:BJ500"} <= set(one.tags)
-    with pytest.raises(NotFound):
-        profile(world_store, "S1")  # a store, not a consumer
+    with pytest.raises(NotFound, match="'S1' is a store, not a consumer"):
+        profile(world_store, "S1")
+    with pytest.raises(NotFound, match="consumer 'nobody' is not stored"):
+        profile(world_store, "nobody")
 
 
 def test_rebates_owed_and_withheld(world_store):
