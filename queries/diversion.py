@@ -330,13 +330,14 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
 
     units = timeline.unit
     confirmed_row = timeline.first_per_unit(np.flatnonzero(confirmed_evidence))
-    consumer_row = timeline.first_per_unit(np.flatnonzero(consumer_evidence))
+    consumer_rows = np.flatnonzero(consumer_evidence)
+    consumer_row = timeline.first_per_unit(consumer_rows)
     confirmed_unit, consumer_unit = units[confirmed_row].astype(np.int64), units[consumer_row].astype(np.int64)
     is_confirmed = np.zeros(timeline.units.num_rows, bool)
     is_confirmed[confirmed_unit] = True
     alone = ~is_confirmed[consumer_unit]
     consumer_unit, consumer_row = consumer_unit[alone], consumer_row[alone]
-    by_k = _k_rule(timeline, consumer_unit, distributor[consumer_row], location[consumer_row], k)
+    by_k = np.isin(consumer_unit, _k_rule(timeline, consumer_rows, distributor, location, k))
     unit = np.concatenate((confirmed_unit, consumer_unit))  # not np.r_: 15 µs a call, per trace too
     crossing = np.concatenate((confirmed_row, consumer_row))
     severity = np.where(np.concatenate((np.ones(len(confirmed_unit), bool), by_k)), "confirmed", "suspected").astype(object)
@@ -351,20 +352,21 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
                      Verdicts(unit, crossing, severity, exit_via), np.flatnonzero(~tracked))
 
 
-def _k_rule(timeline: Timeline, units: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
-    """Per suspected unit: True (confirmed) where at least k units of its case, assigned
-    to one distributor, have suspected crossings in one region."""
-    if not len(units):
-        return np.zeros(0, bool)
-    cases = pc.take(timeline.units.column("case"), pa.array(units)).combine_chunks()
+def _k_rule(timeline: Timeline, rows: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
+    """The units confirmed by the k rule: of the consumer-evidence rows `rows` (every
+    outside scan with no store inside having handled the unit before, the first of a unit
+    or a later one, its finding suspected or confirmed by other evidence), those of units
+    of a case of which at least k units were so scanned in one region under one
+    distributor (`distributor`, `region`: per timeline row)."""
+    if not len(rows):
+        return np.zeros(0, np.int64)
+    unit = timeline.unit[rows].astype(np.int64)
+    cases = pc.take(timeline.units.column("case"), pa.array(unit)).combine_chunks()
     case = pc.fill_null(pc.dictionary_encode(cases).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((region, distributor, case))
-    key = np.stack([case, distributor, region])[:, order]
-    new_group = np.r_[True, (key[:, 1:] != key[:, :-1]).any(axis=0)]
-    group = np.cumsum(new_group) - 1
-    size = np.empty(len(units), np.int64)
-    size[order] = np.bincount(group)[group]
-    return (case >= 0) & (size >= k)
+    groups = np.unique(np.stack([case, distributor[rows], region[rows]]), axis=1, return_inverse=True)[1].ravel()
+    pairs = np.unique(np.stack([groups, unit]), axis=1)  # each unit once per group
+    units_in_group = np.bincount(pairs[0], minlength=int(groups.max()) + 1)
+    return np.unique(unit[(case >= 0) & (units_in_group[groups] >= k)])
 
 
 TEXT = pa.string()

@@ -390,7 +390,7 @@ class UnitVerdict:
     crossing: int | None = None  # index into events
     severity: str | None = None
     exit_via: str | None = None
-    scan_region: str | None = None  # of a consumer-evidence crossing
+    outside_scans: list[tuple[str, str]] = field(default_factory=list)  # (assigned, region) of each consumer evidence
 
 
 def judge_unit(data: Dataset, unit: str) -> UnitVerdict:
@@ -413,9 +413,10 @@ def judge_unit(data: Dataset, unit: str) -> UnitVerdict:
                 and _out_of_hands(data, event, assigned)):
             confirmed = (i, last_inside or assigned)
         where = location(data, event)
-        if (event["action"] == "scan" and consumer is None and not store_seen and where is not None
-                and not data.inside(assigned, where)):
-            consumer = (i, last_inside or assigned)
+        if event["action"] == "scan" and not store_seen and where is not None and not data.inside(assigned, where):
+            verdict.outside_scans.append((assigned, where))
+            if consumer is None:
+                consumer = (i, last_inside or assigned)
         store_seen = store_seen or _store_inside(data, event, assigned)
         if inside:
             last_inside = holder_after(event)
@@ -423,23 +424,24 @@ def judge_unit(data: Dataset, unit: str) -> UnitVerdict:
         (verdict.crossing, verdict.exit_via), verdict.severity = confirmed, "confirmed"
     elif consumer is not None:
         (verdict.crossing, verdict.exit_via), verdict.severity = consumer, "suspected"
-        verdict.scan_region = location(data, events[consumer[0]])
     return verdict
 
 
 def judge_all(data: Dataset, k: int = 3) -> dict[str, UnitVerdict]:
-    """Verdicts of every unit, the k rule applied: k units of one case with suspected
-    crossings in one region (same responsible distributor) are all confirmed."""
+    """Verdicts of every unit, the k rule applied: when k units of one case were scanned
+    outside the territory (consumer evidence, under the same distributor) in one region,
+    a suspected one among them is confirmed."""
     verdicts = {code: judge_unit(data, code) for code, row in data.codes.items() if row["level"] == "unit"}
-    groups: dict[tuple, list[UnitVerdict]] = defaultdict(list)
+    groups: dict[tuple, set[str]] = defaultdict(set)
     for v in verdicts.values():
         case = data.case_of(v.unit)
-        if v.severity == "suspected" and case is not None:
-            groups[case, v.assigned[v.crossing], v.scan_region].append(v)
+        for assigned, region in v.outside_scans if case is not None else []:
+            groups[case, assigned, region].add(v.unit)
     for group in groups.values():
         if len(group) >= k:
-            for v in group:
-                v.severity = "confirmed"
+            for unit in group:
+                if verdicts[unit].severity == "suspected":
+                    verdicts[unit].severity = "confirmed"
     return verdicts
 
 

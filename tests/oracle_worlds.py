@@ -96,7 +96,8 @@ CODES: Rows = [
     *_case("K3", 4),  # 3 of 4 units scanned in one outside region: confirmed
     *_case("K2", 3),  # k-1 units scanned in one outside region: suspected
     *_case("KD", 3),  # 3 units scanned outside, in two regions: suspected
-    *_case("KC", 3),  # 2 scans outside + 1 unit already confirmed by a store: suspected
+    *_case("KC", 3),  # 3 units scanned in NJ, one already confirmed by a store there: the other two confirmed
+    *_case("KL", 3),  # KL-1 scanned in Suzhou first, then in NJ with KL-2 and KL-3: all three confirmed
     {"code": "PX", "level": "pallet", "sku": "WN", "batch": "B9"},  # a pallet shipped out
     *_case("PXA", 2, parent="PX", sku=None, batch=None),
     {"code": "PXB", "level": "case", "parent_code": "PX"},
@@ -195,6 +196,8 @@ SCANS: Rows = [
     _ev("kd4", "KD-3", "scan", "C-NJ", T(7), region="NJ-GL"),
     _ev("kca", "KC", "ship", "F1", T(1), "D1"), _ev("kcb", "KC-3", "open", "S3", T(2)),
     *[_ev(f"kc{i}", f"KC-{i}", "scan", "C-NJ", T(5, i), region="NJ") for i in (1, 2, 3)],
+    _ev("kla", "KL", "ship", "F1", T(1), "D1"), _ev("kl0", "KL-1", "scan", "C-NJ", T(4), region="SZ"),
+    *[_ev(f"kl{i}", f"KL-{i}", "scan", "C-NJ", T(5, i), region="NJ") for i in (1, 2, 3)],
     # PX: the whole pallet goes to a Suzhou store
     _ev("px1", "PX", "ship", "F1", T(1), "D1"), _ev("px2", "PX", "ship", "D1", T(2), "S5"),
     _ev("px3", "PXB-X", "open", "S5", T(3)),

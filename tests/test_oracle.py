@@ -236,8 +236,13 @@ EDGE_VERDICTS = {
     "K2-1": ("suspected", "k22", "D1", "D1"), "K2-2": ("suspected", "k23", "D1", "D1"),
     "KD-1": ("suspected", "kd2", "D1", "D1"), "KD-2": ("suspected", "kd3", "D1", "D1"),
     "KD-3": ("suspected", "kd4", "D1", "D1"),
-    "KC-1": ("suspected", "kc1", "D1", "D1"), "KC-2": ("suspected", "kc2", "D1", "D1"),
+    # KC: KC-3's store open in Nanjing confirms it; its scan there counts for the k rule too (DOMAIN.md: k units
+    # "scanned outside the territory in the same region")
+    "KC-1": ("confirmed", "kc1", "D1", "D1"), "KC-2": ("confirmed", "kc2", "D1", "D1"),
     "KC-3": ("confirmed", "kcb", "D1", "D1"),
+    # KL: KL-1 crossed at its Suzhou scan; it was also among the 3 units scanned in Nanjing
+    "KL-1": ("confirmed", "kl0", "D1", "D1"), "KL-2": ("confirmed", "kl2", "D1", "D1"),
+    "KL-3": ("confirmed", "kl3", "D1", "D1"),
     **{u: ("confirmed", "px2", "D1", "D1") for u in ("PXA-1", "PXA-2", "PXB-1", "PXB-2")},
     "PL-1": ("suspected", "pl1", "D1", "D1"), "PL-2": ("suspected", "pl2", "D1", "D1"),
     "PL-3": ("suspected", "pl3", "D1", "D1"),  # no case: the k rule never applies
