@@ -82,6 +82,11 @@ def trace(store, code: str, *, k: int = 3) -> TraceResult:  # noqa: ANN001 - any
     if descendants is not None:
         held = np.flatnonzero(pc.is_in(judgement.timeline.units.column("code"), pa.array(units, pa.string())))
         verdicts = judgement.verdicts[np.isin(judgement.verdicts.unit, held)]
+        if finding is not None and finding.severity == "suspected":  # as its units crossing with it (the k rule)
+            crossed_at = pc.take(judgement.timeline.events.column("event_id"), pa.array(judgement.timeline.event[verdicts.row]))
+            same = pc.fill_null(pc.equal(crossed_at, finding.crossing_event_id), False).to_numpy(zero_copy_only=False)
+            if (same & (verdicts.severity == "confirmed")).any():
+                finding.severity = "confirmed"
         result.children = ChildrenSummary(
             by_level=dict(Counter(descendants.column("level").to_pylist())), units=len(held),
             diverted_units=len(verdicts), confirmed=int((verdicts.severity == "confirmed").sum()),

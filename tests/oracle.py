@@ -486,10 +486,16 @@ def untracked(data: Dataset) -> dict[str, dict]:
 def trace(data: Dataset, code: str, k: int = 3, verdicts: dict[str, UnitVerdict] | None = None) -> dict:
     """The trace of one code: its custody path (events on it and its ancestors), the
     distributor its latest assignment names, its finding (a case or pallet judged as one
-    unit, without the k rule) and, for a case or pallet, what it holds. `verdicts`:
+    unit: confirmed when a unit it holds is confirmed at the same crossing, as the k rule
+    may confirm them) and, for a case or pallet, what it holds. `verdicts`:
     `judge_all(data, k)` when already at hand."""
     verdicts = judge_all(data, k) if verdicts is None else verdicts
     v = verdicts[code] if code in verdicts else judge_unit(data, code)
+    if code not in verdicts and v.severity == "suspected":
+        crossing = v.events[v.crossing]["event_id"]
+        held = [verdicts[c] for c in data.codes if c in verdicts and code in data.lineage(c)[1:]]
+        if any(u.severity == "confirmed" and u.events[u.crossing]["event_id"] == crossing for u in held):
+            v.severity = "confirmed"
     out = {
         "code": code, "level": data.codes[code]["level"], "sku": data.inherited(code, "sku"),
         "batch": data.inherited(code, "batch"), "ancestors": data.lineage(code)[1:],

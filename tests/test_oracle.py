@@ -313,6 +313,9 @@ def test_edge_world_untracked_units_and_counts_match_the_oracle(edge):
 def test_edge_world_traces_match_the_oracle(edge):
     store, _, data = edge
     assert trace_differences(data, store, EDGE_TRACES) == []
+    # the case WL was scanned in Nanjing: its 3 units so (the k rule), the case's own finding as they are
+    case = cli("trace", "WL", "--store", str(store))
+    assert (case["diversion"]["severity"], case["children"]["confirmed"], case["children"]["suspected"]) == ("confirmed", 3, 0)
 
 
 def test_referral_world_matches_the_oracle(tmp_path: Path):
