@@ -886,8 +886,8 @@ class Neo4jStore:
         unit = pa.table({"code": pa.array(cols["code"], pa.string()), "sku": pa.array(cols["sku"], pa.string())})
         holdings = pa.array(cols["in_store"], pa.list_(pa.string()))
         per_hold = unit.take(pc.list_parent_indices(holdings))
-        scanned = pa.array([e is not None for e in cols["out_event"]])
-        opened = pa.array([t is not None for t in cols["open_ts"]])
+        scanned = pa.array([e is not None for e in cols["out_event"]], pa.bool_())  # typed: there may be no units
+        opened = pa.array([t is not None for t in cols["open_ts"]], pa.bool_())
         latest = [t for t in cols["latest"] if t is not None]
 
         def strings(name: str, rows: pa.Array) -> pa.Array:

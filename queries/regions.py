@@ -4,7 +4,8 @@ Definitions (docs/design.md, "Regions"): regions are grouped at `level` (each re
 counts toward its ancestor at that level; a region above the level counts as itself);
 per region and period (`month`, `week` or `all`):
 
-- units_in: store sell-in (queries/sales.py) into stores registered in the region;
+- units_in: units first sold into a store registered in the region (store sell-in,
+  queries/sales.py; a unit a store passes on to another store of the region counts once);
 - opened: units first opened in the region (the open's location);
 - scanned: units first scanned by a consumer in the region (the scan's location);
 - stores / active_stores / active_ratio: stores registered there, those with at least one
@@ -84,7 +85,9 @@ def region_sell_through(store, *, level: str = "province", period: str = "month"
     sin, sout, f = facts.sell_in, facts.sell_out, facts.findings
     period_of, labels = _periods([sin["ts"], facts.opened["ts"], sout["ts"], f["ts"]], period)
     period_of = [period_of[i] for i in (0, 1, 2, 2, 3, 3)]  # sell-in, opened, scanned, active, diversions in, out
-    keys = [("units_in", by_store(sin["store"])), ("opened", region(facts.opened["region_id"])),
+    into = by_store(sin["store"])
+    first_into = ~pd.DataFrame({"code": sin["code"].to_numpy(), "region": into}).duplicated().to_numpy()  # in event order per code
+    keys = [("units_in", np.where(first_into, into, -1)), ("opened", region(facts.opened["region_id"])),
             ("scanned", region(sout["region_id"])), ("active_stores", by_store(sout["store"])),
             ("diversions_in", region(f["to_region"])), ("diversions_out", region(f["from_region"]))]
     n_regions, n_periods = len(regions), len(labels)

@@ -109,15 +109,21 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
     frame["sell_in"] = _per_store(sin["store"], frame.index)
     frame["sell_in_window"] = _per_store(sin["store"], frame.index, sin["ts"] > window_start)
     frame["diverted_in"] = _per_store(sin["store"], frame.index, sin["diverted"])
+    # sell_in is in event order per unit: a unit's row followed by another store's is one this store passed on
+    frame["passed_on"] = _per_store(sin["store"], frame.index, sin["code"].duplicated(keep="last").to_numpy())
     frame["sell_out"] = _per_store(sout["store"], frame.index)
     frame["sell_out_window"] = _per_store(sout["store"], frame.index, sout["ts"] > window_start)
 
-    by_region = frame.groupby("peer_region", dropna=False)[["sell_in", "sell_out"]].transform("sum")
-    rate = (by_region["sell_out"] / by_region["sell_in"].where(by_region["sell_in"] > 0)).clip(upper=1.0)
+    # the scan rate of a peer region: its stores' sell-out / the units that came into them (once each)
+    peer_of_row = frame["peer_region"].reindex(sin["store"].astype(object)).to_numpy()
+    came_in = pd.DataFrame({"code": sin["code"].to_numpy(), "peer": peer_of_row}).dropna().drop_duplicates()
+    came_in = came_in.groupby("peer").size().reindex(frame["peer_region"]).fillna(0).to_numpy()
+    sold_out = frame.groupby("peer_region", dropna=False)["sell_out"].transform("sum").to_numpy()
+    rate = pd.Series(sold_out / np.where(came_in > 0, came_in, np.nan), index=frame.index).clip(upper=1.0)
     frame["scan_rate"] = rate.where(rate > 0)
     effective = frame["scan_rate"].fillna(1.0)
     frame["daily_sales"] = frame["sell_out_window"] / effective / window_days
-    frame["stock"] = (frame["sell_in"] - frame["sell_out"] / effective).clip(lower=0.0)
+    frame["stock"] = (frame["sell_in"] - frame["passed_on"] - frame["sell_out"] / effective).clip(lower=0.0)
     frame["days_of_cover"] = (frame["stock"] / frame["daily_sales"]).where(frame["daily_sales"] > 0)
 
     flags: dict[str, list[StoreFlag]] = {s: [] for s in frame.index}

@@ -19,7 +19,7 @@ from queries.rebates import load_policy, policy_from, rebates
 from queries.regions import region_sell_through
 from queries.stores import store_health
 from tests.analytics_worlds import AS_OF, shop_world
-from tests.worlds import channel_world, write_world
+from tests.worlds import add_case, channel_world, write_world
 
 POLICY = policy_from({"currency": "CNY", "default": {"store": 2.0, "distributor": 1.0, "salesperson": 0.5},
                       "sku": {"BJ500": {"store": 6.0, "distributor": 3.0, "salesperson": 1.0}}})
@@ -167,6 +167,29 @@ def test_policy_files_are_checked(tmp_path: Path):
             load_policy(path)
     with pytest.raises(ChannelgraphError, match="No such file"):
         load_policy(tmp_path / "missing.toml")
+
+
+def test_a_unit_passed_between_stores_of_a_region_comes_in_once(make_store, tmp_path: Path):
+    """Two units shipped D1 -> S1, one passed on to S1b (both Xihu stores): two units came into
+    Xihu (DOMAIN.md: scan rate = scanned units / units sold into stores of the region); S1
+    took both in and passed one on, which is not its stock."""
+    tables = channel_world()
+    tables["parties"].append({"party_id": "S1b", "kind": "store", "region_id": "HZ-XH", "upstream_id": "D1"})
+    add_case(tables, "CX", ["X1", "X2"], shipped="x0")
+    tables["scans"] += [{"event_id": "x1", "code": "CX", "action": "ship", "party_id": "D1", "counterparty_id": "S1",
+                         "ts": "2024-02-02T00:00:00Z"},
+                        {"event_id": "x2", "code": "X2", "action": "ship", "party_id": "S1", "counterparty_id": "S1b",
+                         "ts": "2024-02-03T00:00:00Z"}]
+    units_in = {}
+    for name, world in (("before", channel_world()), ("after", tables)):
+        store = make_store()
+        load_dataset(store, write_world(world, tmp_path / name), rejects_dir=tmp_path / name / "rejects")
+        units_in[name] = {r.region_id: r.units_in for r in region_sell_through(store, level="district", period="all").rows}
+    assert units_in["after"]["HZ-XH"] == units_in["before"]["HZ-XH"] + 2
+    health = {h.store_id: h for h in store_health(store, min_peers=1)}
+    assert (health["S1b"].sell_in, health["S1b"].stock) == (1, 1.0)
+    # Zhejiang's stores: T1 (scanned), X1 and X2 came in, X2 twice: scan rate 1/3, not 1/4; S1 passed X2 on
+    assert (health["S1"].sell_in, health["S1"].sell_out, health["S1"].scan_rate, health["S1b"].scan_rate) == (3, 1, 0.3333, 0.3333)
 
 
 def test_region_sell_through_and_matrix(world_store):
