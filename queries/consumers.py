@@ -3,8 +3,9 @@
 Definitions (docs/design.md, "Consumer stage"): a purchase is a unit bought, its first live
 consumer `scan` (`store.purchases()`, one per unit: a scanned case buys each unit in it,
 repeat and retracted scans buy nothing; the scan sell-out counts); everything is as of
-`as_of` (default the latest purchase or referral). A consumer's stage is the last stage of STAGES whose
-condition holds:
+`as_of` (default the latest purchase or referral), and a consumer counts from its first
+purchase or referral (a registered consumer with neither: always). A consumer's stage is the
+last stage of STAGES whose condition holds:
 
 - acquired: a known consumer (every consumer party);
 - activated: at least one purchase;
@@ -50,6 +51,7 @@ SEGMENTS = (
     ("lost", lambda r, fm: r >= 1),
 )
 NO_PURCHASE = "prospect"
+NEVER = np.iinfo(np.int64).max  # a time after every other (microseconds)
 SEGMENT_NAMES = tuple(name for name, _ in SEGMENTS) + (NO_PURCHASE,)
 
 
@@ -98,7 +100,9 @@ def lifecycle(store, *, stage: str | None = None, segment: str | None = None,
         raise ValueError(f"segment {segment!r}: expected one of {', '.join(SEGMENT_NAMES)}")
     consumers, purchases, referrals = _inputs(store)
     history = _History.of(consumers, purchases, referrals)
-    table = history.table(utc(as_of) or _latest(purchases, referrals), bulk_units=bulk_units, top_value=top_value)
+    as_of = utc(as_of) or _latest(purchases, referrals)
+    table = history.table(as_of, bulk_units=bulk_units, top_value=top_value)
+    table = table[pd.Series(history.known(as_of), index=consumers.index).reindex(table.index).to_numpy()]
     if stage is not None:
         table = table[table["stage"] == stage]
     if segment is not None:
@@ -119,18 +123,11 @@ def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value
     if purchases.empty and referrals.empty:
         return []
     history = _History.of(consumers, purchases, referrals)
-    never = np.iinfo(np.int64).max
-    first_seen = np.full(len(consumers), never)  # microseconds since the epoch
-    for who, ts in ((purchases["consumer"].to_numpy(), purchases["ts"]),
-                    *((consumers.index.get_indexer(referrals[c]), referrals["ts"]) for c in ("referrer_id", "referee_id"))):
-        keep = (who >= 0) & ts.notna().to_numpy()
-        np.minimum.at(first_seen, who[keep], _micros(ts)[keep])
     start = min(t.min() for t in (purchases["ts"], referrals["ts"]) if t.notna().any())
     rows = []
     for label in pd.period_range(start.tz_convert(None), latest.tz_convert(None), freq=freq):
         end = min(label.end_time.tz_localize("UTC"), latest)
-        known = (first_seen == never) | (first_seen <= _micros(end))
-        reached = history.stages(end, bulk_units=bulk_units, top_value=top_value)[known]
+        reached = history.stages(end, bulk_units=bulk_units, top_value=top_value)[history.known(end)]
         rows.append({"period": str(label), "as_of": iso(end),
                      **{s: int((reached >= i).sum()) for i, s in enumerate(STAGES)}})
     return rows
@@ -212,6 +209,7 @@ class _History:
     new_sku: np.ndarray  # the buyer's first purchase of its SKU (none when the SKU is unknown)
     referrer: np.ndarray  # per attributed referral whose referee bought at or after it: the referrer's row (-1: not a consumer)
     converted: np.ndarray  # ... and when the referee first bought at or after it (microseconds)
+    first_seen: np.ndarray  # per consumer: its first purchase or referral (microseconds; NEVER: none)
 
     @classmethod
     def of(cls, consumers: pd.DataFrame, purchases: pd.DataFrame, referrals: pd.DataFrame) -> _History:
@@ -228,8 +226,19 @@ class _History:
                               "referee": consumers.index.get_indexer(edges["referee_id"]), "ts": _micros(edges["ts"])})
         first = pd.merge_asof(edges.sort_values("ts", kind="stable"), pd.DataFrame({"referee": who, "ts": ts, "bought": ts}),
                               on="ts", by="referee", direction="forward").dropna(subset=["bought"])
+        first_seen = np.full(len(consumers), NEVER)
+        for party, when in ((who, ts), *((consumers.index.get_indexer(referrals[c]), referrals["ts"]) for c in ("referrer_id", "referee_id"))):
+            if isinstance(when, pd.Series):
+                keep = (party >= 0) & when.notna().to_numpy()
+                party, when = party[keep], _micros(when)[keep]
+            np.minimum.at(first_seen, party, when)
         return cls(consumers, who, ts, bought["unit_price"].to_numpy(float)[order], new_day, new_sku,
-                   first["referrer"].to_numpy(np.int64), first["bought"].to_numpy(np.int64))
+                   first["referrer"].to_numpy(np.int64), first["bought"].to_numpy(np.int64), first_seen)
+
+    def known(self, as_of: pd.Timestamp) -> np.ndarray:
+        """Per consumer: seen by `as_of` (a first purchase or referral by then), or a
+        registered consumer with neither (always known)."""
+        return (self.first_seen == NEVER) | (self.first_seen <= _micros(as_of))
 
     def _counts(self, as_of: pd.Timestamp) -> dict[str, np.ndarray]:
         """Per consumer: purchases, purchase_days, skus, monetary and converted_referrals up to as_of."""

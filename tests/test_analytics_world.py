@@ -111,8 +111,11 @@ def test_rfm_scores_are_quintiles_with_ties_sharing():
 def test_lifecycle_at_times_far_from_the_data(world_store):
     """Any ISO time is a valid analysis time (the API passes them through): year 1 is before
     every purchase, year 9999 after all of them."""
-    early = lifecycle(world_store, as_of="0001-01-01T00:00:00Z")
-    assert {c.stage for c in early} == {"acquired"} and {c.segment for c in early} == {"prospect"}
+    # nobody was seen by then: a consumer counts from its first purchase or referral (as in the funnel)
+    assert lifecycle(world_store, as_of="0001-01-01T00:00:00Z") == []
+    # the end of February (the funnel's first row): the 9 consumers seen by then, wx-b2 the only buyer
+    feb = lifecycle(world_store, as_of=stage_funnel(world_store, period="month")[0]["as_of"])
+    assert len(feb) == 9 and [c.party_id for c in feb if c.stage != "acquired"] == ["wx-b2"]
     late, now = ({c.party_id: c.stage for c in lifecycle(world_store, as_of=t)} for t in ("9999-12-31T00:00:00Z", None))
     assert late == now and set(now.values()) != {"acquired"}
 
