@@ -169,8 +169,8 @@ def load(
     emit(data, format, rows=rows, title=f"loaded {dataset} into {handle.uri}")
     if format is Format.table:
         stderr.print(f"implicit consumers registered: {report.implicit_consumers}")
-        if report.rejects_path:
-            stderr.print(f"rejected rows and reasons: {report.rejects_path}")
+    if format is not Format.json and report.rejects_path:  # JSON names it; CSV rows have no place for it
+        stderr.print(f"rejected rows and reasons: {report.rejects_path}")
 
 
 @app.command()

@@ -480,7 +480,7 @@ def read_epcis(path: Path) -> list[RawTable]:
         data = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if path.suffix == ".xml":
+    if path.suffix.lower() == ".xml":
         events = _xml_events(path, data)
     else:
         try:

@@ -91,18 +91,27 @@ def discover(dataset: Path) -> list[Source]:
     for path in paths:
         if path.name.startswith("."):
             continue
-        table = table_of(path) if path.suffix in TABLE_SUFFIXES else None
+        table = table_of(path) if path.suffix.lower() in TABLE_SUFFIXES else None
         if table:
             sources.append(Source(table, path))
-        elif path.suffix in EPCIS_SUFFIXES and _looks_like_epcis(path):
+        elif path.suffix.lower() in EPCIS_SUFFIXES and _looks_like_epcis(path):
             sources.append(Source("epcis", path))
         elif path.name != ANSWERS:
-            guess = difflib.get_close_matches(path.name[: -len(path.suffix)] if path.suffix else path.name, list(TABLES), n=1)
-            log.warning("ignoring %s: not a channelgraph table or EPCIS document%s", path,
-                        f" (did you mean {guess[0]}{path.suffix}?)" if guess else "")
+            log.warning("ignoring %s: not a channelgraph table or EPCIS document%s", path, _hint(path))
     if not sources:
         raise DatasetError(f"{dataset}: no tables (regions, parties, products, codes, scans, referrals) or EPCIS documents found")
     return sources
+
+
+def _hint(path: Path) -> str:
+    """What an ignored file's name may have meant: a table in a format read, or a table's
+    name (" (did you mean scans.csv?)"); "" when nothing comes close."""
+    if table_of(path):
+        return f" (a table is read from a {', '.join(TABLE_SUFFIXES)} file)"
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    guess = difflib.get_close_matches(stem, list(TABLES), n=1)
+    suffix = path.suffix.lower() if path.suffix.lower() in TABLE_SUFFIXES else ".csv"
+    return f" (did you mean {guess[0]}{suffix}?)" if guess else ""
 
 
 def _looks_like_epcis(path: Path) -> bool:
@@ -117,7 +126,7 @@ def read_chunks(source: Source, rows: int | None = None) -> Iterator[RawTable]:
     unreadable, which may be after some chunks."""
     readers = {".csv": _csv_chunks, ".jsonl": _jsonl_chunks, ".parquet": _parquet_chunks}
     try:
-        yield from readers[source.path.suffix](source.path, source.table, rows or CHUNK_ROWS)
+        yield from readers[source.path.suffix.lower()](source.path, source.table, rows or CHUNK_ROWS)
     except DatasetError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:

@@ -336,3 +336,21 @@ def test_load_warns_of_a_misspelt_table_file_but_not_of_the_answers(tmp_path):
     assert "scnas.csv" in done.stderr and "did you mean scans.csv?" in done.stderr
     assert "answers.json" not in done.stderr
     assert json.loads(done.stdout)["accepted"].get("scans", 0) == 0
+
+
+def test_load_reads_table_files_whatever_the_case_of_their_extension(tmp_path):
+    """scans.CSV is the scans table; referrals.txt is no format read: a warning says which
+    are. With --format csv the rejects file is named on stderr."""
+    tables = channel_world()
+    tables["scans"].append({"event_id": "bad", "code": "NO-SUCH-CODE", "action": "scan", "party_id": "C1",
+                            "ts": "2024-03-01T00:00:00Z"})
+    data = write_world(tables, tmp_path / "world")
+    (data / "scans.csv").rename(data / "scans.CSV")
+    (data / "referrals.csv").rename(data / "referrals.txt")
+    done = channelgraph("load", str(data), "--store", str(tmp_path / "store"), "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    loaded = {row["table"]: int(row["accepted"]) for row in csv.DictReader(io.StringIO(done.stdout))}
+    rejected = {row["table"]: int(row["rejected"]) for row in csv.DictReader(io.StringIO(done.stdout))}
+    assert loaded["scans"] > 0 and rejected["scans"] == 1 and loaded.get("referrals", 0) == 0
+    assert "referrals.txt" in done.stderr and "a table is read from a .csv, .jsonl, .parquet file" in done.stderr
+    assert "rejected rows and reasons:" in done.stderr
