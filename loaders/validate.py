@@ -512,8 +512,9 @@ _TS_FRACTION = r"^(\d{4}-?\d{2}-?\d{2}[T ]\d{2}(?::?\d{2}){2})[.,](\d{1,6})\d*"
 
 def _parse_ts_exact(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The reference parser of times (pandas, value by value): any ISO 8601 form pandas
-    reads, a fraction of a second after a point or a comma, cut to microseconds."""
-    values = pc.replace_substring_regex(values, _TS_FRACTION, r"\1.\2")
+    reads, a fraction of a second after a point or a comma, cut to microseconds; `t` and
+    `z` as `T` and `Z` (RFC 3339)."""
+    values = pc.replace_substring_regex(pc.utf8_upper(values), _TS_FRACTION, r"\1.\2")
     # pandas reads the chunks as they are (combining them first would copy the text)
     series = pd.Series(pd.arrays.ArrowStringArray(values)) if len(values) else pd.Series([], dtype=object)
     parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")

@@ -105,14 +105,16 @@ def test_times_read_fast_as_the_reference_parser_reads_them():
 
 def test_decimal_comma_and_a_time_beside_nanoseconds_are_times():
     """ISO 8601 writes a fraction of a second after a comma or a point; a valid time is a
-    time whatever the other values of its chunk (here one with nanoseconds)."""
+    time whatever the other values of its chunk (here one with nanoseconds); RFC 3339 lets
+    `t` and `z` be lower case."""
     from loaders.validate import _parse_ts
 
     values = ["2024-02-01T08:00:00,5+08:00", "20240201T080000,25Z", "2024-02-01 08:00:00,123456789",
-              "0001-01-01T00:00:00Z", "2024-02-01T08:00:00.123456789Z"]
+              "0001-01-01T00:00:00Z", "2024-02-01T08:00:00.123456789Z", "2024-02-01t08:00:00z", "2024-02-01t08:00:00+08:00"]
     assert [t and t.isoformat() for t in _parse_ts(pa.array(values)).to_pylist()] == [
         "2024-02-01T00:00:00.500000+00:00", "2024-02-01T08:00:00.250000+00:00", "2024-02-01T08:00:00.123456+00:00",
-        "0001-01-01T00:00:00+00:00", "2024-02-01T08:00:00.123456+00:00"]
+        "0001-01-01T00:00:00+00:00", "2024-02-01T08:00:00.123456+00:00", "2024-02-01T08:00:00+00:00",
+        "2024-02-01T00:00:00+00:00"]
 
 
 def test_packaging_cycle_and_orphans_of_rejected_codes(tmp_path):
