@@ -705,10 +705,12 @@ def store_health(data: Dataset, *, as_of: datetime | None = None, window_days: i
     start = facts.as_of - window_days * day
     history_start = start - history_weeks * 7 * day
     out = {}
+    last_sell_in = {s["unit"]: s for s in facts.sell_in}  # sell_in is in event order per unit
     for store, party in data.parties.items():
         if party["kind"] != "store":
             continue
         sold_in = [s for s in facts.sell_in if s["store"] == store]
+        passed_on = sum(1 for s in sold_in if s is not last_sell_in[s["unit"]])  # another store took the unit later
         sold = [s for s in facts.sell_out if s["store"] == store]
         weekly = [sum(1 for s in sold if history_start + w * 7 * day < s["ts"] <= history_start + (w + 1) * 7 * day)
                   for w in range(history_weeks)]
@@ -717,15 +719,16 @@ def store_health(data: Dataset, *, as_of: datetime | None = None, window_days: i
             "peer_region": ancestor_at(data, party.get("region_id"), peer_level), "distributor": party.get("upstream_id"),
             "sell_in": len(sold_in), "sell_in_window": sum(1 for s in sold_in if s["ts"] > start),
             "sell_out": len(sold), "sell_out_window": sum(1 for s in sold if s["ts"] > start),
-            "diverted_in": sum(1 for s in sold_in if s["diverted"]), "weekly": weekly, "flags": []}
+            "diverted_in": sum(1 for s in sold_in if s["diverted"]), "passed_on": passed_on, "weekly": weekly, "flags": []}
     for peers in _groups(out.values(), "peer_region").values():
-        sold_in = sum(s["sell_in"] for s in peers)
+        members = {s["store_id"] for s in peers}
+        sold_in = len({s["unit"] for s in facts.sell_in if s["store"] in members})  # units that came into the region's stores
         sold_out = sum(s["sell_out"] for s in peers)
         rate = min(sold_out / sold_in, 1.0) if sold_in else 0.0
         for s in peers:
             s["scan_rate"] = rate or None  # no scan in the region: no rate to estimate with
             daily = s["sell_out_window"] / (rate or 1.0) / window_days
-            stock = max(s["sell_in"] - s["sell_out"] / (rate or 1.0), 0.0)
+            stock = max(s["sell_in"] - s["passed_on"] - s["sell_out"] / (rate or 1.0), 0.0)
             cover = round(stock / daily, 1) if daily > 0 else None
             s.update(daily_sales=daily, stock=stock, days_of_cover=cover,
                      next_purchase_date=iso(facts.as_of + cover * day) if cover is not None else None,
@@ -751,7 +754,7 @@ def store_health(data: Dataset, *, as_of: datetime | None = None, window_days: i
         if s["diverted_in"] >= 3 and s["diverted_in"] / s["sell_in"] >= 0.5:
             s["flags"].append({"basis": "diversion", "metric": "diverted_share", "direction": "high",
                                "value": round(s["diverted_in"] / s["sell_in"], 3), "baseline": 0.5, "z": None})
-        del s["weekly"]
+        del s["weekly"], s["passed_on"]
         s.update(daily_sales=round(s["daily_sales"], 3), stock=round(s["stock"], 1), abnormal=bool(s["flags"]),
                  scan_rate=None if s["scan_rate"] is None else round(s["scan_rate"], 4))
     return out
@@ -822,7 +825,7 @@ def period_of(moment: datetime, period: str) -> str:
 def regions(data: Dataset, *, level: str = "province", period: str = "month", as_of: datetime | None = None,
             k: int = 3) -> dict:
     """The `regions --format json` document: per region at `level` and period, units in
-    (sell-in by the store's registered region), units first opened and first scanned there
+    (each unit's first sell-in into a store registered there), units first opened and first scanned there
     (the event's location), registered and active stores (a sell-out in the period),
     diversions in (the crossing's location after) and out (exit_via's registered region),
     both at the crossing's time; every region with a store or a count, for every period
@@ -830,8 +833,11 @@ def regions(data: Dataset, *, level: str = "province", period: str = "month", as
     facts = sales(data, k, as_of)
     up = lambda region: ancestor_at(data, region, level)  # noqa: E731
     findings = [(v.events[v.crossing], v.exit_via) for v in facts.verdicts.values() if v.severity]
+    came_in: dict[tuple, datetime] = {}  # (unit, region) -> its first sell-in there (sell_in is in event order per unit)
+    for s in facts.sell_in:
+        came_in.setdefault((s["unit"], up(data.home(s["store"]))), s["ts"])
     counted = {  # name -> [(region, time)]
-        "units_in": [(up(data.home(s["store"])), s["ts"]) for s in facts.sell_in],
+        "units_in": [(region, ts) for (_, region), ts in came_in.items()],
         "opened": [(up(o["region"]), o["ts"]) for o in facts.opened],
         "scanned": [(up(s["region"]), s["ts"]) for s in facts.sell_out],
         "diversions_in": [(up(location_after(data, e)), e["ts"]) for e, _ in findings],

@@ -477,8 +477,9 @@ def test_the_oracle_reads_section_5_as_written(tmp_path: Path):
       (3.5 each); withheld: HF-1, HF-2 (S3, crossing hf2), HG-2 (S5, crossing hg4): 28.5.
       Not credited: HH-1 (no store), HO-1 (scanned by S1 itself; nobody handled it before).
       20 scans, 2 without a store; owed 76 + 9 + 18 + 3 + 6 + 3.5 + 3.5 = 119, unassigned 5.5.
-    - provinces, whole period: Zhejiang has S1, S2, S4, S7, S8 (4 sold: 0.8), 17 units in
-      (S1 11: HA x3, HB, HC, HD, HG x2, HL x2, HQ; S4 HB; S2 HE x2, HM; S7 HK, HN), HM-1
+    - provinces, whole period: Zhejiang has S1, S2, S4, S7, S8 (4 sold: 0.8), 16 units in
+      (S1 11: HA x3, HB, HC, HD, HG x2, HL x2, HQ; S4 HB, which S1 passed on: the same unit;
+      S2 HE x2, HM; S7 HK, HN), HM-1
       opened (in Ningbo, by D1), 13 scanned there (HQ-1's scan has no place), 5
       diversions out (HF x2 and HH-1 via D1, HG x2 via S1); Jiangsu has S3, S5, S6 (all
       sold), 6 units in, 6 scanned, 5 diversions in.
@@ -497,7 +498,7 @@ def test_the_oracle_reads_section_5_as_written(tmp_path: Path):
     rows = {r["region_id"]: r for r in oracle.regions(data, period="all")["rows"]}
     fields = ("stores", "active_stores", "active_ratio", "units_in", "opened", "scanned", "diversions_in", "diversions_out")
     assert {r: tuple(row[f] for f in fields) for r, row in rows.items()} == {
-        "ZJ": (5, 4, 0.8, 17, 1, 13, 0, 5), "JS": (3, 3, 1.0, 6, 0, 6, 5, 0)}
+        "ZJ": (5, 4, 0.8, 16, 1, 13, 0, 5), "JS": (3, 3, 1.0, 6, 0, 6, 5, 0)}
     assert oracle.regions(data)["matrix"] == [{"from_region": "ZJ", "to_region": "JS", "units": 5}]
 
 
