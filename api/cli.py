@@ -297,7 +297,7 @@ def _judged_line(summary: DiversionSummary) -> str:
 def influencers(
     top: Annotated[int, typer.Option(min=1, help="How many to list.")] = 10,
     percent: Annotated[float | None, typer.Option(help="List the top P% of referrers instead of --top.")] = None,
-    by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
+    by: Annotated[str, typer.Option(help="influence, cascade_size, cascade_depth, direct, converted or revenue.")] = "influence",
     cascade: Annotated[str | None, typer.Option(help="Export the referral cascade of this party instead.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Count the referral rows instead: read, attributed, ignored by reason.")] = False,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,

@@ -29,6 +29,7 @@ class DiversionBy(str, Enum):
 class Metric(str, Enum):
     influence = "influence"
     cascade_size = "cascade_size"
+    cascade_depth = "cascade_depth"
     direct = "direct"
     converted = "converted"
     revenue = "revenue"

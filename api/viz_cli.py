@@ -62,7 +62,7 @@ def diversions(out: OutOpt = Path("diversions.html"), severity: Severity = None,
 
 @viz_app.command()
 def influencers(out: OutOpt = Path("influencers.html"),
-                by: Annotated[str, typer.Option(help="influence, cascade_size, direct, converted or revenue.")] = "influence",
+                by: Annotated[str, typer.Option(help="influence, cascade_size, cascade_depth, direct, converted or revenue.")] = "influence",
                 top: Annotated[int, typer.Option(min=1, help="How many referrers to rank.")] = 20,
                 user: Annotated[str | None, typer.Option(help="Whose cascade to show first [default: the top one].")] = None,
                 store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:

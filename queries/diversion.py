@@ -620,7 +620,7 @@ def finding_csv_row(finding: DiversionFinding) -> dict[str, str | None]:
 
 def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
     """Findings grouped `by` one of VIEWS (rows of `view_columns(by)`), with unit counts,
-    most units first (repeat offenders on top for `responsible`)."""
+    most units first (repeat offenders on top for `responsible`); `month` in time order."""
     if by not in VIEWS:
         raise ValueError(f"--by {by!r}: expected one of {', '.join(VIEWS)}")
     if not findings:
@@ -638,7 +638,10 @@ def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
         crossings=("crossing_event_id", "nunique"),
         first_ts=("crossing_ts", "min"), last_ts=("crossing_ts", "max"),
     ).reset_index()
-    grouped = grouped.sort_values(["units", "crossings", *keys], ascending=[False, False, *([True] * len(keys))])
+    if by == "month":  # over time: in time order
+        grouped = grouped.sort_values(keys)
+    else:
+        grouped = grouped.sort_values(["units", "crossings", *keys], ascending=[False, False, *([True] * len(keys))])
     grouped.insert(0, "rank", range(1, len(grouped) + 1))
     grouped[["first_ts", "last_ts"]] = grouped[["first_ts", "last_ts"]].map(iso)
     return [{k: (None if isinstance(v, float) and np.isnan(v) else (int(v) if isinstance(v, np.integer) else v))

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from graph.errors import NotFound
 from queries.common import iso, trusted_models
 
-METRICS = ("influence", "cascade_size", "direct", "converted", "revenue")
+METRICS = ("influence", "cascade_size", "cascade_depth", "direct", "converted", "revenue")
 IGNORED = ("self", "duplicate", "late", "cycle")  # why a referral row is not attributed
 
 

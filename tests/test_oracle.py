@@ -28,8 +28,8 @@ from tests.oracle_worlds import edge_world, referral_world, sales_world
 from tests.worlds import write_world
 
 SCENARIOS = [(1.0, 31, "csv"), (0.5, 32, "jsonl"), (1.0, 33, "mixed")]  # (scale, seed, table format)
-METRICS = {"influence": "influence", "cascade_size": "cascade_size", "direct": "direct", "converted": "converted",
-           "revenue": "referred_revenue"}
+METRICS = {"influence": "influence", "cascade_size": "cascade_size", "cascade_depth": "cascade_depth", "direct": "direct",
+           "converted": "converted", "revenue": "referred_revenue"}
 
 
 def cli(*argv: str) -> dict | list:

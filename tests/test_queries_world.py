@@ -7,7 +7,7 @@ import pytest
 
 from graph.errors import NotFound
 from loaders.ingest import load_dataset
-from queries.diversion import diversion_view, find_diversions, judge_store
+from queries.diversion import DiversionFinding, diversion_view, find_diversions, judge_store
 from queries.influence import attribute, cascade, influencers, referral_stats
 from queries.trace import flow, trace
 from tests.worlds import CHANNEL_DIVERSIONS, NOT_DIVERTED, UNTRACKED, add_case, channel_world, write_world
@@ -97,6 +97,17 @@ def test_untracked_units_are_listed_with_their_last_whereabouts(store, tmp_path:
         "units": units, "judged": units - 3, "diverted": len(diverted), "confirmed": len(diverted) - 3,
         "suspected": 3, "untracked": 3}
     assert judge_store(store, severity="suspected").untracked.equals(verdicts.untracked)  # filters are for findings
+
+
+def test_the_view_over_time_is_in_time_order():
+    """Months in time order, whatever their unit counts (ranks follow that order)."""
+    def finding(code: str, ts: str) -> DiversionFinding:
+        return DiversionFinding(code=code, sku="S", batch="B", responsible="D1", territory=["ZJ"], severity="confirmed",
+                                crossing_event_id=code, crossing_ts=ts, crossing_party="D1", crossing_region="NJ",
+                                exit_via="D1", case=None, path=[])
+
+    findings = [finding("a", "2024-03-01T00:00:00Z"), finding("b", "2024-03-02T00:00:00Z"), finding("c", "2024-01-05T00:00:00Z")]
+    assert [(r["rank"], r["month"], r["units"]) for r in diversion_view(findings, "month")] == [(1, "2024-01", 1), (2, "2024-03", 2)]
 
 
 def test_views_rank_repeat_offenders(world_store):
@@ -243,6 +254,9 @@ def test_influencer_metrics(world_store):
     assert (ranked["wx-a1"].direct, ranked["wx-a1"].converted, ranked["wx-a1"].cascade_size) == (2, 2, 3)
     assert ranked["SP1"].kind == "salesperson"
     assert [i.party_id for i in influencers(world_store, top=2, by="cascade_size")] == ["S1", "C1"]
+    # depth: S1 -> C1 -> wx-a1 -> its referees: 4, 3, 2 (DOMAIN.md: a chosen metric, cascade depth among them)
+    assert [(i.party_id, i.cascade_depth) for i in influencers(world_store, top=3, by="cascade_depth")] == [
+        ("S1", 4), ("C1", 3), ("wx-a1", 2)]
     by_influence = influencers(world_store, top=None)
     assert by_influence[0].influence >= by_influence[-1].influence
     assert len(influencers(world_store, percent=50, by="revenue")) == 3  # 6 referrers
