@@ -504,6 +504,8 @@ def _diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str, k
 def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, user: str | None = None,
                      inline: bool = False) -> Page:
     """Super users: the ranking, and a chosen user's referral cascade tree."""
+    from queries.influence import METRICS
+
     ranking = svc.influencers(top=top, by=by)
     chosen = user or (ranking[0].party_id if ranking else None)
     wanted = [chosen] if chosen else []
@@ -523,7 +525,7 @@ def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, u
         notes.append(f"This file holds the cascades of the top {MAX_CASCADES}; the server view shows any user's.")
     data = {"view": "influencers", "graphs": {}, "cascades": cascades, "selected": chosen if chosen in cascades else None}
     return render("influencers.html", title="Super users (超级用户)", data=data, inline=inline, source=svc.store.uri,
-                  ranking=ranking, by=by, top=top, user=chosen, notes=notes, error=error, status=status)
+                  ranking=ranking, by=by, metrics=METRICS, top=top, user=chosen, notes=notes, error=error, status=status)
 
 
 def network_page(svc: ApiService, *, region: str | None = None, sku: str | None = None, batch: str | None = None,

@@ -171,6 +171,8 @@ def test_influencers_view(browser, server):
     view.page.click("#ranking tr[data-key=C1]")  # another user's cascade, from the server
     view.wait()
     assert_graph(view.drawn("detail"), {"C1", "wx-a1", "wx-k1", "wx-k2", "wx-k3"}, cascade - {("S1", "C1")})
+    options = view.page.locator("select[name=by] option").evaluate_all("os => os.map(o => o.value)")
+    assert options == ["influence", "cascade_size", "cascade_depth", "direct", "converted", "revenue"]
     view.finish("influencers")
 
 
