@@ -16,6 +16,7 @@ the store reads the accepted rows back column by column (`AcceptedRows`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -811,10 +812,18 @@ def release_memory() -> None:
 
 def _glibc_malloc(function: str, *args: int) -> None:
     """Calls glibc's malloc tuning `function` (nothing where the C library is not glibc)."""
+    call = getattr(_c_library(), function, None)
+    if call is not None:
+        call(*args)
+
+
+@functools.cache
+def _c_library() -> ctypes.CDLL | None:
+    """The process's C library (None where it cannot be loaded)."""
     try:
-        getattr(ctypes.CDLL(None), function)(*args)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill: Path | None = None) -> Validated:

@@ -227,11 +227,12 @@ class _History:
         first = pd.merge_asof(edges.sort_values("ts", kind="stable"), pd.DataFrame({"referee": who, "ts": ts, "bought": ts}),
                               on="ts", by="referee", direction="forward").dropna(subset=["bought"])
         first_seen = np.full(len(consumers), NEVER)
-        for party, when in ((who, ts), *((consumers.index.get_indexer(referrals[c]), referrals["ts"]) for c in ("referrer_id", "referee_id"))):
-            if isinstance(when, pd.Series):
-                keep = (party >= 0) & when.notna().to_numpy()
-                party, when = party[keep], _micros(when)[keep]
-            np.minimum.at(first_seen, party, when)
+        np.minimum.at(first_seen, who, ts)
+        dated = referrals["ts"].notna().to_numpy()
+        for column in ("referrer_id", "referee_id"):
+            party = consumers.index.get_indexer(referrals[column])
+            keep = (party >= 0) & dated
+            np.minimum.at(first_seen, party[keep], _micros(referrals["ts"])[keep])
         return cls(consumers, who, ts, bought["unit_price"].to_numpy(float)[order], new_day, new_sku,
                    first["referrer"].to_numpy(np.int64), first["bought"].to_numpy(np.int64), first_seen)
 

@@ -114,12 +114,11 @@ def health_of(facts: SalesFacts, *, region: str | None, abnormal_only: bool, win
     frame["sell_out"] = _per_store(sout["store"], frame.index)
     frame["sell_out_window"] = _per_store(sout["store"], frame.index, sout["ts"] > window_start)
 
-    # the scan rate of a peer region: its stores' sell-out / the units that came into them (once each)
+    # the scan rate of a peer region: its stores' sell-out / the units that came into them (each once)
     peer_of_row = frame["peer_region"].reindex(sin["store"].astype(object)).to_numpy()
-    came_in = pd.DataFrame({"code": sin["code"].to_numpy(), "peer": peer_of_row}).dropna().drop_duplicates()
-    came_in = came_in.groupby("peer").size().reindex(frame["peer_region"]).fillna(0).to_numpy()
-    sold_out = frame.groupby("peer_region", dropna=False)["sell_out"].transform("sum").to_numpy()
-    rate = pd.Series(sold_out / np.where(came_in > 0, came_in, np.nan), index=frame.index).clip(upper=1.0)
+    came_in = pd.DataFrame({"code": sin["code"].to_numpy(), "peer": peer_of_row}).drop_duplicates().groupby("peer").size()
+    per_region = (frame.groupby("peer_region")["sell_out"].sum() / came_in).clip(upper=1.0)
+    rate = pd.Series(per_region.reindex(frame["peer_region"]).to_numpy(), index=frame.index)
     frame["scan_rate"] = rate.where(rate > 0)
     effective = frame["scan_rate"].fillna(1.0)
     frame["daily_sales"] = frame["sell_out_window"] / effective / window_days
