@@ -204,6 +204,16 @@ def _form_time(value: str | None, *, end_of_day: bool = False) -> datetime | Non
     return moment
 
 
+def _form_number(value: str | None) -> float | None:
+    value = _blank(value)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: not a number") from exc
+
+
 def _html(page: views.Page) -> HTMLResponse:
     return HTMLResponse(page.html, status_code=page.status)
 
@@ -232,8 +242,8 @@ def diversions_view(request: Request, svc: Svc, severity: str | None = None, res
 
 @pages.get("/views/influencers", response_class=HTMLResponse)
 def influencers_view(svc: Svc, by: Metric = Metric.influence, top: Annotated[int, Query(ge=1, le=1000)] = 20,
-                     user: str | None = None) -> HTMLResponse:
-    return _html(views.influencers_page(svc, by=by.value, top=top, user=_blank(user)))
+                     percent: str | None = None, user: str | None = None) -> HTMLResponse:
+    return _html(views.influencers_page(svc, by=by.value, top=top, percent=_form_number(percent), user=_blank(user)))
 
 
 @pages.get("/views/network", response_class=HTMLResponse)

@@ -501,12 +501,13 @@ def _diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str, k
                   request_query=query)
 
 
-def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, user: str | None = None,
-                     inline: bool = False) -> Page:
-    """Super users: the ranking, and a chosen user's referral cascade tree."""
+def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, percent: float | None = None,
+                     user: str | None = None, inline: bool = False) -> Page:
+    """Super users: the ranking (the `top` referrers, or the top `percent`%), and a chosen
+    user's referral cascade tree."""
     from queries.influence import METRICS
 
-    ranking = svc.influencers(top=top, by=by)
+    ranking = svc.influencers(top=None if percent is not None else top, percent=percent, by=by)
     chosen = user or (ranking[0].party_id if ranking else None)
     wanted = [chosen] if chosen else []
     if inline:  # a file cannot ask the server: embed the cascades of the ranking's top
@@ -525,7 +526,7 @@ def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, u
         notes.append(f"This file holds the cascades of the top {MAX_CASCADES}; the server view shows any user's.")
     data = {"view": "influencers", "graphs": {}, "cascades": cascades, "selected": chosen if chosen in cascades else None}
     return render("influencers.html", title="Super users (超级用户)", data=data, inline=inline, source=svc.store.uri,
-                  ranking=ranking, by=by, metrics=METRICS, top=top, user=chosen, notes=notes, error=error, status=status)
+                  ranking=ranking, by=by, metrics=METRICS, top=top, percent=percent, user=chosen, notes=notes, error=error, status=status)
 
 
 def network_page(svc: ApiService, *, region: str | None = None, sku: str | None = None, batch: str | None = None,

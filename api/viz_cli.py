@@ -64,12 +64,13 @@ def diversions(out: OutOpt = Path("diversions.html"), severity: Severity = None,
 def influencers(out: OutOpt = Path("influencers.html"),
                 by: Annotated[str, typer.Option(help="influence, cascade_size, cascade_depth, direct, converted or revenue.")] = "influence",
                 top: Annotated[int, typer.Option(min=1, help="How many referrers to rank.")] = 20,
+                percent: Annotated[float | None, typer.Option(help="Rank the top P% of referrers instead of --top.")] = None,
                 user: Annotated[str | None, typer.Option(help="Whose cascade to show first [default: the top one].")] = None,
                 store: StoreOpt = None, neo4j: Neo4jOpt = None) -> None:
     """The super-user ranking and the cascade trees of the top users."""
     with opened(store, neo4j) as (handle, settings):
         try:
-            page = views.influencers_page(ApiService(handle, k=settings.k), by=by, top=top, user=user, inline=True)
+            page = views.influencers_page(ApiService(handle, k=settings.k), by=by, top=top, percent=percent, user=user, inline=True)
         except ValueError as exc:
             raise ChannelgraphError(str(exc)) from exc
         _write(page, out)

@@ -170,3 +170,22 @@ def test_the_server_judges_the_store_at_start_up(world):
         while not app.state.service.findings_if_judged() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(app.state.service.findings_if_judged()) == 15  # the channel world's (O1 was diverted already)
+
+
+def test_super_user_page_ranks_the_top_percent(world, tmp_path: Path, capsys):
+    from queries.influence import influencers
+
+    everyone = len(influencers(world, top=None))
+    half = -(-everyone // 2)
+    assert 1 < half < everyone
+    client = TestClient(create_app(Settings(store=world.path)))
+    page = client.get("/views/influencers?by=cascade_size&percent=50")
+    assert page.status_code == 200 and page.text.count("<tr data-key=") == half
+    assert client.get("/views/influencers?percent=&top=2").text.count("<tr data-key=") == 2  # an empty field: --top
+    assert client.get("/views/influencers?percent=half").status_code == 422
+    assert client.get("/views/influencers?percent=150").status_code == 422
+    out = tmp_path / "influencers.html"
+    assert main(["viz", "influencers", "--percent", "50", "--store", str(world.path), "--out", str(out)]) == 0
+    assert out.read_text(encoding="utf-8").count("<tr data-key=") == half
+    assert main(["viz", "influencers", "--percent", "0", "--store", str(world.path), "--out", str(out)]) != 0
+    capsys.readouterr()
