@@ -96,7 +96,7 @@ def rebates(
     rows = data["lines"] if lines else data["totals"]
     emit(data, format, rows=rows, columns=fields(RebateLine if lines else RebateTotal), title=(f"rebates ({report.currency}): owed {report.owed:,.2f}, withheld {report.withheld:,.2f} "
                                          f"({len(report.withheld_lines)} lines), unassigned {report.unassigned:,.2f}; "
-                                         f"{report.scans} scans, {report.no_store} without a store"))
+                                         f"{report.scans} scans, {report.no_store} without a store, {report.not_consumer} not by a consumer"))
     if report.unscanned_skus:
         stderr.print(f"warning: no consumer scan in the store has the SKU(s) of the policy's [sku.{', sku.'.join(report.unscanned_skus)}]"
                      " tables (misspelt?)", soft_wrap=True, markup=False)

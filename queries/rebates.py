@@ -10,7 +10,10 @@ queries/sales.py) earns, per role, the policy amount for its SKU:
 
 A scan of a unit with a diversion finding (confirmed or suspected) whose crossing came at
 or before the scan is `withheld` for every role, with the finding's crossing event. A
-scan of a unit no store handled earns nothing (`no_store`, counted, never dropped).
+scan of a unit no store handled earns nothing (`no_store`, counted, never dropped), and
+neither does a scan that a store, distributor, salesperson or factory performed itself (a
+store's point-of-sale scan, EPCIS `retail_selling`, is a sell-out but no consumer scan:
+`not_consumer`, counted) - else a store would earn rebates by scanning its own stock.
 
 A policy file (TOML; see docs/policy.example.toml)::
 
@@ -24,6 +27,7 @@ A policy file (TOML; see docs/policy.example.toml)::
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -81,8 +85,8 @@ def policy_from(raw: dict, *, source: str = "policy") -> Policy:
         for role, value in table.items():
             if role not in ROLES:
                 raise ChannelgraphError(f"{source}: [{where}] role {role!r}: expected one of {', '.join(ROLES)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ChannelgraphError(f"{source}: [{where}] {role} = {value!r}: expected an amount >= 0")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ChannelgraphError(f"{source}: [{where}] {role} = {value!r}: expected an amount >= 0 (a finite number)")
             out[role] = float(value)
         return out
 
@@ -124,6 +128,7 @@ class RebateReport(BaseModel):
     currency: str
     scans: int  # first consumer scans considered
     no_store: int  # of them, scans of units no store handled (no rebate)
+    not_consumer: int = 0  # of them, scans of stocked units that a party other than a consumer performed (no rebate)
     owed: float
     withheld: float
     unassigned: float
@@ -144,7 +149,8 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
     months = (sales["ts"].dt.year * 12 + sales["ts"].dt.month - 1).to_numpy(np.int64)  # since year 0
     considered = _label(months) == month if month is not None else np.ones(len(sales), bool)
     has_store = sales["store"].notna().to_numpy()
-    rows = np.flatnonzero(considered & has_store)
+    by_consumer = sales["consumer"].map(facts.parties["kind"]).eq("consumer").to_numpy()
+    rows = np.flatnonzero(considered & has_store & by_consumer)
     months, withheld = months[rows], sales["finding"].notna().to_numpy()[rows]
     skus, sku = sales["sku"].cat.categories, sales["sku"].cat.codes.to_numpy()[rows]
     shares = []
@@ -174,6 +180,7 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
 
     return RebateReport(
         currency=policy.currency, scans=int(considered.sum()), no_store=int((considered & ~has_store).sum()),
+        not_consumer=int((considered & has_store & ~by_consumer).sum()),
         **{name: round(sum(float(s.amount_if(name).sum()) for s in shares), 2) for name in STATUSES},
         totals=trusted_models(RebateTotal, {
             "month": table["month"].tolist(), "role": table["role"].tolist(),

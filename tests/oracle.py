@@ -778,7 +778,8 @@ def rebates(data: Dataset, policy: dict, *, month: str | None = None, as_of: dat
     `{"default": {role: amount}, "sku": {sku: {role: amount}}}`: per first consumer scan
     credited to a store and per role, the policy amount owed to the store, its
     `upstream_id` and its salesperson (its `salesperson_id`, else the distributor's only
-    salesperson); withheld when the unit's crossing came at or before the scan."""
+    salesperson); withheld when the unit's crossing came at or before the scan. A scan that
+    a party other than a consumer performed (a store's own scan) earns nothing."""
     facts = sales(data, k, as_of)
     scans = [s for s in facts.sell_out if month is None or s["ts"].strftime("%Y-%m") == month]
     employed = defaultdict(list)
@@ -786,7 +787,10 @@ def rebates(data: Dataset, policy: dict, *, month: str | None = None, as_of: dat
         if row["kind"] == "salesperson" and row.get("upstream_id"):
             employed[row["upstream_id"]].append(party)
     lines = []
-    for s in sorted((s for s in scans if s["store"]), key=lambda s: (s["ts"], s["event"])):
+    def by_consumer(scan: dict) -> bool:
+        return data.parties[scan["consumer"]]["kind"] == "consumer"
+
+    for s in sorted((s for s in scans if s["store"] and by_consumer(s)), key=lambda s: (s["ts"], s["event"])):
         store = data.parties[s["store"]]
         distributor = store.get("upstream_id")
         only = employed[distributor] if distributor and len(employed[distributor]) == 1 else [None]
@@ -804,6 +808,7 @@ def rebates(data: Dataset, policy: dict, *, month: str | None = None, as_of: dat
             total[line["status"]] += line["amount"]
     return {
         "currency": policy.get("currency", "CNY"), "scans": len(scans), "no_store": sum(1 for s in scans if not s["store"]),
+        "not_consumer": sum(1 for s in scans if s["store"] and not by_consumer(s)),
         **{status: round(sum(x["amount"] for x in lines if x["status"] == status), 2)
            for status in ("owed", "withheld", "unassigned")},
         "totals": [{"month": m, "role": r, "party_id": p, "scans": t["scans"], "owed": round(t["owed"], 2),

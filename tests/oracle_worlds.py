@@ -323,6 +323,7 @@ SALES_CODES: Rows = [
     *_case("HM", 1),  # opened by the distributor at an event region
     *_case("HN", 1, sku=None),  # no SKU: the default amounts
     *_case("HO", 1),  # a store itself performs the `scan`
+    *_case("HR", 1),  # a store scans a unit of its own stock (a point-of-sale scan): a sell-out, no rebate
     *_case("HQ", 1),  # scanned by a consumer with no region
 ]
 
@@ -362,6 +363,8 @@ SALES_SCANS: Rows = [
     _ev("hn1", "HN", "ship", "F1", T(1), "D1"), _ev("hn2", "HN", "ship", "D1", T(2), "S7"),
     _ev("hn3", "HN-1", "scan", "wx-h15", T(6), region="HZ"),
     _ev("ho1", "HO", "ship", "F1", T(1), "D1"), _ev("ho2", "HO-1", "scan", "S1", T(4)),
+    _ev("hr1", "HR", "ship", "F1", T(1), "D1"), _ev("hr2", "HR", "ship", "D1", T(2), "S1"),
+    _ev("hr3", "HR-1", "scan", "S1", T(4)),
     _ev("hq1", "HQ", "ship", "F1", T(1), "D1"), _ev("hq2", "HQ", "ship", "D1", T(2), "S1"),
     _ev("hq3", "HQ-1", "scan", "wx-nowhere", T(7)),
 ]

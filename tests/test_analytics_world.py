@@ -162,6 +162,7 @@ def test_rebates_owed_and_withheld(world_store):
 def test_policy_files_are_checked(tmp_path: Path):
     assert load_policy(Path(__file__).parents[1] / "docs" / "policy.example.toml").amount("BJ500", "store") == 6.0
     bad = {"nonsense = [": "not valid TOML", "[default]\nstore = -1": "expected an amount >= 0",
+           "[default]\nstore = nan": "expected an amount >= 0", "[sku.X]\nstore = inf": "expected an amount >= 0",
            "[default]\nmanager = 1": "role 'manager'", "rate = 1": "unknown key"}
     for i, (text, message) in enumerate(bad.items()):
         path = tmp_path / f"p{i}.toml"

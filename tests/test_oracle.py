@@ -387,7 +387,7 @@ def rebate_differences(data: oracle.Dataset, at: list[str], policy: Path, month:
     got = cli("rebates", *at, "--policy", str(policy), "--lines", *(["--month", month] if month else []),
               *(["--as-of", as_of] if as_of else []))
     out = [f"rebates {name}: oracle {expected[name]!r}, product {got[name]!r}"
-           for name in ("currency", "scans", "no_store", "owed", "withheld", "unassigned") if expected[name] != got[name]]
+           for name in ("currency", "scans", "no_store", "not_consumer", "owed", "withheld", "unassigned") if expected[name] != got[name]]
     line_key = [{**x, "key": (x["code"], x["role"])} for x in expected["lines"]]  # one sell-out per unit
     got_key = [{**x, "key": (x["code"], x["role"])} for x in got["lines"]]
     total_key = [{**t, "key": (t["month"], t["role"], t["party_id"])} for t in expected["totals"]]
@@ -475,12 +475,13 @@ def test_the_oracle_reads_section_5_as_written(tmp_path: Path):
       HI-1 (untracked, WN) -> S3 (3 owed, 0.5 unassigned); HJ-1 -> S6 (no distributor:
       6 owed, 3.5 unassigned); HK-1 (WN), HN-1 (no SKU) -> S7, its own salesperson SP3
       (3.5 each); withheld: HF-1, HF-2 (S3, crossing hf2), HG-2 (S5, crossing hg4): 28.5.
-      Not credited: HH-1 (no store), HO-1 (scanned by S1 itself; nobody handled it before).
-      20 scans, 2 without a store; owed 76 + 9 + 18 + 3 + 6 + 3.5 + 3.5 = 119, unassigned 5.5.
-    - provinces, whole period: Zhejiang has S1, S2, S4, S7, S8 (4 sold: 0.8), 16 units in
-      (S1 11: HA x3, HB, HC, HD, HG x2, HL x2, HQ; S4 HB, which S1 passed on: the same unit;
+      Not credited: HH-1 (no store), HO-1 (scanned by S1 itself; nobody handled it before),
+      HR-1 (S1 scanned its own stock: a sell-out, but no consumer's scan).
+      21 scans, 2 without a store, 1 not by a consumer; owed 76 + 9 + 18 + 3 + 6 + 3.5 + 3.5 = 119, unassigned 5.5.
+    - provinces, whole period: Zhejiang has S1, S2, S4, S7, S8 (4 sold: 0.8), 17 units in
+      (S1 12: HA x3, HB, HC, HD, HG x2, HL x2, HQ, HR; S4 HB, which S1 passed on: the same unit;
       S2 HE x2, HM; S7 HK, HN), HM-1
-      opened (in Ningbo, by D1), 13 scanned there (HQ-1's scan has no place), 5
+      opened (in Ningbo, by D1), 14 scanned there (HQ-1's scan has no place), 5
       diversions out (HF x2 and HH-1 via D1, HG x2 via S1); Jiangsu has S3, S5, S6 (all
       sold), 6 units in, 6 scanned, 5 diversions in.
     """
@@ -492,13 +493,13 @@ def test_the_oracle_reads_section_5_as_written(tmp_path: Path):
                         "HN-1": "S7", "HF-1": "S3", "HF-2": "S3", "HG-2": "S5"}
     assert {line["code"]: line["finding"] for line in report["withheld_lines"]} == {
         "HF-1": "hf2", "HF-2": "hf2", "HG-2": "hg4"}
-    assert {k: report[k] for k in ("scans", "no_store", "owed", "withheld", "unassigned")} == {
-        "scans": 20, "no_store": 2, "owed": 119.0, "withheld": 28.5, "unassigned": 5.5}
+    assert {k: report[k] for k in ("scans", "no_store", "not_consumer", "owed", "withheld", "unassigned")} == {
+        "scans": 21, "no_store": 2, "not_consumer": 1, "owed": 119.0, "withheld": 28.5, "unassigned": 5.5}
     assert oracle.rebates(data, POLICY, month="2024-04")["scans"] == 3  # HA-2, HF-2, HL-1 (01:30Z)
     rows = {r["region_id"]: r for r in oracle.regions(data, period="all")["rows"]}
     fields = ("stores", "active_stores", "active_ratio", "units_in", "opened", "scanned", "diversions_in", "diversions_out")
     assert {r: tuple(row[f] for f in fields) for r, row in rows.items()} == {
-        "ZJ": (5, 4, 0.8, 16, 1, 13, 0, 5), "JS": (3, 3, 1.0, 6, 0, 6, 5, 0)}
+        "ZJ": (5, 4, 0.8, 17, 1, 14, 0, 5), "JS": (3, 3, 1.0, 6, 0, 6, 5, 0)}
     assert oracle.regions(data)["matrix"] == [{"from_region": "ZJ", "to_region": "JS", "units": 5}]
 
 
