@@ -270,15 +270,15 @@ class EventFacts:
         shipped_to = is_ship & (counterparty >= 0)
         cp_home = home[counterparty]
         holder = np.where(shipped_to, counterparty, party)
-        held = (action == RECEIVE) | (action == OPEN)
+        performed = (action == RECEIVE) | (action == OPEN) | (action == SCAN)  # a store's scan: a point-of-sale one
         return cls(
             events, action=action, party=party, holder=holder, location=location,
             after=np.where(shipped_to & (cp_home >= 0), cp_home, location),
             assigns=(is_ship & (party_kind == FACTORY) & (cp_kind == DISTRIBUTOR)) | (
                 (action == RECEIVE) & (party_kind == DISTRIBUTOR) & (cp_kind == FACTORY)),
             other=np.where(is_ship, counterparty, party),
-            evidence=np.where((is_ship & (cp_kind == STORE)) | (held & (party_kind == STORE)), STORE_EVIDENCE,
-                              np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (held & (party_kind == DISTRIBUTOR)),
+            evidence=np.where((is_ship & (cp_kind == STORE)) | (performed & (party_kind == STORE)), STORE_EVIDENCE,
+                              np.where((is_ship & (cp_kind == DISTRIBUTOR)) | (performed & (party_kind == DISTRIBUTOR)),
                                        DISTRIBUTOR_EVIDENCE, NO_EVIDENCE)).astype(np.int8),
             holds_store=kind[holder] == STORE, by_store=party_kind == STORE)
 
@@ -296,6 +296,12 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
         facts, event = EventFacts.of_timeline(timeline, context), np.arange(n)
     else:
         event = timeline.event
+
+    order = _assignments_first(timeline, facts.assigns[event])
+    if order is not None:
+        timeline = Timeline(timeline.unit[order], timeline.event[order], timeline.units, timeline.events,
+                            timeline.parties, timeline.regions)
+        event = event[order]
 
     def per_row(values: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Event facts per timeline row (of `rows` only, when given)."""
@@ -323,7 +329,7 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
     store_inside = inside_after & holds_store
     by_store = np.flatnonzero(judged & per_row(facts.by_store) & (location >= 0))
     store_inside[by_store] |= territories.contains(distributor[by_store], location[by_store])
-    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0))
+    scans = np.flatnonzero((action == SCAN) & judged & (location >= 0) & (evidence == NO_EVIDENCE))  # a consumer's
     scans = scans[timeline.latest(store_inside, scans) < governing[scans]]  # no store inside handled it before
     consumer_evidence = np.zeros(n, bool)
     consumer_evidence[scans] = ~territories.contains(distributor[scans], location[scans])
@@ -350,6 +356,23 @@ def judge(timeline: Timeline, context: Context, *, k: int = 3, facts: EventFacts
     tracked[units[assigns]] = True
     return Judgement(timeline, context, action, party, holder, holds_store, location, after, governing, distributor,
                      Verdicts(unit, crossing, severity, exit_via), np.flatnonzero(~tracked))
+
+
+def _assignments_first(timeline: Timeline, assigns: np.ndarray) -> np.ndarray | None:
+    """The order of timeline rows that puts a unit's assignment events (`assigns`, per row)
+    first among its events at the same time, or None when they are already: the goods
+    are assigned before anyone hands them on at that time (a distributor's receive from
+    the factory and its ship onwards, both stamped with one date)."""
+    unit = timeline.unit
+    late = np.flatnonzero(assigns[1:] & ~assigns[:-1] & (unit[1:] == unit[:-1])) + 1  # after another event of the unit
+    if not len(late):
+        return None
+    ts = pc.take(timeline.events.column("ts"), pa.array(timeline.event[np.concatenate((late - 1, late))]))
+    ts = ts.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    if not (ts[: len(late)] == ts[len(late):]).any():
+        return None
+    ts = pc.take(timeline.events.column("ts"), pa.array(timeline.event)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return np.lexsort((~assigns, ts, unit))  # stable: the event order otherwise
 
 
 def _k_rule(timeline: Timeline, rows: np.ndarray, distributor: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:

@@ -339,6 +339,7 @@ def _facts_of(store, timeline: Timeline, context: Context, *, k: int,
         ts = ts[keep]
     latest = pd.Timestamp(ts.max()).tz_localize("UTC") if len(ts) else None
     j = judge(timeline, context, k=k, facts=facts)
+    timeline = j.timeline  # its rows, as the judge ordered them
     party_ids, region_ids = context.party_ids, context.region_ids
     codes = timeline.units.column("code")
     skus = pc.dictionary_encode(timeline.units.column("sku").combine_chunks())

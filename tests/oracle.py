@@ -132,7 +132,8 @@ class Dataset:
             for event in self.scans:
                 self._on_code[event["code"]].append(event)
         events = [e for c in self.lineage(code) for e in self._on_code.get(c, [])]
-        return sorted(events, key=lambda e: (e["ts"], ACTIONS.index(e["action"]), e["event_id"]))
+        # at one time, assignments first: the goods are the distributor's before it hands them on
+        return sorted(events, key=lambda e: (e["ts"], assignee(self, e) is None, ACTIONS.index(e["action"]), e["event_id"]))
 
     def kind(self, party: str | None) -> str | None:
         return self.parties[party]["kind"] if party in self.parties else None
@@ -358,11 +359,11 @@ def holder_after(event: dict) -> str:
 
 
 def _out_of_hands(data: Dataset, event: dict, assigned: str) -> bool:
-    """A ship to, a receive by or an open by a store or a distributor other than the
+    """A ship to, a receive, open or scan by a store or a distributor other than the
     assigned one."""
     if event["action"] == "ship":
         who = event["counterparty_id"]
-    elif event["action"] in ("receive", "open"):
+    elif event["action"] in ("receive", "open", "scan"):  # a store's scan: a point-of-sale one
         who = event["party_id"]
     else:
         return False
@@ -413,7 +414,8 @@ def judge_unit(data: Dataset, unit: str) -> UnitVerdict:
                 and _out_of_hands(data, event, assigned)):
             confirmed = (i, last_inside or assigned)
         where = location(data, event)
-        if event["action"] == "scan" and not store_seen and where is not None and not data.inside(assigned, where):
+        consumers = data.kind(event["party_id"]) not in ("store", "distributor")
+        if event["action"] == "scan" and consumers and not store_seen and where is not None and not data.inside(assigned, where):
             verdict.outside_scans.append((assigned, where))
             if consumer is None:
                 consumer = (i, last_inside or assigned)

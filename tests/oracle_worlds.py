@@ -119,6 +119,11 @@ CODES: Rows = [
     *_case("NI", 1),  # rows without event_id
     *_case("AT", 1),  # reassigned to D2 at the very time D1 ships it to Jiangsu
     *_case("NP", 1, sku="NP"),  # a sku without a price
+    *_case("AR", 1),  # dated like a delivery note: D1's receive from the factory and its ship out, one time
+    *_case("AE", 1),  # one time: the factory ship to D1 (its id sorts last) and D1's ship out
+    *_case("PS", 1),  # an outside store's own (point-of-sale) scan
+    *_case("PD", 1),  # another distributor's scan outside
+    *_case("PI", 1),  # an inside store's own scan, then a consumer's scan outside: travel
 ]
 
 SCANS: Rows = [
@@ -233,6 +238,14 @@ SCANS: Rows = [
     _ev("at2", "AT", "ship", "F1", T(3), "D2"),
     # NP: no price
     _ev("np1", "NP", "ship", "F1", T(1), "D1"), _ev("np2", "NP-1", "scan", "C-HZ", T(3), region="HZ"),
+    # AR, AE: an assignment governs the events at its own time (the goods are D1's before D1 ships them on)
+    _ev("ar1", "AR", "receive", "D1", T(2), "F1"), _ev("ar2", "AR", "ship", "D1", T(2), "S3"),
+    _ev("zz-ae1", "AE", "ship", "F1", T(2), "D1"), _ev("ae2", "AE", "ship", "D1", T(2), "S5"),
+    # PS, PD, PI: scans by stores and distributors are theirs, not consumers'
+    _ev("ps1", "PS", "ship", "F1", T(1), "D1"), _ev("ps2", "PS-1", "scan", "S3", T(3)),
+    _ev("pd1", "PD", "ship", "F1", T(1), "D1"), _ev("pd2", "PD-1", "scan", "D2", T(3)),
+    _ev("pi1", "PI", "ship", "F1", T(1), "D1"), _ev("pi2", "PI-1", "scan", "S1", T(3)),
+    _ev("pi3", "PI-1", "scan", "C-NJ", T(4), region="NJ"),
 ]
 
 # rows the contract rejects, one reason each

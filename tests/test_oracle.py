@@ -249,6 +249,8 @@ EDGE_VERDICTS = {
     "FS-1": ("confirmed", "fs2", "D1", "D1"), "DO-1": ("suspected", "do3", "D1", "D1"),
     "SU-1": ("confirmed", "su3", "D1", "D1"), "DU-1": ("confirmed", "du2", "D1", "D1"),
     "NI-1": ("confirmed", None, "D1", "D1"),  # its rows have no event_id
+    "AR-1": ("confirmed", "ar2", "D1", "D1"), "AE-1": ("confirmed", "ae2", "D1", "D1"),  # assigned at that time
+    "PS-1": ("confirmed", "ps2", "D1", "D1"), "PD-1": ("confirmed", "pd2", "D1", "D1"),  # no consumer scans
 }
 EDGE_TRACES = ["WL", "WL-1", "WO-2", "RA-1", "RB-1", "AT-1", "OS-1", "TS-1", "UT-1", "PX", "PXB-X", "PXB-1", "NI-1",
                "MO-1", "KC-1"]
