@@ -839,14 +839,15 @@ def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill:
     parties = _validate_parties(raw.pop("parties", []), known, region_ids)
     out["parties"] = parties
     new_parties = parties.accepted.column("party_id") if parties.accepted is not None else pa.array([], pa.string())
+    refused_parties = _refused_ids(parties, new_parties, known)
     out["codes"], loaded_code = _validate_codes(raw.pop("codes", []), known, spill)
     release_memory()
     out["referrals"], implicit_ref = _validate_events("referrals", raw.pop("referrals", []), known, region_ids,
-                                                      new_parties, loaded_code, spill, [])
+                                                      new_parties, refused_parties, loaded_code, spill, [])
     handed_over = [loaded_code]  # the scans are the last to look codes up: they let the index go
     del loaded_code
     out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, new_parties,
-                                                   handed_over.pop(), spill, implicit_ref)
+                                                   refused_parties, handed_over.pop(), spill, implicit_ref)
     release_memory()
     out["tasks"] = _validate_tasks(raw.pop("tasks", []))
     for name in ("epcis_events", "retractions"):
@@ -854,6 +855,15 @@ def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill:
             out[name] = _validate_simple(name, raw.pop(name), known)
     implicit = _implicit_consumers(implicit_scan + implicit_ref)
     return Validated({t: out[t] for t in LOAD_ORDER if t in out}, implicit)
+
+
+def _refused_ids(parties: TableOutcome, accepted: pa.Array, known: Known) -> pa.Array:
+    """The ids of rejected parties rows that no accepted row or stored party has: events
+    naming them are rejected for that reason (a rejected store's scan registering it as a
+    new consumer would hide the mistake)."""
+    ids = pa.array({r.row.get("party_id") for r in parties.rejects if isinstance(r.row, dict)} - {None}, pa.string())
+    ids = ids.filter(pc.invert(pc.is_in(ids, value_set=accepted.cast(pa.string()))))
+    return ids.filter(pc.invert(pc.is_in(ids, value_set=known.stored("parties", ids).column("party_id").combine_chunks().cast(pa.string()))))
 
 
 def _all_keys(stored: pa.Array | pa.ChunkedArray, accepted: AcceptedRows | None, key: str) -> pa.Array:
@@ -1048,7 +1058,7 @@ def _check_immutable_codes(v: _TableValidation) -> None:
 
 
 def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region_ids: pa.Array, new_parties: pa.Array,
-                     loaded_code: Callable[[pa.Array], tuple[np.ndarray, np.ndarray]],
+                     refused_parties: pa.Array, loaded_code: Callable[[pa.Array], tuple[np.ndarray, np.ndarray]],
                      spill: Path | None, registered: list[pa.Table]) -> tuple[TableOutcome, list[pa.Table]]:
     """Scans and referrals: references, implicit consumers, ids and de-duplication. Returns
     the outcome (scans: with the accepted code each names, `links["code"]`) and, per
@@ -1059,7 +1069,10 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
     parties table, the store, this load's earlier tables (`registered`: the consumers they
     register) or this table: a row naming an id nobody registered so far is held until the
     table is read, then accepted once a row accepted meanwhile registers it (a held scan
-    accepted so registers in turn: another round, de-duplicating again), else rejected."""
+    accepted so registers in turn: another round, de-duplicating again), else rejected.
+    A row naming a party whose parties row was rejected (`refused_parties`) is rejected
+    for that: it registers nothing."""
+    party_cols = ("party_id", "counterparty_id") if name == "scans" else ("referrer_id", "referee_id")
     if name == "scans":
         implicit_cols = ["party_id"]
         id_col, id_fields, prefix = "event_id", ("code", "action", "party_id", "counterparty_id", "ts", "region_id"), "h"
@@ -1090,16 +1103,20 @@ def _validate_events(name: str, chunks: Iterable[RawTable], known: Known, region
         if region is not None:
             bad_region = pc.is_valid(region).to_numpy(zero_copy_only=False) & ~pc.is_in(region, value_set=region_ids).to_numpy(zero_copy_only=False)
             rows.fail_values(bad_region, "unknown region {!r}", "region_id")
+        unknown = {c: pc.is_valid(typed[c]).to_numpy(zero_copy_only=False) & ~known_party(typed[c]) for c in party_cols}
+        for c, mask in unknown.items():  # among the unknown ids, those of rejected parties rows
+            at = np.flatnonzero(mask)
+            if len(at) and len(refused_parties):
+                refused = np.zeros(rows.n, bool)
+                refused[at] = pc.is_in(typed[c].take(pa.array(at)), value_set=refused_parties).to_numpy(zero_copy_only=False)
+                rows.fail_values(refused, f"{c} {{!r}} names a party whose parties row was rejected", c)
         if name == "scans":
-            party_known = known_party(typed["party_id"])
             is_scan = pc.fill_null(pc.equal(typed["action"], "scan"), False).to_numpy(zero_copy_only=False)
-            present = pc.is_valid(typed["party_id"]).to_numpy(zero_copy_only=False)
-            cp = typed["counterparty_id"]
-            rows.hold((present & ~party_known & ~is_scan) | (pc.is_valid(cp).to_numpy(zero_copy_only=False) & ~known_party(cp)))
-            candidates["party_id"].append(is_scan & present & ~party_known)  # registers when the row is live
+            rows.hold((unknown["party_id"] & ~is_scan) | unknown["counterparty_id"])
+            candidates["party_id"].append(is_scan & unknown["party_id"])  # registers when the row is live
         else:
             for c in implicit_cols:
-                candidates[c].append(rows.ok & pc.is_valid(typed[c]).to_numpy(zero_copy_only=False) & ~known_party(typed[c]))
+                candidates[c].append(rows.ok & unknown[c])
         typed[id_col] = _with_content_ids(typed[id_col], typed, id_fields, prefix)
 
     v = _TableValidation(name, chunks, known, spill=spill if name in SPILLED else None, check=check, late_rejects=False)

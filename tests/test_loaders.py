@@ -531,3 +531,22 @@ def test_a_column_over_the_text_limit_is_a_clear_error_and_changes_nothing(tmp_p
     assert error.startswith("channelgraph: error: codes: column code holds over 2 GiB of text in one load"), error
     assert "\n" not in error
     assert _contents(EmbeddedStore(tmp_path / "s")) == before
+
+
+def test_events_of_a_rejected_party_are_rejected_for_it(tmp_path):
+    """A store whose parties row is rejected (a bad lat) is no new consumer when it scans,
+    nor a consumer to ship to: its events are rejected, saying why."""
+    world = channel_world()
+    world["parties"] = [{**p, "lat": "north"} if p["party_id"] == "S3" else p for p in world["parties"]]
+    world["scans"] += [{"event_id": "s3-own", "code": "O1", "action": "scan", "party_id": "S3", "ts": "2024-03-09T00:00:00Z"}]
+    world["referrals"] += [{"referrer_id": "S3", "referee_id": "wx-new", "ts": "2024-03-09T00:00:00Z", "channel": "store"}]
+    store = EmbeddedStore(tmp_path / "s")
+    report = load(store, write_world(world, tmp_path / "d"), tmp_path)
+    reasons = {(r["table"], r["row"].get("event_id") or r["row"].get("referrer_id")): r["reason"] for r in rejects_of(report)}
+    naming_s3 = [s["event_id"] for s in world["scans"] if "S3" in (s["party_id"], s.get("counterparty_id"))]
+    assert len(naming_s3) >= 3
+    for event in naming_s3:
+        assert "names a party whose parties row was rejected" in reasons[("scans", event)], event
+    assert "referrer_id 'S3' names a party whose parties row was rejected" == reasons[("referrals", "S3")]
+    assert report.rejected["scans"] == len(naming_s3) and report.rejected["parties"] == 1
+    assert store.stored("parties", pa.array(["S3"])).num_rows == 0  # not registered as a consumer
