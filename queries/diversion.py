@@ -28,7 +28,7 @@ VIEW_KEYS = {"responsible": ("responsible",), "region-pair": ("from_territory", 
              "batch": ("batch",), "sku": ("sku",), "month": ("month",)}  # the key columns of each grouped view
 VIEWS = tuple(VIEW_KEYS)
 CSV_COLUMNS = ("code", "severity", "responsible", "territory", "exit_via", "crossing_event_id", "crossing_ts",
-               "crossing_party", "crossing_region", "sku", "batch", "case", "path")  # of `finding_csv_row`
+               "crossing_party", "crossing_region", "sku", "batch", "case", "path", "path_events")  # of `finding_csv_row`
 
 
 class Hop(BaseModel):
@@ -629,7 +629,9 @@ def view_columns(by: str) -> list[str]:
 
 def finding_csv_row(finding: DiversionFinding) -> dict[str, str | None]:
     """A finding as one flat CSV row (CSV_COLUMNS): the territory `|`-separated, the path as
-    its holders `F > B > b*` (`*`: the holder the crossing reached)."""
+    its holders `F > B > b*` (`*`: the holder the crossing reached) and as its events with
+    their times and regions, `;`-separated (`path_events`: `TS ACTION PARTY[>RECEIVER] @REGION`,
+    the region the goods were in after the event, and `CROSSED` on the crossing)."""
     holders: list[str] = []
     for hop in finding.path:
         for who in (hop.party_id, hop.counterparty_id if hop.action == "ship" else None):
@@ -637,7 +639,11 @@ def finding_csv_row(finding: DiversionFinding) -> dict[str, str | None]:
                 holders.append(who)
         if hop.crossed and holders:
             holders[-1] = holders[-1].rstrip("*") + "*"
-    row = {**finding.model_dump(exclude={"path"}), "territory": "|".join(finding.territory), "path": " > ".join(holders)}
+    events = [" ".join(filter(None, (hop.ts, hop.action, f"{hop.party_id}>{hop.counterparty_id}" if hop.action == "ship" and hop.counterparty_id
+                                     else hop.party_id, f"@{hop.to_region_id}" if hop.to_region_id else None,
+                                     "CROSSED" if hop.crossed else None))) for hop in finding.path]
+    row = {**finding.model_dump(exclude={"path"}), "territory": "|".join(finding.territory), "path": " > ".join(holders),
+           "path_events": "; ".join(events)}
     return {column: row[column] for column in CSV_COLUMNS}
 
 

@@ -163,6 +163,7 @@ def test_diversions_csv_download(client):
     assert sorted(r["code"] for r in rows) == sorted(c for c, s, *_ in CHANNEL_DIVERSIONS if s == "confirmed")
     ss1 = next(r for r in rows if r["code"] == "SS1")
     assert (ss1["exit_via"], ss1["territory"], ss1["path"]) == ("SD1", "ZJ", "F1 > D1 > SD1 > S3*")
+    assert ss1["path_events"].split("; ")[-1] == "2024-02-04T00:00:00Z ship SD1>S3 @NJ CROSSED"
     empty = client.get("/api/diversions.csv", params={"responsible": "D2"}).text
     assert empty.splitlines() == [empty.splitlines()[0]] and empty.startswith("code,severity")
 
