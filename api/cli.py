@@ -169,6 +169,8 @@ def load(
     emit(data, format, rows=rows, title=f"loaded {dataset} into {handle.uri}")
     if format is Format.table:
         stderr.print(f"implicit consumers registered: {report.implicit_consumers}")
+        for skipped in report.skipped:
+            stderr.print(f"skipped {skipped.path}: {skipped.reason}", soft_wrap=True, markup=False)  # a file name is no markup
     if format is not Format.json and report.rejects_path:  # JSON names it; CSV rows have no place for it
         stderr.print(f"rejected rows and reasons: {report.rejects_path}")
 

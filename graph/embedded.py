@@ -17,11 +17,12 @@ table in memory. Tables are memory-mapped when read, so re-opening a store costs
 milliseconds whatever its size. (Versions written before column files hold one file per
 table, `scans.arrow`; they are read as well.)
 
-Derived columns written with each version (never loaded from input):
-`codes.parent_idx` (row of the parent code, -1 for none), `codes.unit_count` (units
-packed inside, 1 for a unit), `scans.code_idx` (row of the scanned code) and
-`scans.event_order` (rank of the event by time, action rank, event id). `codes` is
-sorted by `code`; `scans` by code row, then event order.
+Derived columns written with each version (`graph.model` TableSpec.computed: never
+loaded from input): `codes.parent_idx` (row of the parent code, -1 for none),
+`codes.unit_count` (units packed inside, 1 for a unit), `scans.code_idx` (row of the
+scanned code), `scans.event_order` (rank of the event by time, action rank, event id) and
+`scans.retracted` (an errorDeclaration names the event). `codes` is sorted by `code`;
+`scans` by code row, then event order.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ MASTER_TABLES = ("regions", "products", "parties", "codes", "epcis_events", "ret
 DERIVED_FIELDS = (pa.field("parent_idx", pa.int32()), pa.field("unit_count", pa.int64()), pa.field("code_idx", pa.int32()),
                   pa.field("event_order", pa.int64()), pa.field("retracted", pa.bool_()))
 DERIVED_COLUMNS = tuple(field.name for field in DERIVED_FIELDS)
-DERIVED_OF = {"codes": ("parent_idx", "unit_count"), "scans": ("code_idx", "event_order", "retracted")}
+DERIVED_OF = {name: TABLES[name].computed for name in ("codes", "scans")}  # (tasks' task_id comes with the accepted rows)
 WRITERS = 2  # columns of a new version computed and written at a time (`_write_column`)
 _FEW = 256  # up to this many keys are looked up one by one instead of by a hash join
 _LEVEL_RANKS = Lookup(pa.array(LEVELS))
@@ -398,9 +399,10 @@ class EmbeddedStore:
             shutil.rmtree(previous, ignore_errors=True)
 
     def _live(self, name: str) -> pa.Table:
-        """The live table without its derived columns."""
+        """The live table without its derived columns (another table's column of such a
+        name is an unknown input column: kept)."""
         table = self.table(name)
-        return table.drop_columns([c for c in DERIVED_COLUMNS if c in table.column_names])
+        return table.drop_columns([c for c in DERIVED_OF.get(name, ()) if c in table.column_names])
 
     def _merged(self, name: str, validated: Validated) -> pa.Table:
         """A small table of the new version: the live rows and the accepted ones (master

@@ -1,7 +1,9 @@
 """The canonical data contract (DOMAIN.md §2): tables, columns, enums, key columns.
 
 Every table is a set of typed columns; `required` columns must be present and non-empty
-in each row. Columns not listed here are kept as string properties.
+in each row. Columns not listed here are kept as string properties, except those named as
+a column channelgraph computes for the table (`computed`): an input column of such a name
+is not loaded.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class TableSpec:
     name: str
     key: tuple[str, ...]  # identity of a row; () = whole-row content
     columns: tuple[Column, ...] = field(default=())
+    computed: tuple[str, ...] = ()  # columns channelgraph derives and stores with the rows
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -52,17 +55,17 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("codes", ("code",), (
             Column("code", required=True), Column("level", "enum", True, LEVELS),
             Column("parent_code"), Column("sku"), Column("batch"),
-            Column("produced_at", "ts"))),
+            Column("produced_at", "ts")), computed=("parent_idx", "unit_count")),
         TableSpec("scans", ("event_id",), (
             Column("event_id"), Column("code", required=True),
             Column("action", "enum", True, ACTIONS), Column("party_id", required=True),
             Column("counterparty_id"), Column("ts", "ts", True), Column("region_id"),
-            Column("lat", "float"), Column("lon", "float"))),
+            Column("lat", "float"), Column("lon", "float")), computed=("code_idx", "event_order", "retracted")),
         TableSpec("referrals", ("referral_id",), (
             Column("referral_id"), Column("referrer_id", required=True),
             Column("referee_id", required=True), Column("ts", "ts", True),
             Column("channel", "enum", False, CHANNELS), Column("code"))),
-        TableSpec("tasks", (), ()),
+        TableSpec("tasks", (), (), computed=("task_id",)),  # task_id: a hash of the row's content
         # EPCIS events that are not hand-overs (commissioning, transactions,
         # transformations, sensor reports...): kept whole, never judged.
         TableSpec("epcis_events", ("event_id",), (

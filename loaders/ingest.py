@@ -14,7 +14,7 @@ import orjson
 from graph.errors import StoreError
 from graph.model import LOAD_ORDER
 from graph.store import Store
-from loaders.readers import RawTable, Reject, Source, discover, read_chunks, read_source
+from loaders.readers import RawTable, Reject, Skipped, Source, discover, read_chunks, read_source
 from loaders.validate import one_malloc_heap, validate_dataset
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ class LoadReport:
     duplicates: dict[str, int]
     implicit_consumers: int
     rejects_path: str | None
+    skipped: list[Skipped]  # the dataset's files that are not tables or EPCIS documents
 
     def as_dict(self) -> dict:
         return {"accepted": self.accepted, "rejected": self.rejected, "duplicates": self.duplicates,
-                "implicit_consumers": self.implicit_consumers, "rejects_path": self.rejects_path}
+                "implicit_consumers": self.implicit_consumers, "rejects_path": self.rejects_path,
+                "skipped": [s.as_dict() for s in self.skipped]}
 
 
 def _read_all(sources: list[Source], progress: Progress | None, known: Store | None) -> dict[str, list[RawTable]]:
@@ -101,8 +103,9 @@ def _read_ahead(chunks: Iterator[RawTable]) -> Iterator[RawTable]:
 
 def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Progress | None = None) -> LoadReport:
     """Load every table of `dataset` into `store`. Bad rows become reject records in a
-    JSON-lines file under `rejects_dir`; the store changes all at once or not at all."""
-    sources = discover(Path(dataset))
+    JSON-lines file under `rejects_dir`; the store changes all at once or not at all. Files
+    that are not tables or EPCIS documents are skipped (`LoadReport.skipped`)."""
+    sources, skipped = discover(Path(dataset))
     one_malloc_heap()
     with store.loading() as scratch:
         if any(source.table == "epcis" for source in sources):
@@ -126,6 +129,7 @@ def load_dataset(store: Store, dataset: Path, *, rejects_dir: Path, progress: Pr
         duplicates={t: counts["duplicates"].get(t, 0) for t in tables},
         implicit_consumers=implicit,
         rejects_path=str(rejects_path) if rejects_path else None,
+        skipped=skipped,
     )
 
 

@@ -3,21 +3,23 @@
 A file is read in chunks (`read_chunks`) of at most CHUNK_ROWS rows, so a big file is
 never in memory whole. Every chunk is a `RawTable`: a pyarrow Table whose data columns are
 strings (null when missing or empty) plus `_file` and `_line` columns, and the reject
-records of rows that could not even be split into columns. Nothing here judges values;
-that is `loaders.validate`.
+records of rows that could not even be split into columns. A file's column named as one
+channelgraph computes (`_file`, `_line`, the table's `TableSpec.computed`) is not read, with
+a warning. Nothing here judges values; that is `loaders.validate`.
 
 Line numbers: CSV counts physical lines with the header as line 1; JSONL counts lines;
 Parquet counts rows from 1.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,7 @@ class RawTable:
     table: str
     data: pa.Table  # string columns + _file + _line
     rejects: list[Reject] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # the file's columns named as channelgraph's own: not read
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,26 @@ def table_of(path: Path) -> str | None:
     return None
 
 
-def discover(dataset: Path) -> list[Source]:
-    """The readable sources of a dataset: a folder of tables/EPCIS files, or one file. Other
-    files are ignored with a warning (naming the table a misspelt file name comes close to),
-    except the answers a generated scenario keeps next to its data."""
+@dataclass(frozen=True)
+class Skipped:
+    """A file of a dataset that is not read, and why."""
+
+    path: Path
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "reason": self.reason}
+
+
+def discover(dataset: Path) -> tuple[list[Source], list[Skipped]]:
+    """The readable sources of a dataset (a folder of tables/EPCIS files, or one file) and
+    the other files, each skipped with a warning (naming the table a misspelt file name
+    comes close to); hidden files and the answers a generated scenario keeps next to its
+    data are passed over silently."""
     if not dataset.exists():
         raise DatasetError(f"{dataset}: no such file or directory")
     paths = sorted(p for p in dataset.rglob("*") if p.is_file()) if dataset.is_dir() else [dataset]
-    sources = []
+    sources, skipped = [], []
     for path in paths:
         if path.name.startswith("."):
             continue
@@ -97,10 +112,11 @@ def discover(dataset: Path) -> list[Source]:
         elif path.suffix.lower() in EPCIS_SUFFIXES and _looks_like_epcis(path):
             sources.append(Source("epcis", path))
         elif path.name != ANSWERS:
-            log.warning("ignoring %s: not a channelgraph table or EPCIS document%s", path, _hint(path))
+            skipped.append(Skipped(path, f"not a channelgraph table or EPCIS document{_hint(path)}"))
+            log.warning("ignoring %s: %s", path, skipped[-1].reason)
     if not sources:
         raise DatasetError(f"{dataset}: no tables (regions, parties, products, codes, scans, referrals) or EPCIS documents found")
-    return sources
+    return sources, skipped
 
 
 def _hint(path: Path) -> str:
@@ -125,8 +141,14 @@ def read_chunks(source: Source, rows: int | None = None) -> Iterator[RawTable]:
     at least one chunk, maybe empty). Raises DatasetError naming the file if it is
     unreadable, which may be after some chunks."""
     readers = {".csv": _csv_chunks, ".jsonl": _jsonl_chunks, ".parquet": _parquet_chunks}
+    warned: set[str] = set()
     try:
-        yield from readers[source.path.suffix.lower()](source.path, source.table, rows or CHUNK_ROWS)
+        for chunk in readers[source.path.suffix.lower()](source.path, source.table, rows or CHUNK_ROWS):
+            for name in chunk.ignored:
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("%s: column %r is computed by channelgraph; the file's values are ignored", source.path, name)
+            yield chunk
     except DatasetError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
@@ -141,15 +163,21 @@ def read_source(source: Source) -> RawTable:
 
 
 def _finish(table: str, path: Path, columns: dict[str, pa.Array | pa.ChunkedArray], lines: pa.Array,
-            rejects: list[Reject]) -> RawTable:
+            rejects: list[Reject], unnamed: Collection[str] = ()) -> RawTable:
     """Values are trimmed, empty ones become null; adds the _file/_line columns (`_file`
     as a dictionary column: one copy of the path, whatever the rows). Columns may be
-    chunked (CSV: one chunk per parsed block); they stay so."""
+    chunked (CSV: one chunk per parsed block); they stay so. Columns named as one
+    channelgraph computes are left out (`RawTable.ignored`), and so are the `unnamed` ones
+    (CSV: a blank name in the header) where they hold no value."""
     n = len(lines)
-    arrays = {name: _trimmed_or_null(arr) for name, arr in columns.items()}
+    own = {*META_COLUMNS, *TABLES[table].computed}
+    arrays = {name: _trimmed_or_null(arr) for name, arr in columns.items() if name not in own}
+    for name in unnamed:
+        if arrays[name].null_count == n:
+            del arrays[name]
     arrays["_file"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([str(path)], pa.string()))
     arrays["_line"] = lines.cast(pa.int64())
-    return RawTable(table, pa.table(arrays), rejects)
+    return RawTable(table, pa.table(arrays), rejects, [name for name in columns if name in own])
 
 
 def _trimmed_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -199,45 +227,46 @@ def _may_have_white_space(values: pa.Array) -> bool:
 def _csv_chunks(path: Path, table: str, rows: int) -> Iterator[RawTable]:
     """Fast pyarrow parsing while every row is one regular line; from the chunk where one
     is not (a row with too few or too many values, a blank line before the end, a line
-    break inside a value, a row pyarrow cannot report) exact reading with Python's csv
-    module, which knows each record's physical line."""
-    header = _csv_header(path)
-    if not header:
-        raise DatasetError(f"{path}: empty file (no header row)")
-    _check_unique(path, header)
+    break inside a value) exact reading with Python's csv module, which knows each
+    record's physical line. A file with nothing but line breaks (or nothing at all) is a
+    table without rows or columns, as an empty JSONL file."""
     with path.open("rb") as f:
         head = f.read(CSV_BLOCK_BYTES)
-    if len(head) < CSV_BLOCK_BYTES and not re.search(rb"[\r\n]", head):  # a header and no line break: no rows
-        yield _finish(table, path, {name: pa.array([], pa.string()) for name in header}, pa.array([], pa.int64()), [])
+    if len(head) < CSV_BLOCK_BYTES and not head.removeprefix(codecs.BOM_UTF8).strip(b"\r\n"):
+        yield _finish(table, path, {}, pa.array([], pa.int64()), [])
         return
-    irregular: list[str] = []
-
-    def on_invalid(row: pa_csv.InvalidRow) -> str:
-        irregular.append(row.text)
-        return "skip"
-
+    header, unnamed = _csv_header(path)
+    if not header:
+        raise DatasetError(f"{path}: no header row (the first line is blank)")
+    _check_unique(path, header)
+    if len(head) < CSV_BLOCK_BYTES and not re.search(rb"[\r\n]", head):  # a header and no line break: no rows
+        yield _finish(table, path, {name: pa.array([], pa.string()) for name in header}, pa.array([], pa.int64()), [],
+                      unnamed)
+        return
+    # An irregular row makes pyarrow raise ArrowInvalid: no handler of invalid rows, as
+    # pyarrow decodes a row's text before it calls one (which fails on bytes not UTF-8).
     try:
         reader = pa_csv.open_csv(
             path,
             read_options=pa_csv.ReadOptions(column_names=header, skip_rows=1, block_size=CSV_BLOCK_BYTES, use_threads=False),
-            parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            parse_options=pa_csv.ParseOptions(ignore_empty_lines=False),
             convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(header, pa.binary()),
                                                   strings_can_be_null=False, quoted_strings_can_be_null=False))
-    except pa.ArrowInvalid:  # the first block has a row pyarrow cannot report (an irregular row that is not UTF-8)
+    except pa.ArrowInvalid:  # an irregular row in the first block
         yield from _csv_exact_chunks(path, table, rows, skip=0)
         return
     done = 0  # rows yielded: lines 2 .. done + 1
     batches = _with_last(reader)
     while True:
-        pending, last, n = [], False, 0
+        pending, last, n, irregular = [], False, 0, False
         try:
             while n < rows and not last:
                 batch, last = next(batches, (None, True))
                 if batch is not None:
                     pending.append(batch)
                     n += batch.num_rows
-        except pa.ArrowInvalid:  # e.g. an irregular row that is not UTF-8 (pyarrow cannot report it)
-            irregular.append("")
+        except pa.ArrowInvalid:
+            irregular = True
         parsed = pa.Table.from_batches(pending, reader.schema)
         if last and not irregular:  # pyarrow reads a blank line as a row of empty values: those at the end are no rows
             parsed = parsed.slice(0, parsed.num_rows - _trailing_blank_lines(path, parsed))
@@ -255,7 +284,7 @@ def _csv_chunks(path: Path, table: str, rows: int) -> Iterator[RawTable]:
             columns = {k: pc.filter(v, keep) for k, v in columns.items()}
             lines = lines.filter(keep)
         done += parsed.num_rows
-        yield _finish(table, path, columns, lines, rejects)
+        yield _finish(table, path, columns, lines, rejects, unnamed)
         if last:
             return
 
@@ -321,7 +350,8 @@ def _check_unique(path: Path, names: list[str]) -> None:
         seen.add(name)
 
 
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(path: Path) -> tuple[list[str], list[str]]:
+    """The column names of the header row, and those given to its blank ones (`_named`)."""
     with path.open("rb") as f:
         first = f.readline()
     try:
@@ -332,7 +362,16 @@ def _csv_header(path: Path) -> list[str]:
         names = next(csv.reader(io.StringIO(text, newline="")), [])
     except csv.Error as exc:
         raise DatasetError(f"{path}: unreadable header row: {exc}") from exc
-    return [name.strip() for name in names]
+    return _named(names)
+
+
+def _named(names: list[str]) -> tuple[list[str], list[str]]:
+    """Header names without surrounding white space, a blank one as `column_N` (N: its
+    1-based place); and the names so given (`_finish` leaves such a column out where it
+    holds no value: a spreadsheet's empty columns)."""
+    stripped = [name.strip() for name in names]
+    named = [name or f"column_{i}" for i, name in enumerate(stripped, start=1)]
+    return named, [name for name, given in zip(named, stripped) if not given]
 
 
 def _decode_utf8(parsed: pa.Table) -> tuple[dict[str, pa.ChunkedArray], set[int]]:
@@ -374,7 +413,7 @@ def _csv_exact_chunks(path: Path, table: str, rows: int, skip: int) -> Iterator[
     `skip` records (already read, each one regular line) are passed over."""
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
+        header, unnamed = _named(next(reader, []))
         if any(_has_surrogate(name) for name in header):  # a quoted name went on to a line that is not UTF-8
             raise DatasetError(f"{path}: the header row is not UTF-8 text (the file must be UTF-8)")
         for _ in range(skip):
@@ -403,10 +442,10 @@ def _csv_exact_chunks(path: Path, table: str, rows: int, skip: int) -> Iterator[
                         break
             else:
                 yield _finish(table, path, {name: pa.array(vals, pa.string()) for name, vals in values.items()},
-                              pa.array(lines, pa.int64()), rejects)
+                              pa.array(lines, pa.int64()), rejects, unnamed)
                 return
             yield _finish(table, path, {name: pa.array(vals, pa.string()) for name, vals in values.items()},
-                          pa.array(lines, pa.int64()), rejects)
+                          pa.array(lines, pa.int64()), rejects, unnamed)
 
 
 def _repaired(text: str) -> str:

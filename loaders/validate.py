@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import logging
 import os
 import threading
@@ -849,7 +850,7 @@ def validate_dataset(raw: dict[str, Iterable[RawTable]], known: Known, *, spill:
     out["scans"], implicit_scan = _validate_events("scans", raw.pop("scans", []), known, region_ids, new_parties,
                                                    refused_parties, handed_over.pop(), spill, implicit_ref)
     release_memory()
-    out["tasks"] = _validate_tasks(raw.pop("tasks", []))
+    out["tasks"] = _validate_tasks(raw.pop("tasks", []), known)
     for name in ("epcis_events", "retractions"):
         if name in raw:
             out[name] = _validate_simple(name, raw.pop(name), known)
@@ -1213,20 +1214,23 @@ def _implicit_consumers(frames: list[pa.Table]) -> pa.Table | None:
     return pa.table(columns)
 
 
-def _validate_tasks(chunks: Iterable[RawTable]) -> TableOutcome:
-    """Free-form programme rows: kept as strings, de-duplicated by content."""
+def _validate_tasks(chunks: Iterable[RawTable], known: Known) -> TableOutcome:
+    """Free-form programme rows: kept as strings, identified by their content (`task_id`:
+    a hash of the row's values by column name, whatever the order of the columns or the
+    other columns of its file). A row whose content came before, in this load or stored, is
+    a duplicate."""
     raws = list(chunks)
     if not raws:
         return TableOutcome()
     data = pa.concat_tables([r.data for r in raws], promote_options="permissive")
     payload = data.drop_columns([c for c in META_COLUMNS if c in data.column_names])
-    frame = payload.to_pandas()
-    if len(frame.columns):
-        dup = frame.duplicated().to_numpy()
-        key = pd.util.hash_pandas_object(frame, index=False).astype(str)
-    else:  # rows without any value are all the same row
-        dup = np.arange(len(frame)) > 0
-        key = pd.Series(["0"] * len(frame), dtype=str)
-    accepted = payload.filter(pa.array(~dup)).append_column("task_id", pa.array(("t" + key[~dup]).tolist(), pa.string()))
+    contents = [json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False, sort_keys=True)
+                for row in payload.to_pylist()]
+    ids = pa.array([f"t{h}" for h in pd.util.hash_array(np.array(contents, object))], pa.string())
+    new = np.zeros(len(ids), bool)
+    new[np.unique(ids.to_numpy(zero_copy_only=False), return_index=True)[1]] = True  # the first row of each content
+    stored = known.stored("tasks", ids.filter(new)).column("task_id")
+    new &= ~pc.is_in(ids, value_set=stored.combine_chunks().cast(pa.string())).to_numpy(zero_copy_only=False)
+    accepted = payload.filter(new).append_column("task_id", ids.filter(new))
     return TableOutcome(accepted=AcceptedRows.of(accepted), rejects=[r for raw in raws for r in raw.rejects],
-                        duplicates=int(dup.sum()), read=data.num_rows)
+                        duplicates=int((~new).sum()), read=data.num_rows)

@@ -51,7 +51,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_load_document(world):
     _, report = world
-    assert {"accepted", "rejected", "duplicates", "rejects_path"} <= set(report)
+    assert {"accepted", "rejected", "duplicates", "rejects_path", "skipped"} <= set(report) and report["skipped"] == []
     assert report["duplicates"]["scans"] == 2  # the world repeats two scans
     assert report["accepted"]["scans"] == len(channel_world()["scans"]) - 2 and not any(report["rejected"].values())
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 
 from graph.embedded import EmbeddedStore
@@ -259,6 +260,119 @@ def test_task_rows_without_values_are_one_task(tmp_path):
     (data / "tasks.jsonl").write_text("{}\n{}\n")
     report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
     assert (report.accepted["tasks"], report.duplicates["tasks"]) == (1, 1)
+
+
+def test_tasks_loaded_again_are_duplicates(tmp_path):
+    """A task is its content: loading its file again, or with its columns in another order
+    beside a file with other columns, stores nothing new."""
+    data = write_world({"tasks": [{"store_id": "S1", "task": "display"}, {"store_id": "S3", "task": "tasting"},
+                                  {"store_id": "S1", "task": "display"}]}, tmp_path / "d")
+    store = EmbeddedStore(tmp_path / "s")
+    first = load(store, data, tmp_path)
+    assert (first.accepted["tasks"], first.duplicates["tasks"]) == (2, 1)
+    for _ in range(2):
+        again = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+        assert (again.accepted["tasks"], again.duplicates["tasks"]) == (0, 3)
+    (data / "tasks.csv").write_text("task,store_id\ndisplay,S1\n")
+    (data / "tasks_2.csv").write_text("store_id,task,reward\nS9,tasting,5\n")
+    later = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert (later.accepted["tasks"], later.duplicates["tasks"]) == (1, 1)
+    assert EmbeddedStore(tmp_path / "s").table("tasks").num_rows == 3
+
+
+def test_columns_channelgraph_computes_are_ignored_with_a_warning(tmp_path, caplog):
+    """An input column named as one channelgraph computes (a store's derived column, a
+    task's id, a reader's `_file`/`_line`) is not loaded, with a warning naming the file
+    and the column; the store stays queryable and loads again. Another table's column of
+    such a name is an unknown column like any other, kept by later loads."""
+    from queries.diversion import judge_store
+
+    world = channel_world()
+    for row in world["codes"]:
+        row.update(parent_idx="7", unit_count="x")
+    for row in world["scans"]:
+        row.update(code_idx="1", event_order="2", retracted="true")
+    world["regions"][0]["_line"] = "99"
+    world["products"][0]["unit_count"] = "6"
+    world["tasks"] = [{"task": "display", "task_id": "T1"}, {"task": "display", "task_id": "T2"}]
+    data = write_world(world, tmp_path / "d")
+    store = EmbeddedStore(tmp_path / "s")
+    with caplog.at_level("WARNING", logger="loaders.readers"):
+        report = load(store, data, tmp_path)
+    warned = {(Path(r.args[0]).name, r.args[1]) for r in caplog.records if "computed by channelgraph" in r.getMessage()}
+    assert warned == {("codes.csv", "parent_idx"), ("codes.csv", "unit_count"), ("scans.csv", "code_idx"),
+                      ("scans.csv", "event_order"), ("scans.csv", "retracted"), ("regions.csv", "_line"),
+                      ("tasks.csv", "task_id")}
+    assert (report.accepted["tasks"], report.duplicates["tasks"], sum(report.rejected.values())) == (1, 1, 0)
+    store = EmbeddedStore(tmp_path / "s")
+    assert store.table("codes").column("parent_idx").type == pa.int32()
+    assert not store.table("scans").column("retracted").to_numpy().any()
+    assert len(judge_store(store).findings) == len(judge_store(EmbeddedStore(_loaded_world(tmp_path))).findings)
+    load(store, write_world({"regions": [{"region_id": "WZ", "parent_id": "ZJ"}]}, tmp_path / "more"), tmp_path)
+    store = EmbeddedStore(tmp_path / "s")
+    assert store.stored("products", pa.array([world["products"][0]["sku"]])).column("unit_count").to_pylist() == ["6"]
+    again = load(store, data, tmp_path)
+    assert sum(again.accepted.values()) == 0
+
+
+def _loaded_world(tmp_path: Path) -> Path:
+    """A store of the channel world as it is (a reference)."""
+    load(EmbeddedStore(tmp_path / "reference"), write_world(channel_world(), tmp_path / "world"), tmp_path)
+    return tmp_path / "reference"
+
+
+@pytest.mark.parametrize("irregular", [False, True], ids=["fast", "exact"])
+def test_blank_header_names_lose_nothing(tmp_path, irregular):
+    """A spreadsheet's blank header cells: a column without values is no column, one with
+    values is kept as `column_N` (N: its place in the header); by the fast and the exact
+    CSV reader alike."""
+    data = write_world({k: channel_world()[k] for k in ("regions", "parties", "codes")}, tmp_path / "d")
+    rows = "E1,A1,scan,wx-1,2024-02-06T00:00:00Z,,\nE2,A2,scan,wx-2,2024-02-06T00:00:00Z,,kept\n"
+    (data / "scans.csv").write_text("event_id,code,action,party_id,ts,, \n" + rows + ("E3,too,few\n" if irregular else ""))
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert (report.accepted["scans"], report.rejected["scans"]) == (2, int(irregular))
+    scans = EmbeddedStore(tmp_path / "s").table("scans")
+    assert "column_6" not in scans.column_names
+    assert sorted(zip(scans.column("event_id").to_pylist(), scans.column("column_7").to_pylist())) == [
+        ("E1", None), ("E2", "kept")]
+
+
+def test_empty_files_are_tables_without_rows(tmp_path):
+    """A file with no bytes (CSV: or nothing but a byte-order mark and white space) is a
+    table without rows in every format that has one; a CSV whose first line is blank
+    before rows has no header, a clear error naming it."""
+    data = write_world({"regions": channel_world()["regions"]}, tmp_path / "d")
+    (data / "products.csv").write_bytes(b"")
+    (data / "codes.csv").write_bytes(b"\xef\xbb\xbf\r\n")
+    (data / "referrals.jsonl").write_bytes(b"")
+    pq.write_table(pa.table({"code": pa.array([], pa.string())}), data / "scans.parquet")
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert {t: (report.accepted[t], report.rejected[t]) for t in ("products", "codes", "scans", "referrals")} == dict.fromkeys(
+        ("products", "codes", "scans", "referrals"), (0, 0))
+    (data / "products.csv").write_text("\nsku,name\nP1,a\n")
+    with pytest.raises(DatasetError, match="products.csv: no header row"):
+        load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+
+
+def test_csv_row_irregular_and_not_utf8_is_rejected_quietly(tmp_path, monkeypatch):
+    """No "Exception ignored" report: pyarrow cannot hand such a row to a handler."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    data = write_world({k: channel_world()[k] for k in ("regions", "parties", "codes")}, tmp_path / "d")
+    (data / "scans.csv").write_bytes(b"event_id,code,action,party_id,ts\nE9,A1,scan,wx-9,2024-02-06T00:00:00Z\n\xa1\xa2,x\n")
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path)
+    assert [(r["line"], r["reason"], r["row"]) for r in rejects_of(report)] == [(3, "expected 5 columns, got 2", "\ufffd\ufffd,x")]
+    assert report.accepted["scans"] == 1 and not unraisable
+
+
+def test_files_that_are_not_tables_are_reported_skipped(tmp_path):
+    data = write_world({"regions": channel_world()["regions"]}, tmp_path / "d")
+    (data / "myscans.csv").write_text("code\n")
+    (data / "scans.csv.gz").write_bytes(b"")
+    report = load(EmbeddedStore(tmp_path / "s"), data, tmp_path).as_dict()
+    assert [(Path(s["path"]).name, s["reason"]) for s in report["skipped"]] == [
+        ("myscans.csv", "not a channelgraph table or EPCIS document (did you mean scans.csv?)"),
+        ("scans.csv.gz", "not a channelgraph table or EPCIS document (a table is read from a .csv, .jsonl, .parquet file)")]
 
 
 def test_chunks_change_nothing(tmp_path, monkeypatch):
