@@ -863,8 +863,9 @@ def _refused_ids(parties: TableOutcome, accepted: pa.Array, known: Known) -> pa.
     naming them are rejected for that reason (a rejected store's scan registering it as a
     new consumer would hide the mistake)."""
     ids = pa.array({r.row.get("party_id") for r in parties.rejects if isinstance(r.row, dict)} - {None}, pa.string())
-    ids = ids.filter(pc.invert(pc.is_in(ids, value_set=accepted.cast(pa.string()))))
-    return ids.filter(pc.invert(pc.is_in(ids, value_set=known.stored("parties", ids).column("party_id").combine_chunks().cast(pa.string()))))
+    stored = known.stored("parties", ids).column("party_id").combine_chunks()
+    existing = pa.concat_arrays([accepted.cast(pa.string()), stored.cast(pa.string())])
+    return ids.filter(pc.invert(pc.is_in(ids, value_set=existing)))
 
 
 def _all_keys(stored: pa.Array | pa.ChunkedArray, accepted: AcceptedRows | None, key: str) -> pa.Array:

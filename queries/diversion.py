@@ -639,12 +639,16 @@ def finding_csv_row(finding: DiversionFinding) -> dict[str, str | None]:
                 holders.append(who)
         if hop.crossed and holders:
             holders[-1] = holders[-1].rstrip("*") + "*"
-    events = [" ".join(filter(None, (hop.ts, hop.action, f"{hop.party_id}>{hop.counterparty_id}" if hop.action == "ship" and hop.counterparty_id
-                                     else hop.party_id, f"@{hop.to_region_id}" if hop.to_region_id else None,
-                                     "CROSSED" if hop.crossed else None))) for hop in finding.path]
     row = {**finding.model_dump(exclude={"path"}), "territory": "|".join(finding.territory), "path": " > ".join(holders),
-           "path_events": "; ".join(events)}
+           "path_events": "; ".join(_hop_text(hop) for hop in finding.path)}
     return {column: row[column] for column in CSV_COLUMNS}
+
+
+def _hop_text(hop: Hop) -> str:
+    """`TS ACTION PARTY[>RECEIVER] @REGION [CROSSED]`: a hop of a path in a CSV cell."""
+    who = f"{hop.party_id}>{hop.counterparty_id}" if hop.action == "ship" and hop.counterparty_id else hop.party_id
+    where = f"@{hop.to_region_id}" if hop.to_region_id else None
+    return " ".join(filter(None, (hop.ts, hop.action, who, where, "CROSSED" if hop.crossed else None)))
 
 
 def diversion_view(findings: list[DiversionFinding], by: str) -> list[dict]:
