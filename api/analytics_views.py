@@ -205,13 +205,16 @@ def demo_policy(settings: Settings) -> Policy | None:
     return load_policy(path) if Path(path).exists() else None
 
 
-def write_analytics_views(store: Store, out_dir: Path, *, k: int = 3, policy: Policy | None = None) -> list[Path]:
-    """Write stores.html, consumers.html, rebates.html (when a policy is given) and
-    regions.html as standalone files into `out_dir`; returns their paths."""
+def write_analytics_views(store: Store, out_dir: Path, *, k: int = 3, policy: Policy | None = None,
+                          as_of: str | None = None, peer_level: str = "province") -> list[Path]:
+    """Write stores.html (store health as of `as_of`, peers by `peer_level`), consumers.html,
+    rebates.html (when a policy is given) and regions.html as standalone files into
+    `out_dir`; returns their paths."""
     from api.service import ApiService
 
     svc = ApiService(store, k=k)
-    pages = {"stores.html": stores_page(svc, inline=True), "consumers.html": consumers_page(svc, inline=True),
+    pages = {"stores.html": stores_page(svc, as_of=as_of, peer_level=peer_level, inline=True),
+             "consumers.html": consumers_page(svc, inline=True),
              "regions.html": regions_page(svc, inline=True)}
     if policy is not None:
         pages["rebates.html"] = rebates_page(svc, policy=policy, inline=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from api.analytics_views import demo_policy, write_analytics_views
+from api.cli import to_csv
 from api.views import write_views
 from graph.settings import Settings
 from graph.store import open_store
@@ -17,12 +18,14 @@ from loaders.ingest import load_dataset
 from loaders.readers import ANSWERS
 from queries.diversion import diversion_view, judge_store
 from queries.influence import influencers, referral_stats
+from queries.stores import store_health
 from queries.trace import trace
 
 
 def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt: str = "table") -> dict:
     """Generate a scenario into `out_dir/dataset`, load it, run every analysis and print a
-    short report (JSON with fmt="json"). Returns the report."""
+    short report (JSON with fmt="json"; its figures as CSV rows with fmt="csv"). Returns
+    the report."""
     console = Console(stderr=fmt != "table")
     dataset = out_dir / "dataset"
     started = time.perf_counter()
@@ -41,10 +44,15 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         referrals = referral_stats(store)
         example = trace(store, findings[0].code, k=settings.k) if findings else None
         answers = json.loads((dataset / ANSWERS).read_text())
+        plan = answers["store_health"]  # the time and peers the scenario's store anomalies are planted for
+        health = store_health(store, as_of=plan["as_of"], peer_level=plan["peer_level"], k=settings.k)
         pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
-        pages += write_analytics_views(store, out_dir / "views", k=settings.k, policy=demo_policy(settings))
+        pages += write_analytics_views(store, out_dir / "views", k=settings.k, policy=demo_policy(settings),
+                                       as_of=plan["as_of"], peer_level=plan["peer_level"])
     finally:
         store.close()
+    flagged = {h.store_id for h in health if h.abnormal}
+    planted_abnormal = {s["store"] for s in plan["stores"] if s["kind"] != "steady"}
     planted = {(d["code"], d["severity"]) for d in answers.get("diversions", [])}
     found = {(f.code, f.severity) for f in findings}
     untracked, planted_untracked = set(verdicts.untracked.column("code").to_pylist()), set(answers.get("untracked", []))
@@ -61,6 +69,9 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         "judged_units": summary.judged,
         "untracked_units": summary.untracked,
         "planted_untracked_recovered": f"{len(untracked & planted_untracked)}/{len(planted_untracked)}",
+        "stores_as_of": plan["as_of"],
+        "abnormal_stores": f"{len(flagged)}/{len(health)}",
+        "planted_abnormal_stores_flagged": f"{len(flagged & planted_abnormal)}/{len(planted_abnormal)}",
         "referrals": referrals.model_dump(),
         "repeat_offenders": offenders,
         "super_users": [i.model_dump() for i in top],
@@ -71,6 +82,9 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
     console.print("[bold]4/4[/] report")
     if fmt == "json":
         sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2, default=str) + "\n")
+    elif fmt == "csv":  # the report's figures, one a row
+        sys.stdout.write(to_csv([{"figure": name, "value": value} for name, value in report.items()
+                                 if not isinstance(value, (dict, list))], ["figure", "value"]))
     else:
         _print_report(Console(), report)
     return report
@@ -87,6 +101,8 @@ def _print_report(console: Console, report: dict) -> None:
     console.print(f"units: {report['units']:,}, {report['judged_units']:,} judged; {report['untracked_units']:,} untracked "
                   f"(no factory shipment to a distributor: never judged); planted untracked recovered "
                   f"{report['planted_untracked_recovered']}")
+    console.print(f"abnormal stores as of {report['stores_as_of']}: {report['abnormal_stores']}; planted store "
+                  f"anomalies flagged {report['planted_abnormal_stores_flagged']}")
     referrals = report["referrals"]
     console.print(f"referrals: {referrals['referrals']:,} read, {referrals['attributed']:,} attributed; ignored: "
                   + ", ".join(f"{reason} {n:,}" for reason, n in referrals["ignored"].items()))

@@ -250,6 +250,8 @@ def test_demo_recovers_the_planted_answers_and_writes_offline_views(tmp_path):
     found, planted = map(int, report["planted_untracked_recovered"].split("/"))
     assert found == planted == report["untracked_units"]
     assert report["judged_units"] == report["units"] - report["untracked_units"]
+    found, planted = map(int, report["planted_abnormal_stores_flagged"].split("/"))
+    assert found == planted > 0  # as of the time the scenario plants them for
     pages = [Path(p) for p in report["views"]]
     assert {p.name for p in pages} >= {"trace.html", "diversions.html", "influencers.html", "stores.html"}
     for page in pages:
@@ -258,6 +260,9 @@ def test_demo_recovers_the_planted_answers_and_writes_offline_views(tmp_path):
 
     table = channelgraph("demo", "--out-dir", str(tmp_path / "table"), "--scale", "0.3", "--seed", "3")
     assert table.returncode == 0, table.stderr
+    figures = channelgraph("demo", "--out-dir", str(tmp_path / "csv"), "--scale", "0.3", "--seed", "3", "--format", "csv")
+    rows = {row["figure"]: row["value"] for row in csv.DictReader(io.StringIO(figures.stdout))}
+    assert rows["planted_diversions_recovered"] == report["planted_diversions_recovered"] and "views" not in rows
     example = report["example_trace"]
     assert any(hop["action"] == "receive" and hop["counterparty_id"] for hop in example["path"])
     for hop in example["path"]:
