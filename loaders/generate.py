@@ -63,7 +63,7 @@ DIVERSION_KINDS = "abcdefgh"
 
 STRING_SCHEMAS = {
     "regions": ("region_id", "name", "parent_id"),
-    "parties": ("party_id", "kind", "name", "region_id", "territory", "upstream_id", "lat", "lon"),
+    "parties": ("party_id", "kind", "name", "region_id", "territory", "upstream_id", "lat", "lon", "salesperson_id"),
     "products": ("sku", "name", "unit_price"),
     "codes": ("code", "level", "parent_code", "sku", "batch", "produced_at"),
     "scans": ("event_id", "code", "action", "party_id", "counterparty_id", "ts", "region_id",
@@ -894,6 +894,7 @@ def _parties_table(w: _World, n_bad: int) -> tuple[pa.Table, dict]:
         "upstream_id": _take(w.party_ids, w.upstream[:n]),
         "lat": pa.array(w.lat[:n], mask=np.isnan(w.lat[:n])),
         "lon": pa.array(w.lon[:n], mask=np.isnan(w.lon[:n])),
+        "salesperson_id": _take(w.party_ids, _store_salespeople(w.kind[:n], w.upstream[:n])),
     }, schema=SCHEMAS["parties"])
     top = w.party_ids[int(w.tops[0])].as_py()
     bad = []
@@ -905,6 +906,23 @@ def _parties_table(w: _World, n_bad: int) -> tuple[pa.Table, dict]:
                     "region_id": f"CN-P9{i}-C01-D1", "upstream_id": top})
     reasons = {"missing_required": n_bad, "bad_enum": n_bad, "unknown_region": n_bad}
     return pa.concat_tables([good, _rows("parties", bad)]), reasons
+
+
+def _store_salespeople(kind: np.ndarray, upstream: np.ndarray) -> np.ndarray:
+    """Per party, the salesperson serving it (-1 none): a store's is one of those its
+    distributor employs, taken in turn by the distributor's stores (a distributor without
+    salespeople leaves its stores without one)."""
+    out = np.full(len(kind), -1, np.int64)
+    staff: dict[int, list[int]] = {}
+    for p in np.flatnonzero(kind == SALESPERSON):
+        staff.setdefault(int(upstream[p]), []).append(int(p))
+    served: dict[int, int] = {}
+    for p in np.flatnonzero(kind == STORE):
+        team = staff.get(int(upstream[p]))
+        if team:
+            served[int(upstream[p])] = turn = served.get(int(upstream[p]), -1) + 1
+            out[p] = team[turn % len(team)]
+    return out
 
 
 def _products_table(w: _World, n_bad: int) -> tuple[pa.Table, dict]:

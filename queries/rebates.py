@@ -122,6 +122,7 @@ class RebateTotal(BaseModel):
     scans: int
     owed: float
     withheld: float
+    unassigned: float = 0.0  # the role's amount with nobody to owe it to (party_id empty)
 
 
 class RebateReport(BaseModel):
@@ -163,10 +164,9 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
                              np.where(withheld, STATUSES.index("withheld"), np.where(party < 0, STATUSES.index("unassigned"), 0))))
     totals = []
     for share in shares:
-        frame = pd.DataFrame({"month": months, "party": share.party, "owed": share.amount_if("owed"),
-                              "withheld": share.amount_if("withheld")})
+        frame = pd.DataFrame({"month": months, "party": share.party, **{name: share.amount_if(name) for name in STATUSES}})
         per = frame.groupby(["month", "party"], sort=False).agg(
-            scans=("owed", "size"), owed=("owed", "sum"), withheld=("withheld", "sum")).reset_index()
+            scans=("owed", "size"), **{name: (name, "sum") for name in STATUSES}).reset_index()
         totals.append(per.assign(month=_label(per["month"].to_numpy()), role=share.role, party_id=share.ids[per["party"]]))
     table = pd.concat(totals, ignore_index=True)
     table = table.assign(key=table["party_id"].fillna("")).sort_values(["month", "role", "key"], ignore_index=True)
@@ -186,7 +186,7 @@ def rebates(store, *, policy: Policy, k: int = 3, as_of: datetime | str | None =
             "month": table["month"].tolist(), "role": table["role"].tolist(),
             "party_id": table["party_id"].astype(object).where(table["party_id"].notna(), None).tolist(),
             "scans": table["scans"].tolist(), **{name: [round(value, 2) for value in table[name].tolist()]
-                                                 for name in ("owed", "withheld")}}),
+                                                 for name in STATUSES}}),
         withheld_lines=lines_of(np.flatnonzero(withheld)),
         lines=lines_of(np.arange(len(rows))) if lines else None,
         unscanned_skus=sorted(set(policy.sku) - set(sales["sku"].dropna())))

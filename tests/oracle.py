@@ -802,19 +802,18 @@ def rebates(data: Dataset, policy: dict, *, month: str | None = None, as_of: dat
             lines.append({"event_id": s["event"], "ts": iso(s["ts"]), "month": s["ts"].strftime("%Y-%m"), "code": s["unit"],
                           "sku": s["sku"], "consumer": s["consumer"], "role": role, "party_id": party,
                           "amount": float(amount), "status": status, "finding": s["finding"], "severity": s["severity"]})
-    totals = defaultdict(lambda: {"scans": 0, "owed": 0.0, "withheld": 0.0})
+    totals = defaultdict(lambda: {"scans": 0, "owed": 0.0, "withheld": 0.0, "unassigned": 0.0})
     for line in lines:
         total = totals[line["month"], line["role"], line["party_id"]]
         total["scans"] += 1
-        if line["status"] in ("owed", "withheld"):
-            total[line["status"]] += line["amount"]
+        total[line["status"]] += line["amount"]
     return {
         "currency": policy.get("currency", "CNY"), "scans": len(scans), "no_store": sum(1 for s in scans if not s["store"]),
         "not_consumer": sum(1 for s in scans if s["store"] and not by_consumer(s)),
         **{status: round(sum(x["amount"] for x in lines if x["status"] == status), 2)
            for status in ("owed", "withheld", "unassigned")},
-        "totals": [{"month": m, "role": r, "party_id": p, "scans": t["scans"], "owed": round(t["owed"], 2),
-                    "withheld": round(t["withheld"], 2)}
+        "totals": [{"month": m, "role": r, "party_id": p, "scans": t["scans"],
+                    **{status: round(t[status], 2) for status in ("owed", "withheld", "unassigned")}}
                    for (m, r, p), t in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or ""))],
         "withheld_lines": [x for x in lines if x["status"] == "withheld"], "lines": lines}
 
