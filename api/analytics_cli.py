@@ -70,7 +70,7 @@ def consumers(
             rows, columns = one.purchases, lifecycle.PURCHASE_COLUMNS
             title = f"{profile}: {one.lifecycle.stage}, {one.lifecycle.segment}; tags {', '.join(one.tags)}"
         elif funnel is not None:
-            data = rows = lifecycle.stage_funnel(handle, period=funnel)
+            data = rows = lifecycle.stage_funnel(handle, period=funnel, as_of=parse_time(as_of, "--as-of"))
             columns, title = lifecycle.FUNNEL_COLUMNS, f"consumers per stage, by {funnel}"
         else:
             data = rows = [c.model_dump() for c in lifecycle.lifecycle(handle, stage=stage, segment=segment, as_of=parse_time(as_of, "--as-of"))]
@@ -116,7 +116,7 @@ def regions(
         report = region_sell_through(handle, level=level, period=period, k=settings.k, as_of=parse_time(as_of, "--as-of"))
     data = report.model_dump()
     rows = data["matrix"] if matrix else data["rows"]
-    emit(data, format, rows=rows, columns=fields(DiversionCell if matrix else RegionPeriod), title=f"diverted units between regions ({level})" if matrix else f"sell-through by {level} and {period}")
+    emit(rows if matrix else data, format, rows=rows, columns=fields(DiversionCell if matrix else RegionPeriod), title=f"diverted units between regions ({level})" if matrix else f"sell-through by {level} and {period}")
 
 
 def register(app: typer.Typer) -> None:

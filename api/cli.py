@@ -297,9 +297,9 @@ def _judged_line(summary: DiversionSummary) -> str:
 
 @app.command()
 def influencers(
-    top: Annotated[int, typer.Option(min=1, help="How many to list.")] = 10,
+    top: Annotated[int | None, typer.Option(min=1, help="How many to list [default: 10].")] = None,
     percent: Annotated[float | None, typer.Option(help="List the top P% of referrers instead of --top.")] = None,
-    by: Annotated[str, typer.Option(help="influence, cascade_size, cascade_depth, direct, converted or revenue.")] = "influence",
+    by: Annotated[str | None, typer.Option(help="influence, cascade_size, cascade_depth, direct, converted or revenue [default: influence].")] = None,
     cascade: Annotated[str | None, typer.Option(help="Export the referral cascade of this party instead.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Count the referral rows instead: read, attributed, ignored by reason.")] = False,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
@@ -310,15 +310,18 @@ def influencers(
 
     if stats and cascade is not None:
         raise ChannelgraphError("give --stats or --cascade, not both")
+    if (stats or cascade is not None) and (top, percent, by) != (None, None, None):
+        raise ChannelgraphError("--top, --percent and --by rank the referrers: not with --stats or --cascade")
+    top, by = top or 10, by or "influence"
     footnote = None
     with opened(store, neo4j) as (handle, _):
         try:
             if stats:
                 counted = influence.referral_stats(handle)
-                data, rows = counted.model_dump(), [
-                    {"referrals": "read", "count": counted.referrals}, {"referrals": "attributed", "count": counted.attributed},
-                    *({"referrals": f"ignored: {reason}", "count": n} for reason, n in counted.ignored.items())]
-                columns, title = ["referrals", "count"], "referral rows and what attribution made of them"
+                data, rows = counted.model_dump(), [  # named as the JSON document's keys
+                    {"count_of": "referrals", "count": counted.referrals}, {"count_of": "attributed", "count": counted.attributed},
+                    *({"count_of": f"ignored: {reason}", "count": n} for reason, n in counted.ignored.items())]
+                columns, title = ["count_of", "count"], "referral rows and what attribution made of them"
             elif cascade is not None:
                 data = rows = [n.model_dump() for n in influence.cascade(handle, cascade)]
                 columns, title = fields(influence.CascadeNode), f"cascade of {cascade}: {len(data) - 1} members"

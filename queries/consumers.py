@@ -110,8 +110,10 @@ def lifecycle(store, *, stage: str | None = None, segment: str | None = None,
     return _models(table)
 
 
-def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value: float = 0.1) -> list[dict]:
-    """Consumers per stage at the end of each period (`month` or `week`), oldest first:
+def stage_funnel(store, *, period: str = "month", as_of: datetime | str | None = None, bulk_units: int = 6,
+                 top_value: float = 0.1) -> list[dict]:
+    """Consumers per stage at the end of each period (`month` or `week`) up to `as_of`
+    (default: the latest purchase or referral), oldest first:
     [{"period": "2024-03", "as_of": ..., "acquired": n, ...}]. A consumer counts from its
     first purchase or referral (registered consumers without either: always); each count
     is of consumers at that stage or beyond, so every row is a funnel."""
@@ -119,11 +121,13 @@ def stage_funnel(store, *, period: str = "month", bulk_units: int = 6, top_value
     if freq is None:
         raise ValueError(f"period {period!r}: expected month or week")
     consumers, purchases, referrals = _inputs(store)
-    latest = _latest(purchases, referrals)
+    latest = utc(as_of) or _latest(purchases, referrals)
     if purchases.empty and referrals.empty:
         return []
     history = _History.of(consumers, purchases, referrals)
     start = min(t.min() for t in (purchases["ts"], referrals["ts"]) if t.notna().any())
+    if start > latest:
+        return []
     rows = []
     for label in pd.period_range(start.tz_convert(None), latest.tz_convert(None), freq=freq):
         end = min(label.end_time.tz_localize("UTC"), latest)

@@ -39,6 +39,9 @@ def test_cli_documents(world: Path, capsys):
     assert code == 0 and [line.split(",")[0] for line in out.splitlines()[1:]] == ["C1", "wx-a1", "wx-j2", "wx-k1"]
     code, out, _ = run(capsys, "consumers", "--store", str(world), "--funnel", "month", "--format", "json")
     assert [row["activated"] for row in json.loads(out)] == [1, 12]
+    code, out, _ = run(capsys, "consumers", "--store", str(world), "--funnel", "month", "--as-of", "2024-02-29T23:59:59Z",
+                       "--format", "json")
+    assert [(row["period"], row["activated"]) for row in json.loads(out)] == [("2024-02", 1)]  # no later month
     code, out, _ = run(capsys, "consumers", "--store", str(world), "--profile", "wx-a1", "--format", "json")
     assert json.loads(out)["lifecycle"]["stage"] == "referral"
     code, out, err = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--format", "json")
@@ -48,7 +51,7 @@ def test_cli_documents(world: Path, capsys):
     code, out, _ = run(capsys, "rebates", "--store", str(world), "--policy", str(POLICY), "--lines", "--format", "csv")
     assert len(out.splitlines()) == 1 + 15
     code, out, _ = run(capsys, "regions", "--store", str(world), "--level", "city", "--matrix", "--format", "json")
-    assert json.loads(out)["matrix"][0] == {"from_region": "HZ", "to_region": "NJ", "units": 13}
+    assert json.loads(out)[0] == {"from_region": "HZ", "to_region": "NJ", "units": 13}  # the matrix alone, as in CSV
     code, out, _ = run(capsys, "stores", "--store", str(world))  # a table for people
     assert code == 0 and "2 stores (1 abnormal)" in out
 

@@ -102,6 +102,8 @@ def test_findings_csv_is_the_api_download(world, capsys):
     (["diversions", "--untracked", "--by", "sku"], "--untracked", 1),
     (["diversions", "--untracked", "--severity", "confirmed"], "--untracked", 1),
     (["influencers", "--stats", "--cascade", "C1"], "--stats", 1),
+    (["influencers", "--cascade", "C1", "--top", "3"], "--top, --percent and --by", 1),
+    (["influencers", "--stats", "--by", "influence"], "not with --stats or --cascade", 1),
     (["generate", "never-written", "--scale", "0"], "--scale 0", 1),
     (["generate", "never-written", "--scale", "-1"], "--scale -1", 1),
     (["generate", "/proc/no-such-folder/data"], "/proc/no-such-folder: No such file", 1),
