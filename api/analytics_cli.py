@@ -31,7 +31,7 @@ def stores(
     region: Annotated[str | None, typer.Option(help="Only stores registered in this region or below it.")] = None,
     abnormal: Annotated[bool, typer.Option("--abnormal", help="Only stores flagged abnormal.")] = False,
     window: Annotated[int, typer.Option(help="Trailing window in days (a multiple of 7).")] = 28,
-    peer_level: Annotated[str, typer.Option(help="Peers are the stores of the same region at this level: province, city or district.")] = "province",
+    peer_level: Annotated[str, typer.Option(help="Peers are the stores of the same region at this level: country, province, city or district.")] = "province",
     as_of: AsOfOpt = None,
     store: StoreOpt = None, neo4j: Neo4jOpt = None, format: FormatOpt = Format.table,
 ) -> None:
@@ -103,7 +103,7 @@ def rebates(
 
 
 def regions(
-    level: Annotated[str, typer.Option(help="province, city or district.")] = "province",
+    level: Annotated[str, typer.Option(help="country, province, city or district.")] = "province",
     period: Annotated[str, typer.Option(help="month, week or all.")] = "month",
     matrix: Annotated[bool, typer.Option("--matrix", help="The region-to-region diversion matrix instead.")] = False,
     as_of: AsOfOpt = None,

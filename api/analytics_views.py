@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api import views
 from graph.errors import ChannelgraphError
-from queries.consumers import STAGES, lifecycle, profile, stage_funnel
+from queries.consumers import SEGMENT_NAMES, STAGES, lifecycle, profile, stage_funnel
 from queries.rebates import Policy, load_policy, rebates
 from queries.regions import RegionReport, region_sell_through
+from queries.sales import LEVELS
 from queries.stores import store_health
 
 if TYPE_CHECKING:
@@ -106,28 +108,29 @@ def region_graph(report: RegionReport, names: dict[str, str]) -> views.Graph:
 
 
 def stores_page(svc: ApiService, *, region: str | None = None, abnormal: bool = False, peer_level: str = "province",
-                as_of: str | None = None, inline: bool = False) -> views.Page:
+                as_of: datetime | None = None, inline: bool = False) -> views.Page:
     title = "Store health (动销, stock, abnormal stores)"
+    context = {"region": region, "abnormal": abnormal, "peer_level": peer_level, "levels": tuple(LEVELS),
+               "as_of": as_of.isoformat() if as_of else None}
     try:
         health = svc.cached(lambda: store_health(svc.store, region=region, as_of=as_of, peer_level=peer_level, k=svc.k),
-                            "stores", region, peer_level, as_of)
+                            "stores", region, peer_level, context["as_of"])
     except (ValueError, ChannelgraphError) as exc:
         return views.render("stores.html", title=title, data={"view": "stores"}, inline=inline, source=svc.store.uri,
-                            error=str(exc), status=422, stores=[], chart=None, region=region, abnormal=abnormal,
-                            peer_level=peer_level, as_of=as_of)
+                            error=str(exc), status=422, stores=[], chart=None, **context)
     flagged = {h.store_id for h in health if h.abnormal}
     chart = bar_chart([(h.store_id, h.daily_sales) for h in health], title="Estimated daily sales (units/day); abnormal stores in red",
                       hot=flagged)
     shown = [h for h in health if h.abnormal or not abnormal][:MAX_ROWS]
     return views.render("stores.html", title=title, data={"view": "stores"}, inline=inline, source=svc.store.uri,
-                        stores=shown, total=len(health), flagged=len(flagged), chart=chart, region=region,
-                        abnormal=abnormal, peer_level=peer_level, as_of=as_of)
+                        stores=shown, total=len(health), flagged=len(flagged), chart=chart, **context)
 
 
 def consumers_page(svc: ApiService, *, stage: str | None = None, segment: str | None = None, consumer: str | None = None,
                    period: str = "month", inline: bool = False) -> views.Page:
     title = "Consumer lifecycle (AARRR, RFM)"
-    context = {"stage": stage, "segment": segment, "consumer": consumer, "period": period, "stages": STAGES}
+    context = {"stage": stage, "segment": segment, "consumer": consumer, "period": period, "stages": STAGES,
+               "segment_names": SEGMENT_NAMES}
     try:
         table = svc.cached(lambda: lifecycle(svc.store), "consumers")
         rows = svc.cached(lambda: stage_funnel(svc.store, period=period), "funnel", period)
@@ -183,7 +186,7 @@ def regions_page(svc: ApiService, *, level: str = "province", period: str = "mon
     except (ValueError, ChannelgraphError) as exc:
         return views.render("regions.html", title=title, data={"view": "regions", "graphs": {}}, inline=inline,
                             source=svc.store.uri, error=str(exc), status=422, report=None, heat=None, latest=[],
-                            level=level, period=period)
+                            level=level, levels=tuple(LEVELS), period=period)
     regions = svc.store.regions()
     names = {r: (n or r) for r, n in zip(regions.column("region_id").to_pylist(), regions.column("name").to_pylist())}
     heat = heat_map([(c.from_region or "?", c.to_region or "?", c.units) for c in report.matrix], names,
@@ -193,7 +196,7 @@ def regions_page(svc: ApiService, *, level: str = "province", period: str = "mon
     graph = region_graph(report, names)
     return views.render("regions.html", title=title, data={"view": "regions", "graphs": {"flow": graph.as_dict()}},
                         inline=inline, source=svc.store.uri, report=report, heat=heat, latest=latest,
-                        latest_period=latest_period, level=level, period=period,
+                        latest_period=latest_period, level=level, levels=tuple(LEVELS), period=period,
                         active=bar_chart([(f"{r.region_id} {names.get(r.region_id, '')}".strip(), 100 * (r.active_ratio or 0))
                                           for r in latest], title=f"Active-store ratio (动销率) in {latest_period}", unit="%",
                                          label_width=220))

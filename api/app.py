@@ -13,16 +13,16 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, time
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query
 from fastapi.responses import HTMLResponse, Response
 
 from api import analytics_routes, views
 from api.errors import BodyLimit, install_error_handlers, responses
+from api.params import MAX_TEXT, TIME_HELP, BlankFormFields, Limit, Offset, PathId, parse_time
 from api.schemas import (
     Cascade,
     DatasetUpload,
@@ -36,6 +36,7 @@ from api.schemas import (
     LoadSummary,
     Metric,
     Readiness,
+    Severity,
     SortKey,
     UntrackedPage,
 )
@@ -49,20 +50,24 @@ from queries.trace import TraceResult
 JSON = "application/json"
 K = Annotated[int | None, Query(ge=1, le=1000,
                                 description="Consumer scans per case that confirm a suspected diversion [default 3].")]
+Text = Annotated[str | None, Query(max_length=MAX_TEXT)]
+Percent = Annotated[float | None, Query(gt=0, le=100, description="Top P% instead of `top`.")]
 
 
 async def diversion_filters(
-    severity: Literal["confirmed", "suspected"] | None = None,
-    responsible: Annotated[str | None, Query(max_length=500, description="Responsible (assigned) distributor id.")] = None,
-    region: Annotated[str | None, Query(max_length=500, description="Crossings into this region or one inside it.")] = None,
-    sku: Annotated[str | None, Query(max_length=500)] = None,
-    batch: Annotated[str | None, Query(max_length=500)] = None,
-    since: Annotated[datetime | None, Query(description="Crossings at or after this time (ISO 8601; no offset = UTC).")] = None,
-    until: Annotated[datetime | None, Query(description="Crossings at or before this time (ISO 8601; no offset = UTC).")] = None,
+    severity: Severity | None = None,
+    responsible: Annotated[str | None, Query(max_length=MAX_TEXT, description="Responsible (assigned) distributor id.")] = None,
+    region: Annotated[str | None, Query(max_length=MAX_TEXT, description="Crossings into this region or one inside it.")] = None,
+    sku: Text = None,
+    batch: Text = None,
+    since: Annotated[str | None, Query(max_length=100, description=f"Crossings at or after this time ({TIME_HELP}).")] = None,
+    until: Annotated[str | None, Query(max_length=100, description=f"Crossings at or before this time ({TIME_HELP}); "
+                                                                   "a date alone includes the whole day.")] = None,
 ) -> DiversionFilters:
-    """The findings filters shared by the JSON, CSV and grouped diversion endpoints."""
+    """The findings filters shared by the JSON, CSV and grouped diversion endpoints, and the
+    diversions page (which sends the same parameters)."""
     return DiversionFilters(severity=severity, responsible=responsible, region=region, sku=sku, batch=batch,
-                            since=since, until=until)
+                            since=parse_time(since, "since"), until=parse_time(until, "until", end_of_day=True))
 
 
 Filters = Annotated[DiversionFilters, Depends(diversion_filters)]
@@ -85,15 +90,14 @@ def ready(svc: Svc) -> Readiness:
 
 @api.get("/trace/{code:path}", response_model=TraceResult, responses=responses(404, 422),
          summary="Custody path of a code (trace, 物流追溯)")
-async def trace_code(code: str, svc: Svc, k: K = None) -> Response:
+async def trace_code(code: PathId, svc: Svc, k: K = None) -> Response:
     """Events on the code and on every code it is packed in, the assigned distributor, the
     diversion finding if any, and for a case or pallet a summary of what it holds."""
     return Response(await svc.trace_json_async(code, k), media_type=JSON)
 
 
 @api.get("/flow", response_model=FlowResponse, responses=responses(404, 422), summary="Aggregated flow of a batch or SKU")
-def flow(svc: Svc, batch: Annotated[str | None, Query(max_length=500)] = None,
-         sku: Annotated[str | None, Query(max_length=500)] = None) -> FlowResponse:
+def flow(svc: Svc, batch: Text = None, sku: Text = None) -> FlowResponse:
     """Hand-overs between holders (F -> B -> b -> C) of the units of a batch and/or SKU (all
     units when neither is given), weighted by units."""
     return FlowResponse(batch=batch, sku=sku, edges=svc.flow(batch=batch, sku=sku))
@@ -101,9 +105,8 @@ def flow(svc: Svc, batch: Annotated[str | None, Query(max_length=500)] = None,
 
 @api.get("/diversions", response_model=FindingsPage, responses=responses(404, 422),
          summary="Diversion findings (窜货), filtered and paginated")
-async def diversions(svc: Svc, filters: Filters, k: K = None, sort: SortKey = SortKey.code,
-                     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+async def diversions(svc: Svc, filters: Filters, k: K = None, sort: SortKey = SortKey.code, offset: Offset = 0,
+                     limit: Limit = 100) -> Response:
     """One finding per diverted unit, with its custody path. `sort` is a field name, `-` for
     descending. An unknown `region` is a 404."""
     page = await svc.findings_page_json_async(filters, offset=offset, limit=limit, sort=sort.value, k=k)
@@ -136,8 +139,7 @@ def diversion_summary(svc: Svc, k: K = None) -> DiversionSummary:
 
 @api.get("/diversions/untracked", response_model=UntrackedPage, responses=responses(422),
          summary="Untracked units: no assignment, reported but never judged")
-def untracked_units(svc: Svc, offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> UntrackedPage:
+def untracked_units(svc: Svc, offset: Offset = 0, limit: Limit = 100) -> UntrackedPage:
     """One row per unit no factory shipped to a distributor (on it or a code it is packed
     in), by code: its events, its last holder and region, its first and last event time."""
     units = svc.untracked()
@@ -147,8 +149,7 @@ def untracked_units(svc: Svc, offset: Annotated[int, Query(ge=0, le=10_000_000)]
 @api.get("/influencers", response_model=InfluencerRanking, responses=responses(422),
          summary="Super users (超级用户): referrers ranked by a metric")
 def influencers(svc: Svc, by: Metric = Metric.influence, top: Annotated[int, Query(ge=1, le=100_000)] = 10,
-                percent: Annotated[float | None, Query(gt=0, le=100, description="Top P% instead of `top`.")] = None,
-                ) -> InfluencerRanking:
+                percent: Percent = None) -> InfluencerRanking:
     items = svc.influencers(top=None if percent is not None else top, percent=percent, by=by.value)
     return InfluencerRanking(by=by, top=None if percent is not None else top, percent=percent, items=items)
 
@@ -161,9 +162,9 @@ def referral_stats(svc: Svc) -> ReferralStats:
     return svc.referral_stats()
 
 
-@api.get("/influencers/{party_id}/cascade", response_model=Cascade, responses=responses(404, 422),
+@api.get("/influencers/{party_id:path}/cascade", response_model=Cascade, responses=responses(404, 422),
          summary="One referrer's cascade (attribution subtree)")
-def cascade(party_id: str, svc: Svc) -> Cascade:
+def cascade(party_id: PathId, svc: Svc) -> Cascade:
     nodes = svc.cascade(party_id)
     return Cascade(party_id=party_id, size=len(nodes) - 1, depth=max(n.depth for n in nodes), nodes=nodes)
 
@@ -186,34 +187,6 @@ def upload(svc: Svc, body: DatasetUpload) -> LoadSummary:
 pages = APIRouter(include_in_schema=False)
 
 
-def _blank(value: str | None) -> str | None:
-    """An empty form field means 'not given'."""
-    return value.strip() or None if value is not None else None
-
-
-def _form_time(value: str | None, *, end_of_day: bool = False) -> datetime | None:
-    value = _blank(value)
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ValueError(f"{value!r}: not a date or ISO 8601 time") from exc
-    if end_of_day and len(value) == 10:  # a date: the whole day
-        moment = datetime.combine(moment.date(), time.max)
-    return moment
-
-
-def _form_number(value: str | None) -> float | None:
-    value = _blank(value)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"{value!r}: not a number") from exc
-
-
 def _html(page: views.Page) -> HTMLResponse:
     return HTMLResponse(page.html, status_code=page.status)
 
@@ -225,30 +198,24 @@ def index(svc: Svc) -> HTMLResponse:
 
 
 @pages.get("/views/trace", response_class=HTMLResponse)
-def trace_view(svc: Svc, code: str | None = None, k: K = None) -> HTMLResponse:
-    return _html(views.trace_page(svc, _blank(code), k=k))
+def trace_view(svc: Svc, code: Text = None, k: K = None) -> HTMLResponse:
+    return _html(views.trace_page(svc, code, k=k))
 
 
 @pages.get("/views/diversions", response_class=HTMLResponse)
-def diversions_view(request: Request, svc: Svc, severity: str | None = None, responsible: str | None = None,
-                    region: str | None = None, sku: str | None = None, batch: str | None = None,
-                    since: str | None = None, until: str | None = None, sort: SortKey = SortKey.crossing_ts_desc,
-                    k: K = None) -> HTMLResponse:
-    filters = DiversionFilters(severity=_blank(severity), responsible=_blank(responsible), region=_blank(region),
-                               sku=_blank(sku), batch=_blank(batch), since=_form_time(since),
-                               until=_form_time(until, end_of_day=True))
-    return _html(views.diversions_page(svc, filters, sort=sort.value, k=k, query=request.url.query))
+def diversions_view(svc: Svc, filters: Filters, sort: SortKey = SortKey.crossing_ts_desc, k: K = None) -> HTMLResponse:
+    return _html(views.diversions_page(svc, filters, sort=sort.value, k=k))
 
 
 @pages.get("/views/influencers", response_class=HTMLResponse)
 def influencers_view(svc: Svc, by: Metric = Metric.influence, top: Annotated[int, Query(ge=1, le=1000)] = 20,
-                     percent: str | None = None, user: str | None = None) -> HTMLResponse:
-    return _html(views.influencers_page(svc, by=by.value, top=top, percent=_form_number(percent), user=_blank(user)))
+                     percent: Percent = None, user: Text = None) -> HTMLResponse:
+    return _html(views.influencers_page(svc, by=by.value, top=top, percent=percent, user=user))
 
 
 @pages.get("/views/network", response_class=HTMLResponse)
-def network_view(svc: Svc, region: str | None = None, sku: str | None = None, batch: str | None = None) -> HTMLResponse:
-    return _html(views.network_page(svc, region=_blank(region), sku=_blank(sku), batch=_blank(batch)))
+def network_view(svc: Svc, region: Text = None, sku: Text = None, batch: Text = None) -> HTMLResponse:
+    return _html(views.network_page(svc, region=region, sku=sku, batch=batch))
 
 
 @pages.get("/static/{name}")
@@ -283,6 +250,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     app.state.service = service
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(BlankFormFields)
     for router in routers:
         app.include_router(router)
     return app

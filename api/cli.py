@@ -370,20 +370,16 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
-def parse_time(value: str | None, option: str) -> datetime | None:
-    """The ISO 8601 time given to `option` (None when not given); an empty or bad one is
-    an error naming the option (never an empty answer)."""
-    if value is None:
-        return None
-    import pandas as pd
+def parse_time(value: str | None, option: str, *, end_of_day: bool = False) -> datetime | None:
+    """The ISO 8601 date or time given to `option` (None when not given), read as the API
+    and the pages read it (`api.params.parse_time`); an empty or bad one is an error naming
+    the option (never an empty answer)."""
+    from api import params
 
     try:
-        moment = pd.Timestamp(value)
+        return params.parse_time(value, option, end_of_day=end_of_day)
     except ValueError as exc:
-        raise ChannelgraphError(f"{option} {value!r}: not an ISO 8601 time ({exc})") from exc
-    if moment is pd.NaT:
-        raise ChannelgraphError(f"{option} {value!r}: not an ISO 8601 time")
-    return moment.to_pydatetime()
+        raise ChannelgraphError(str(exc)) from exc
 
 
 @contextmanager

@@ -11,6 +11,9 @@ Every error answer is ``{"error": {"status": 404, "code": "not_found", "message"
     other ChannelgraphError  -> 400 bad_request
     HTTP errors of routing   -> their status (404 not_found, 405 method_not_allowed)
     anything else            -> 500 internal_error (logged with its traceback)
+
+A browser view (a path under /views) answers the same status and message as an HTML page.
+Messages are cut to MAX_MESSAGE characters (they may quote what the client sent).
 """
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import views
+from api.params import is_page
 from graph.errors import ChannelgraphError, DatasetError, NotFound, StoreError
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE = 300  # characters of an error message; a long id it quotes is cut
 
 
 class ErrorDetail(BaseModel):
@@ -59,8 +65,20 @@ def error_body(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"status": status, "code": code, "message": message}}
 
 
-def _answer(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(error_body(status, code, " ".join(message.split()))), status_code=status,
+def brief(message: str) -> str:
+    """`message` on one line, cut to MAX_MESSAGE characters."""
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 1] + "…"
+
+
+def _answer(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+            request: Request | None = None) -> Response:
+    """The error answer: JSON, or for a browser view's request an HTML page."""
+    if request is not None and is_page(request.url.path):
+        service = getattr(request.app.state, "service", None)
+        page = views.error_page(status, brief(message), path=request.url.path, source=service.uri if service else "")
+        return HTMLResponse(page.html, status_code=status, headers=headers)
+    return Response(orjson.dumps(error_body(status, code, brief(message))), status_code=status,
                     headers=headers, media_type="application/json")
 
 
@@ -92,6 +110,8 @@ def validation_message(exc: RequestValidationError) -> str:
         message = str(error.get("msg", "invalid"))
         if error.get("type") == "missing":
             message = "is required"
+        elif error.get("type") == "json_invalid":  # its location is a character position, no name
+            name, message = "", f"not valid JSON ({error.get('ctx', {}).get('error', 'cannot be decoded')})"
         parts.append(f"{where} {name!r}: {message}" if name else f"{where}: {message}")
     return "; ".join(parts) or "invalid request"
 
@@ -128,8 +148,8 @@ class BodyLimit:
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to the one error shape (see the module docstring)."""
 
-    async def on_validation(_: Request, exc: RequestValidationError) -> Response:
-        return _answer(422, "invalid_parameter", validation_message(exc))
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        return _answer(422, "invalid_parameter", validation_message(exc), request=request)
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         status = exc.status_code
@@ -138,16 +158,16 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no such path: {request.url.path}"
         elif status == 405:
             detail = f"method {request.method} not allowed on {request.url.path}"
-        return _answer(status, _STATUS_CODES.get(status, f"http_{status}"), detail, getattr(exc, "headers", None))
+        return _answer(status, _STATUS_CODES.get(status, f"http_{status}"), detail, getattr(exc, "headers", None), request)
 
     async def on_error(request: Request, exc: Exception) -> Response:
         status, code = classify(exc)
         if status >= 500 and code == "internal_error":
             log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-            return _answer(500, code, f"internal error ({type(exc).__name__}); see the server log")
+            return _answer(500, code, f"internal error ({type(exc).__name__}); see the server log", request=request)
         if code == "store_unavailable":
             log.warning("store unavailable on %s: %s", request.url.path, exc)
-        return _answer(status, code, str(exc))
+        return _answer(status, code, str(exc), request=request)
 
     app.openapi = _one_error_shape(app)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]

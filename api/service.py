@@ -33,7 +33,8 @@ import pyarrow as pa
 from anyio import to_thread
 from fastapi import Depends, Request
 
-from graph.errors import NotFound
+from graph.errors import DatasetError, NotFound
+from graph.model import TABLES
 from graph.settings import Settings
 from graph.store import Store, open_store
 from queries import influence
@@ -129,9 +130,12 @@ class DiversionFilters:
         if self.since and self.until and _utc(self.since) > _utc(self.until):
             raise ValueError(f"since {self.since.isoformat()} is after until {self.until.isoformat()}")
 
+    def params(self) -> dict[str, str]:
+        """The given filters as query parameters of the diversions API (times in ISO 8601)."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in vars(self).items() if v is not None}
+
     def describe(self) -> str:
-        given = [f"{k} {v.isoformat() if isinstance(v, datetime) else v}" for k, v in vars(self).items() if v is not None]
-        return ", ".join(given) or "none"
+        return ", ".join(f"{k} {v}" for k, v in self.params().items()) or "none"
 
 
 def _utc(moment: datetime) -> np.datetime64:
@@ -231,6 +235,11 @@ class ApiService:
                 log.info("store %s changed to version %s; re-opened", store.uri, live)
                 self._store = store = EmbeddedStore(store.path)  # type: ignore[attr-defined]
         return store
+
+    @property
+    def uri(self) -> str:
+        """The store's folder or URI (without looking for a newer version)."""
+        return self._store.uri
 
     @property
     def backend(self) -> str:
@@ -443,25 +452,33 @@ class ApiService:
             raise ApiError(401, "unauthorized", "missing or wrong API key (send it in the X-API-Key header)")
 
     def load_tables(self, tables: dict[str, list[dict[str, Any]]]):  # noqa: ANN201 - LoadReport
-        """Load rows given as JSON objects per canonical table, like a dataset folder."""
+        """Load rows given as JSON objects per canonical table, like a dataset folder. No
+        rows at all is a DatasetError; its messages never name the server's temporary folder."""
         from loaders.ingest import load_dataset
 
+        given = {name: rows for name, rows in tables.items() if rows}
+        if not given:
+            raise DatasetError(f"no rows given: send {{\"tables\": {{\"scans\": [{{...}}, ...], ...}}}} with rows for "
+                               f"one or more of {', '.join(TABLES)}")
         with self._write_lock, tempfile.TemporaryDirectory(prefix="channelgraph-upload-") as tmp:
             folder = Path(tmp)
-            for name, rows in tables.items():
+            for name, rows in given.items():
                 with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as out:
                     for row in rows:
                         out.write(json.dumps({k: _text(v) for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
             store = self._store
-            if _is_embedded(store):
-                from graph.embedded import EmbeddedStore
+            try:
+                if _is_embedded(store):
+                    from graph.embedded import EmbeddedStore
 
-                writer = EmbeddedStore(store.path)  # type: ignore[attr-defined]
-                report = load_dataset(writer, folder, rejects_dir=writer.rejects_dir())
-                self._store = EmbeddedStore(store.path)  # type: ignore[attr-defined]  # readers keep the old one
-            else:
-                rejects = (self.settings.store if self.settings else Path("channelgraph-data")) / "rejects"
-                report = load_dataset(store, folder, rejects_dir=rejects)
+                    writer = EmbeddedStore(store.path)  # type: ignore[attr-defined]
+                    report = load_dataset(writer, folder, rejects_dir=writer.rejects_dir())
+                    self._store = EmbeddedStore(store.path)  # type: ignore[attr-defined]  # readers keep the old one
+                else:
+                    rejects = (self.settings.store if self.settings else Path("channelgraph-data")) / "rejects"
+                    report = load_dataset(store, folder, rejects_dir=rejects)
+            except DatasetError as exc:  # "/tmp/channelgraph-upload-x/scans.jsonl: ..." -> "upload/scans.jsonl: ..."
+                raise DatasetError(str(exc).replace(str(folder), "upload")) from None
             self.invalidate()
         return report
 

@@ -25,6 +25,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -469,23 +470,28 @@ def trace_page(svc: ApiService, code: str | None, *, k: int | None = None, inlin
 
 
 def diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str = "-crossing_ts", k: int | None = None,
-                    inline: bool = False, query: str = "") -> Page:
+                    inline: bool = False) -> Page:
     """The findings (sortable, filterable; click one for its path graph) and the
     territory-to-region flow of diverted units. Cached per store version: it embeds up to
     MAX_FINDINGS path graphs."""
-    return svc.cached(lambda: _diversions_page(svc, filters, sort=sort, k=k, inline=inline, query=query),
-                      "page:diversions", filters, sort, k, inline, query, large=True)
+    return svc.cached(lambda: _diversions_page(svc, filters, sort=sort, k=k, inline=inline),
+                      "page:diversions", filters, sort, k, inline, large=True)
 
 
-def _diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str, k: int | None, inline: bool,
-                     query: str) -> Page:
+def csv_link(filters: DiversionFilters, *, sort: str, k: int | None) -> str:
+    """The CSV download of the findings a diversions page shows: the given filters only."""
+    return "/api/diversions.csv?" + urlencode({**filters.params(), "sort": sort, **({"k": k} if k else {})})
+
+
+def _diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str, k: int | None, inline: bool) -> Page:
+    csv_href = csv_link(filters, sort=sort, k=k)
     try:
         findings = svc.findings(filters, sort, k)
         groups = svc.diversion_groups(filters, "region-pair", k)
     except NotFound as exc:
         return render("diversions.html", title="Diversions (窜货)", data={"view": "diversions", "graphs": {}, "paths": {}},
                       inline=inline, source=svc.store.uri, findings=[], total=0, filters=filters, error=str(exc),
-                      status=404, request_query=query)
+                      status=404, csv_href=csv_href)
     listed = findings[:MAX_FINDINGS]
     notes = []
     if len(findings) > len(listed):
@@ -498,7 +504,7 @@ def _diversions_page(svc: ApiService, filters: DiversionFilters, *, sort: str, k
             "selected": listed[0].code if listed else None}
     return render("diversions.html", title="Diversions (窜货)", data=data, inline=inline, source=svc.store.uri,
                   findings=listed, total=len(findings), filters=filters, notes=notes + regions.notes,
-                  request_query=query)
+                  csv_href=csv_href)
 
 
 def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, percent: float | None = None,
@@ -550,6 +556,14 @@ def network_page(svc: ApiService, *, region: str | None = None, sku: str | None 
     return render("network.html", title=title, data={"view": "network", "graphs": {"main": graph.as_dict()}},
                   inline=inline, source=svc.store.uri, region=region, sku=sku, batch=batch, notes=graph.notes,
                   units=sum(e.units for e in edges))
+
+
+def error_page(status: int, message: str, *, path: str, source: str) -> Page:
+    """What a view answers when its request fails before the view could draw (a bad
+    parameter, an unknown path): the status and message of the API's error, as a page."""
+    title = {404: "Not found", 405: "Method not allowed", 422: "Invalid parameter"}.get(status, "Error")
+    return render("error.html", title=f"{title} ({status})", data={"view": "error", "graphs": {}}, inline=False,
+                  source=source, error=message, status=status, path=path)
 
 
 def index_page(svc: ApiService) -> Page:

@@ -22,8 +22,8 @@ Severity = Annotated[str | None, typer.Option(help="Only confirmed or only suspe
 Responsible = Annotated[str | None, typer.Option(help="Only findings of this responsible distributor.")]
 Sku = Annotated[str | None, typer.Option(help="Only units of this SKU.")]
 Batch = Annotated[str | None, typer.Option(help="Only units of this batch.")]
-Since = Annotated[str | None, typer.Option(help="Only crossings at or after this ISO 8601 time.")]
-Until = Annotated[str | None, typer.Option(help="Only crossings at or before this ISO 8601 time.")]
+Since = Annotated[str | None, typer.Option(help="Only crossings at or after this ISO 8601 date or time.")]
+Until = Annotated[str | None, typer.Option(help="Only crossings at or before this ISO 8601 date or time (a date: the whole day).")]
 Region = Annotated[str | None, typer.Option(help="Only the flow into, out of and inside this region (and the regions in it).")]
 
 
@@ -53,7 +53,7 @@ def diversions(out: OutOpt = Path("diversions.html"), severity: Severity = None,
     """The findings (sortable, filterable, each with its path) and the territory-to-region flow."""
     try:
         filters = DiversionFilters(severity=severity, responsible=responsible, region=region, sku=sku, batch=batch,
-                                   since=parse_time(since, "--since"), until=parse_time(until, "--until"))
+                                   since=parse_time(since, "--since"), until=parse_time(until, "--until", end_of_day=True))
     except ValueError as exc:
         raise ChannelgraphError(str(exc)) from exc
     with opened(store, neo4j, k=k) as (handle, settings):

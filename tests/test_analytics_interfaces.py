@@ -103,8 +103,8 @@ def test_api_documents(client: TestClient):
     ("get", "/api/consumers/nobody", None, 404),
     ("get", "/api/regions?level=town", None, 422),
     ("get", "/api/rebates?month=March", None, 422),
-    ("post", "/api/rebates", {"default": {"boss": 1.0}}, 400),
-    ("post", "/api/rebates", {"default": {"store": -1.0}}, 400),
+    ("post", "/api/rebates", {"default": {"boss": 1.0}}, 422),
+    ("post", "/api/rebates", {"default": {"store": -1.0}}, 422),
     ("post", "/api/rebates", {"defualt": {"store": 1.0}}, 422),  # a typo is not an empty policy
 ])
 def test_api_errors_have_one_shape(client: TestClient, method: str, url: str, body: dict | None, status: int):
@@ -112,6 +112,56 @@ def test_api_errors_have_one_shape(client: TestClient, method: str, url: str, bo
     assert response.status_code == status
     error = response.json()["error"]
     assert error["status"] == status and error["message"]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"currency": "CNY", "default": {"store": true}}', "request body: [default] store = True: expected an amount >= 0"),
+    (b'{"default": {"store": "2"}}', "request body: [default] store = '2': expected an amount >= 0"),
+    (b'{"default": {"store": -1}}', "request body: [default] store = -1: expected an amount >= 0"),
+    (b'{"default": {"store": NaN}}', "request body: [default] store = nan"),
+    (b'{"default": {"store": Infinity}}', "request body: [default] store = inf"),
+    (b'{"sku": {"SKU001": {"boss": 1}}}', "request body: [sku.SKU001] role 'boss': expected one of store"),
+    (b'{"sku": []}', "request body: [sku] must hold one table per SKU"),
+    (b'{"defualt": {"store": 1}}', "request body: unknown key(s) defualt"),
+    (b'{"currency": 1}', "request body: currency must be a string"),
+    (b'["store", 1]', "request body: Input should be a valid dictionary"),
+    (b"store = 1", "request body: not valid JSON"),
+])
+def test_a_posted_policy_is_checked_like_a_policy_file(client: TestClient, body: bytes, message: str):
+    """The JSON policy goes through the CLI's check (policy_from): booleans are no amounts,
+    and every bad policy is a 422 invalid_parameter naming the request body."""
+    response = client.post("/api/rebates", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_parameter" and error["message"].startswith(message), error
+
+
+def test_consumer_pages_refuse_unknown_stages_and_segments(client: TestClient):
+    for query, allowed in (("segment=Champions", "&#39;champions&#39;, &#39;loyal&#39;"), ("segment=bogus", "&#39;lost&#39;"),
+                           ("stage=bogus", "&#39;acquired&#39;, &#39;activated&#39;")):
+        page = client.get(f"/views/consumers?{query}")
+        assert page.status_code == 422 and page.headers["content-type"].startswith("text/html"), query
+        assert allowed in page.text, query
+        assert client.get(f"/api/consumers?{query}").status_code == 422, query
+    assert client.get("/views/consumers?segment=&stage=").status_code == 200  # the form's "any"
+
+
+def test_country_is_a_level_everywhere(client: TestClient, capsys):
+    """A region tree's top level is a country: regions at country level, and all stores of a
+    country as peers, in the API, the pages, the OpenAPI document and the CLI's help."""
+    regions = client.get("/api/regions", params={"level": "country", "period": "all"}).json()
+    assert [(r["region_id"], r["diversions_in"], r["diversions_out"]) for r in regions["rows"]] == [("CN", 15, 15)]
+    stores = client.get("/api/stores", params={"peer_level": "country"}).json()
+    assert {s["peer_region"] for s in stores} == {"CN"}
+    for path, name in (("/api/regions", "level"), ("/api/stores", "peer_level")):
+        parameter = next(p for p in client.get("/openapi.json").json()["paths"][path]["get"]["parameters"] if p["name"] == name)
+        assert parameter["schema"]["enum"] == ["country", "province", "city", "district"], parameter
+    for url in ("/views/regions?level=country", "/views/stores?peer_level=country"):
+        page = client.get(url)
+        assert page.status_code == 200 and "<option selected>country</option>" in page.text, url
+    for command in ("regions", "stores"):
+        assert main([command, "--help"]) == 0
+        assert "country, province, city or district" in " ".join(capsys.readouterr().out.split()), command
 
 
 def test_rebates_without_a_configured_policy(world: Path):

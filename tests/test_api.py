@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -139,9 +140,26 @@ def test_diversions_list_filters_and_pages(client):
 LIST, CSV, GROUPS = "/api/diversions", "/api/diversions.csv", "/api/diversions/groups"
 
 
+def test_a_date_alone_until_means_the_whole_day(client):
+    """`until=2024-03-01` includes that day's crossings in the JSON, the CSV, the groups and
+    the page alike (J1 and K1 at 00:00, J2 at 01:00; K2 on the 2nd is out)."""
+    day = {"since": "2024-03-01", "until": "2024-03-01"}
+    assert sorted(f["code"] for f in client.get(LIST, params=day).json()["items"]) == ["J1", "J2", "K1"]
+    assert sorted(line.split(",")[0] for line in client.get(CSV, params=day).text.splitlines()[1:]) == ["J1", "J2", "K1"]
+    assert client.get(GROUPS, params=day).json()["total_units"] == 3
+    page = client.get("/views/diversions", params=day).text
+    assert sorted(re.findall(r'<tr data-key="([^"]+)"', page)) == ["J1", "J2", "K1"]
+    assert client.get(LIST, params={"until": "2024-03-01T00:00:00Z"}).json()["total"] == 11  # a time is that instant
+    described = client.get("/openapi.json").json()["paths"][LIST]["get"]["parameters"]
+    until = next(p for p in described if p["name"] == "until")
+    assert "a date alone includes the whole day" in until["description"] and "ISO 8601" in until["description"]
+
+
 @pytest.mark.parametrize(("params", "status", "names", "paths"), [
     ({"severity": "maybe"}, 422, "'severity'", (LIST, CSV, GROUPS)),
-    ({"since": "yesterday"}, 422, "'since'", (LIST, CSV, GROUPS)),
+    ({"since": "yesterday"}, 422, "since 'yesterday'", (LIST, CSV, GROUPS)),
+    ({"since": "1710000000"}, 422, "since '1710000000': not an ISO 8601", (LIST, CSV, GROUPS)),  # no Unix times
+    ({"until": "2024-02-30"}, 422, "until '2024-02-30'", (LIST, CSV, GROUPS)),
     ({"since": "2024-03-02", "until": "2024-03-01"}, 422, "after until", (LIST, CSV, GROUPS)),
     ({"k": -1}, 422, "'k'", (LIST, CSV, GROUPS)),
     ({"region": "ATLANTIS"}, 404, "'ATLANTIS'", (LIST, CSV, GROUPS)),
@@ -231,6 +249,33 @@ def test_upload_needs_the_key_and_changes_answers(world, tmp_path: Path):
     rows = {"tables": {"codes": [{"code": link, "level": "unit", "parent_code": "CH"}]}}
     assert client.post("/api/datasets", json=rows, headers={"X-API-Key": KEY}).json()["accepted"]["codes"] == 1
     assert client.get(f"/api/trace/{link}").json()["ancestors"] == ["CH"]
+
+
+def test_ids_with_slashes_are_addressed_in_paths(world, tmp_path: Path):
+    """A party id may be a URI (a GS1 Digital Link): URL-encoded or not, it reaches the
+    consumer profile and the cascade, as codes reach the trace."""
+    from urllib.parse import quote
+
+    client = TestClient(create_app(Settings(store=tmp_path / "rejects-home", api_key=KEY), store=world))
+    consumer = "https://id.gs1.org/414/0399999999991"
+    rows = {"tables": {"scans": [{"code": "H1", "action": "scan", "party_id": consumer, "ts": "2024-03-03T00:00:00Z",
+                                  "region_id": "HZ"}],
+                       "referrals": [{"referrer_id": consumer, "referee_id": "wx-c1", "ts": "2024-03-03T01:00:00Z",
+                                      "channel": "share"}]}}
+    assert client.post("/api/datasets", json=rows, headers={"X-API-Key": KEY}).status_code == 200
+    for party in (quote(consumer, safe=""), consumer):
+        assert client.get(f"/api/consumers/{party}").json()["party_id"] == consumer
+        assert client.get(f"/api/influencers/{party}/cascade").json()["party_id"] == consumer
+    assert "'a/b'" in error_of(client.get("/api/influencers/a%2Fb/cascade"), 404)  # not "no such path"
+    assert "'a/b'" in error_of(client.get("/api/consumers/a%2Fb"), 404)
+
+
+def test_an_upload_without_rows_says_so_without_server_paths(world, tmp_path: Path):
+    client = TestClient(create_app(Settings(store=tmp_path / "rejects-home", api_key=KEY), store=world))
+    for body in ({"tables": {}}, {"tables": {"scans": []}}):
+        message = error_of(client.post("/api/datasets", json=body, headers={"X-API-Key": KEY}), 400)
+        assert message.startswith("no rows given") and '"tables"' in message
+        assert "/tmp" not in message and "channelgraph-upload" not in message
 
 
 def test_a_load_by_another_process_is_noticed(world, tmp_path: Path):

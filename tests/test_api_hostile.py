@@ -162,6 +162,24 @@ def test_oversized_and_abusive_requests_are_bounded(hostile):
     assert fingerprint(store) == before
 
 
+def test_limits_are_those_the_readme_promises(hostile):
+    """limit <= 1000 and offset <= 10,000,000 on every paginated endpoint, ids in paths <= 500
+    characters like text parameters; an error message quotes at most a cut id."""
+    client, _ = hostile
+    for path in ("/api/diversions", "/api/diversions/untracked", "/api/consumers"):
+        assert client.get(path, params={"limit": 1000}).status_code == 200, path
+        for params in ({"limit": 1001}, {"offset": 10_000_001}, {"offset": 10**20}):
+            response = client.get(path, params=params)
+            assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", (path, params)
+    long_id = "x" * 20_000
+    for path in (f"/api/trace/{long_id}", f"/api/consumers/{long_id}", f"/api/influencers/{long_id}/cascade"):
+        response = client.get(path)
+        assert response.status_code == 422 and "at most 500 characters" in response.text, path
+        assert len(response.text) < 400, path
+    unknown = client.get("/api/trace/" + "y" * 500)
+    assert unknown.status_code == 404 and len(unknown.json()["error"]["message"]) <= 300
+
+
 def test_oversized_request_bodies_are_refused_before_they_are_read(tmp_path, request):
     store, settings_ = world_store("embedded", tmp_path, request)
     before = fingerprint(store)

@@ -126,6 +126,61 @@ def test_pages_say_what_is_missing(world):
     assert client.get("/views/diversions?since=someday").status_code == 422
 
 
+def test_the_csv_link_carries_only_the_given_filters(world):
+    """A submitted filter form sends every field, empty ones too: the page's CSV link must
+    carry only the given filters, in a form the API accepts, and list the page's findings."""
+    client = TestClient(create_app(Settings(store=world.path)))
+    for query, codes in (("severity=&responsible=&region=&sku=&batch=&since=&until=", None),
+                         ("severity=&responsible=&region=&sku=&batch=&since=2024-03-01&until=2024-03-01", ["J1", "J2", "K1"])):
+        page = client.get(f"/views/diversions?{query}")
+        assert page.status_code == 200, page.text
+        href = re.search(r'class="download" href="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+        assert "=&" not in href + "&" and "severity" not in href, href
+        download = client.get(href)
+        assert download.status_code == 200, download.text
+        listed = sorted(re.findall(r'<tr data-key="([^"]+)"', page.text))
+        assert sorted(row.split(",")[0] for row in download.text.splitlines()[1:]) == listed
+        if codes is not None:
+            assert listed == codes
+
+
+@pytest.mark.parametrize(("url", "status", "message"), [
+    ("/views/influencers?top=1001", 422, "query parameter &#39;top&#39;"),
+    ("/views/influencers?top=0", 422, "query parameter &#39;top&#39;"),
+    ("/views/influencers?percent=101", 422, "query parameter &#39;percent&#39;"),
+    ("/views/diversions?since=bad", 422, "since &#39;bad&#39;: not an ISO 8601"),
+    ("/views/diversions?severity=bogus", 422, "&#39;confirmed&#39; or &#39;suspected&#39;"),
+    ("/views/diversions?since=2024-03-02&until=2024-03-01", 422, "is after until"),
+    ("/views/stores?abnormal=maybe", 422, "query parameter &#39;abnormal&#39;"),
+    ("/views/trace?code=X&k=0", 422, "query parameter &#39;k&#39;"),
+    ("/views/no-such-view", 404, "no such path"),
+])
+def test_pages_answer_bad_parameters_with_an_error_page(world, url: str, status: int, message: str):
+    """Parameters the framework checks (types, ranges, allowed values) fail as a page with
+    the API's status and message, not as a JSON error."""
+    client = TestClient(create_app(Settings(store=world.path)))
+    page = client.get(url)
+    assert page.status_code == status and page.headers["content-type"].startswith("text/html"), page.text
+    assert 'id="cg-error"' in page.text and message in page.text and "/views/diversions" in page.text  # the navigation
+
+
+def test_an_empty_number_field_means_not_given(world):
+    client = TestClient(create_app(Settings(store=world.path)))
+    page = client.get("/views/influencers?by=influence&top=&percent=5&user=")  # "top" cleared to use "percent"
+    assert page.status_code == 200, page.text
+    assert 'name="percent" type="number" min="0.01" max="100" step="any" value="5.0"' in page.text
+
+
+def test_a_date_alone_until_is_the_whole_day_in_the_viz_command(world, tmp_path: Path, capsys):
+    out = tmp_path / "day.html"
+    argv = ["viz", "diversions", "--since", "2024-03-01", "--until", "2024-03-01", "--store", str(world.path)]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert sorted(re.findall(r'<tr data-key="([^"]+)"', out.read_text(encoding="utf-8"))) == ["J1", "J2", "K1"]
+    capsys.readouterr()
+    assert main(["viz", "diversions", "--until", "1710000000", "--store", str(world.path), "--out", str(out)]) == 1
+    assert "--until '1710000000': not an ISO 8601" in capsys.readouterr().err
+
+
 def test_injected_ids_are_escaped(svc):
     for page in (views.trace_page(svc, "O1"), views.diversions_page(svc, DiversionFilters())):
         assert page.status == 200
