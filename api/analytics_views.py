@@ -209,7 +209,7 @@ def demo_policy(settings: Settings) -> Policy | None:
 
 
 def write_analytics_views(store: Store, out_dir: Path, *, k: int = 3, policy: Policy | None = None,
-                          as_of: str | None = None, peer_level: str = "province") -> list[Path]:
+                          as_of: datetime | None = None, peer_level: str = "province") -> list[Path]:
     """Write stores.html (store health as of `as_of`, peers by `peer_level`), consumers.html,
     rebates.html (when a policy is given) and regions.html as standalone files into
     `out_dir`; returns their paths."""

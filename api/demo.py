@@ -10,6 +10,7 @@ from rich.console import Console
 
 from api.analytics_views import demo_policy, write_analytics_views
 from api.cli import to_csv
+from api.params import parse_time
 from api.views import write_views
 from graph.settings import Settings
 from graph.store import open_store
@@ -45,10 +46,11 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         example = trace(store, findings[0].code, k=settings.k) if findings else None
         answers = json.loads((dataset / ANSWERS).read_text())
         plan = answers["store_health"]  # the time and peers the scenario's store anomalies are planted for
-        health = store_health(store, as_of=plan["as_of"], peer_level=plan["peer_level"], k=settings.k)
+        as_of = parse_time(plan["as_of"], "as_of")
+        health = store_health(store, as_of=as_of, peer_level=plan["peer_level"], k=settings.k)
         pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
         pages += write_analytics_views(store, out_dir / "views", k=settings.k, policy=demo_policy(settings),
-                                       as_of=plan["as_of"], peer_level=plan["peer_level"])
+                                       as_of=as_of, peer_level=plan["peer_level"])
     finally:
         store.close()
     flagged = {h.store_id for h in health if h.abnormal}
