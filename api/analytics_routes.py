@@ -100,8 +100,10 @@ def consumers(svc: Svc, stage: Stage | None = None, segment: Segment | None = No
 
 @router.get("/api/consumers/funnel", response_model=list[FunnelRow], responses=responses(422), tags=["analytics"],
             summary="Consumers per stage at the end of each month or week (a funnel per period)")
-def consumer_funnel(svc: Svc, period: Period = "month") -> list[dict]:
-    return svc.cached(lambda: stage_funnel(svc.store, period=period), "funnel", period)
+def consumer_funnel(svc: Svc, period: Period = "month", as_of: ConsumersAsOf = None) -> list[dict]:
+    moment = parse_time(as_of, "as_of")
+    return svc.cached(lambda: stage_funnel(svc.store, period=period, as_of=moment), "funnel", period,
+                      moment.isoformat() if moment else None)
 
 
 @router.get("/api/consumers/{party_id:path}", response_model=ConsumerProfile, responses=responses(404, 422),

@@ -88,6 +88,7 @@ def test_api_documents(client: TestClient):
     page = client.get("/api/consumers", params={"stage": "activated", "limit": 3}).json()
     assert (page["total"], len(page["items"])) == (8, 3)
     assert client.get("/api/consumers/funnel").json()[-1]["referral"] == 4
+    assert [row["period"] for row in client.get("/api/consumers/funnel", params={"as_of": "2024-02-29"}).json()] == ["2024-02"]
     assert client.get("/api/consumers/C1").json()["lifecycle"]["segment"] == "loyal"  # one unit, 3 days before the last scan (R, F, M 3)
     assert client.get("/api/rebates", params={"month": "2024-02"}).json()["withheld"] == 3.5  # b4: 2 + 1 + 0.5
     posted = client.post("/api/rebates", json={"default": {"store": 1.0}}).json()
