@@ -138,7 +138,8 @@ def stage_funnel(store, *, period: str = "month", as_of: datetime | str | None =
 
 
 def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1) -> ConsumerProfile:
-    """Purchases (with the store each unit came from), stores, referrals and tags of one consumer."""
+    """Purchases in time order (with the store each unit came from), stores, referrals and
+    tags of one consumer."""
     consumers, purchases, referrals = _inputs(store)
     if party_id not in consumers.index:
         other = store.stored("parties", pa.array([party_id], pa.string())).column("kind").to_pylist()
@@ -146,7 +147,7 @@ def profile(store, party_id: str, *, bulk_units: int = 6, top_value: float = 0.1
     as_of = _latest(purchases, referrals)
     table = _History.of(consumers, purchases, referrals).table(as_of, bulk_units=bulk_units, top_value=top_value)
     life = _models(table.loc[[party_id]])[0]
-    mine = purchases[purchases["party_id"] == party_id].copy()
+    mine = purchases[purchases["party_id"] == party_id].sort_values(["ts", "code"], kind="stable")  # in time order
     sold = sellers(store, mine["code"].tolist())
     mine["store"] = mine["code"].map(sold)
     bought = [{"ts": iso(r.ts), "code": r.code, "sku": r.sku, "unit_price": float(r.unit_price),

@@ -219,3 +219,11 @@ def test_a_stores_own_salesperson_is_credited(store, tmp_path: Path):
     totals = {(t.month, t.role, t.party_id): (t.owed, t.withheld) for t in report.totals}
     assert totals[("2024-03", "salesperson", "SP7")] == (2.0, 1.0)  # r5 and u2 owed, a5 withheld
     assert report.unassigned == 0.0
+
+
+def test_profile_lists_purchases_in_time_order(store, tmp_path: Path):
+    scans = [{"event_id": "late", "code": "A-1", "action": "scan", "party_id": "wx-o", "ts": "2024-03-02T00:00:00Z"},
+             {"event_id": "early", "code": "B-1", "action": "scan", "party_id": "wx-o", "ts": "2024-03-01T00:00:00Z"}]
+    codes = [{"code": code, "level": "unit"} for code in ("A-1", "B-1")]
+    load_dataset(store, write_world({"codes": codes, "scans": scans}, tmp_path / "w"), rejects_dir=tmp_path / "r")
+    assert [p["code"] for p in profile(store, "wx-o").purchases] == ["B-1", "A-1"]  # not in code order
