@@ -97,6 +97,9 @@ def progress_bar() -> Iterator[Any]:
         yield update
 
 
+PIPED_WIDTH = 10_000  # characters a table line may take when stdout is a file or a pipe (no terminal to fit)
+
+
 def emit(data: Any, fmt: Format, *, rows: Sequence[dict] | None = None, title: str | None = None,
          columns: Sequence[str] | None = None) -> None:
     """Print `data` as JSON, or `rows` as CSV or a table (rows default to `data`).
@@ -108,7 +111,7 @@ def emit(data: Any, fmt: Format, *, rows: Sequence[dict] | None = None, title: s
     if fmt is Format.csv:
         sys.stdout.write(to_csv(rows, columns))
         return
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)  # piped: whole rows, one a line
     if not rows:
         console.print(f"{title or 'result'}: nothing found")
         return

@@ -361,3 +361,13 @@ def test_load_reads_table_files_whatever_the_case_of_their_extension(tmp_path):
     assert loaded["scans"] > 0 and rejected["scans"] == 1 and loaded.get("referrals", 0) == 0
     assert "referrals.txt" in done.stderr and "a table is read from a .csv, .jsonl, .parquet file" in done.stderr
     assert "rejected rows and reasons:" in done.stderr
+
+
+def test_a_table_written_to_a_pipe_keeps_each_row_on_one_line(world):
+    """Piped or redirected, a table is not folded to a terminal's 80 columns."""
+    store, _ = world
+    findings = json.loads(channelgraph("diversions", "--store", str(store), "--format", "json").stdout)
+    table = channelgraph("diversions", "--store", str(store))
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == len(findings) > 0
+    assert sorted(row.split("│")[1].strip() for row in rows) == sorted(f["code"] for f in findings)
