@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from api import analytics_views
 from api.errors import ApiError, responses
-from api.params import MAX_TEXT, TIME_HELP, Limit, Offset, PathId, parse_time
+from api.params import TIME_HELP, Limit, Offset, PathId, Text, parse_time
 from api.service import ApiService, Svc
 from graph.errors import ChannelgraphError, NotFound
 from queries.consumers import (
@@ -77,7 +77,7 @@ def configured_policy(svc: ApiService) -> Policy | None:
 
 @router.get("/api/stores", response_model=list[StoreHealth], responses=responses(404, 422), tags=["analytics"],
             summary="Store health: sell-in, sell-out, stock, days of cover, abnormal flags")
-def stores(svc: Svc, region: Annotated[str | None, Query(max_length=MAX_TEXT)] = None, abnormal: bool = False,
+def stores(svc: Svc, region: Text = None, abnormal: bool = False,
            peer_level: Level = "province", window: Annotated[int, Query(ge=7, le=364)] = 28, as_of: AsOf = None) -> list[StoreHealth]:
     """Every store registered in `region` (or below it), abnormal ones first; `abnormal`
     keeps only flagged stores. Flags name their basis (peers, history, diversion) and reason.
@@ -102,8 +102,7 @@ def consumers(svc: Svc, stage: Stage | None = None, segment: Segment | None = No
             summary="Consumers per stage at the end of each month or week (a funnel per period)")
 def consumer_funnel(svc: Svc, period: Period = "month", as_of: ConsumersAsOf = None) -> list[dict]:
     moment = parse_time(as_of, "as_of")
-    return svc.cached(lambda: stage_funnel(svc.store, period=period, as_of=moment), "funnel", period,
-                      moment.isoformat() if moment else None)
+    return svc.cached(lambda: stage_funnel(svc.store, period=period, as_of=moment), "funnel", period, _iso(moment))
 
 
 @router.get("/api/consumers/{party_id:path}", response_model=ConsumerProfile, responses=responses(404, 422),
@@ -153,7 +152,7 @@ def _html(page) -> HTMLResponse:
 
 
 @router.get("/views/stores", response_class=HTMLResponse, include_in_schema=False)
-def stores_view(svc: Svc, region: Annotated[str | None, Query(max_length=MAX_TEXT)] = None, abnormal: bool = False,
+def stores_view(svc: Svc, region: Text = None, abnormal: bool = False,
                 peer_level: Level = "province", as_of: AsOf = None) -> HTMLResponse:
     return _html(analytics_views.stores_page(svc, region=region, abnormal=abnormal, peer_level=peer_level,
                                              as_of=parse_time(as_of, "as_of")))
@@ -161,7 +160,7 @@ def stores_view(svc: Svc, region: Annotated[str | None, Query(max_length=MAX_TEX
 
 @router.get("/views/consumers", response_class=HTMLResponse, include_in_schema=False)
 def consumers_view(svc: Svc, stage: Stage | None = None, segment: Segment | None = None,
-                   consumer: Annotated[str | None, Query(max_length=MAX_TEXT)] = None, period: Period = "month") -> HTMLResponse:
+                   consumer: Text = None, period: Period = "month") -> HTMLResponse:
     return _html(analytics_views.consumers_page(svc, stage=stage, segment=segment, consumer=consumer, period=period))
 
 

@@ -20,12 +20,11 @@ from queries.consumers import SEGMENT_NAMES, STAGES, lifecycle, profile, stage_f
 from queries.rebates import Policy, load_policy, rebates
 from queries.regions import RegionReport, region_sell_through
 from queries.sales import LEVELS
-from queries.stores import store_health
+from queries.stores import StoreHealth, store_health
 
 if TYPE_CHECKING:
     from api.service import ApiService
     from graph.settings import Settings
-    from graph.store import Store
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "docs" / "policy.example.toml"
 MAX_BARS = 40  # bars per chart (the largest, plus every highlighted one)
@@ -107,14 +106,20 @@ def region_graph(report: RegionReport, names: dict[str, str]) -> views.Graph:
 # ---------------------------------------------------------------- pages
 
 
+def cached_store_health(svc: ApiService, *, region: str | None = None, peer_level: str = "province",
+                        as_of: datetime | None = None) -> list[StoreHealth]:
+    """`store_health` through the service's cache (the stores page's, the demo's report)."""
+    return svc.cached(lambda: store_health(svc.store, region=region, as_of=as_of, peer_level=peer_level, k=svc.k),
+                      "stores", region, peer_level, as_of.isoformat() if as_of else None)
+
+
 def stores_page(svc: ApiService, *, region: str | None = None, abnormal: bool = False, peer_level: str = "province",
                 as_of: datetime | None = None, inline: bool = False) -> views.Page:
     title = "Store health (动销, stock, abnormal stores)"
     context = {"region": region, "abnormal": abnormal, "peer_level": peer_level, "levels": tuple(LEVELS),
                "as_of": as_of.isoformat() if as_of else None}
     try:
-        health = svc.cached(lambda: store_health(svc.store, region=region, as_of=as_of, peer_level=peer_level, k=svc.k),
-                            "stores", region, peer_level, context["as_of"])
+        health = cached_store_health(svc, region=region, peer_level=peer_level, as_of=as_of)
     except (ValueError, ChannelgraphError) as exc:
         return views.render("stores.html", title=title, data={"view": "stores"}, inline=inline, source=svc.store.uri,
                             error=str(exc), status=422, stores=[], chart=None, **context)
@@ -208,14 +213,11 @@ def demo_policy(settings: Settings) -> Policy | None:
     return load_policy(path) if Path(path).exists() else None
 
 
-def write_analytics_views(store: Store, out_dir: Path, *, k: int = 3, policy: Policy | None = None,
+def write_analytics_views(svc: ApiService, out_dir: Path, *, policy: Policy | None = None,
                           as_of: datetime | None = None, peer_level: str = "province") -> list[Path]:
     """Write stores.html (store health as of `as_of`, peers by `peer_level`), consumers.html,
-    rebates.html (when a policy is given) and regions.html as standalone files into
-    `out_dir`; returns their paths."""
-    from api.service import ApiService
-
-    svc = ApiService(store, k=k)
+    rebates.html (when a policy is given) and regions.html of `svc`'s store as standalone
+    files into `out_dir`; returns their paths."""
     pages = {"stores.html": stores_page(svc, as_of=as_of, peer_level=peer_level, inline=True),
              "consumers.html": consumers_page(svc, inline=True),
              "regions.html": regions_page(svc, inline=True)}

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from api import analytics_routes, views
 from api.errors import BodyLimit, install_error_handlers, responses
-from api.params import MAX_TEXT, TIME_HELP, BlankFormFields, Limit, Offset, PathId, parse_time
+from api.params import MAX_TEXT, TIME_HELP, BlankFormFields, Limit, Offset, PathId, Text, parse_time
 from api.schemas import (
     Cascade,
     DatasetUpload,
@@ -50,7 +50,6 @@ from queries.trace import TraceResult
 JSON = "application/json"
 K = Annotated[int | None, Query(ge=1, le=1000,
                                 description="Consumer scans per case that confirm a suspected diversion [default 3].")]
-Text = Annotated[str | None, Query(max_length=MAX_TEXT)]
 Percent = Annotated[float | None, Query(gt=0, le=100, description="Top P% instead of `top`.")]
 
 

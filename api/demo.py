@@ -8,9 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from api.analytics_views import demo_policy, write_analytics_views
+from api.analytics_views import cached_store_health, demo_policy, write_analytics_views
 from api.cli import to_csv
 from api.params import parse_time
+from api.service import ApiService
 from api.views import write_views
 from graph.settings import Settings
 from graph.store import open_store
@@ -19,7 +20,6 @@ from loaders.ingest import load_dataset
 from loaders.readers import ANSWERS
 from queries.diversion import diversion_view, judge_store
 from queries.influence import influencers, referral_stats
-from queries.stores import store_health
 from queries.trace import trace
 
 
@@ -47,9 +47,10 @@ def run_demo(*, out_dir: Path, scale: float, seed: int, settings: Settings, fmt:
         answers = json.loads((dataset / ANSWERS).read_text())
         plan = answers["store_health"]  # the time and peers the scenario's store anomalies are planted for
         as_of = parse_time(plan["as_of"], "as_of")
-        health = store_health(store, as_of=as_of, peer_level=plan["peer_level"], k=settings.k)
+        svc = ApiService(store, k=settings.k)
+        health = cached_store_health(svc, as_of=as_of, peer_level=plan["peer_level"])  # the stores page's too
         pages = write_views(store, out_dir / "views", k=settings.k, code=example.code if example else None)
-        pages += write_analytics_views(store, out_dir / "views", k=settings.k, policy=demo_policy(settings),
+        pages += write_analytics_views(svc, out_dir / "views", policy=demo_policy(settings),
                                        as_of=as_of, peer_level=plan["peer_level"])
     finally:
         store.close()

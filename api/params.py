@@ -24,6 +24,7 @@ PAGES = "/views"  # the paths of the browser views
 
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+Text = Annotated[str | None, Query(max_length=MAX_TEXT)]  # a text parameter (an id, a code, a region)
 PathId = Annotated[str, Path(max_length=MAX_TEXT)]  # a code or party id in a path: may hold '/' (route it as {name:path})
 TIME_HELP = "ISO 8601 date or time, e.g. 2024-02-16 or 2024-02-16T08:00:00+08:00; no offset = UTC"
 

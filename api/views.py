@@ -513,7 +513,7 @@ def influencers_page(svc: ApiService, *, by: str = "influence", top: int = 20, p
     user's referral cascade tree."""
     from queries.influence import METRICS
 
-    ranking = svc.influencers(top=None if percent is not None else top, percent=percent, by=by)
+    ranking = svc.influencers(top=top, percent=percent, by=by)  # a percent, when given, wins
     chosen = user or (ranking[0].party_id if ranking else None)
     wanted = [chosen] if chosen else []
     if inline:  # a file cannot ask the server: embed the cascades of the ranking's top

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from api.analytics_views import HOT, write_analytics_views
+from api.service import ApiService
 from graph.embedded import EmbeddedStore
 from queries.rebates import load_policy
 from tests.test_browser import View, assert_graph, browser, server, world  # noqa: F401 - shared fixtures
@@ -65,7 +66,7 @@ def test_rebates_view_says_when_no_policy_is_configured(browser, server):  # noq
 
 
 def test_exported_analytics_files_work_offline(browser, world: Path, tmp_path: Path):  # noqa: F811
-    paths = write_analytics_views(EmbeddedStore(world), tmp_path, policy=load_policy(POLICY))
+    paths = write_analytics_views(ApiService(EmbeddedStore(world)), tmp_path, policy=load_policy(POLICY))
     assert sorted(p.name for p in paths) == ["consumers.html", "rebates.html", "regions.html", "stores.html"]
     for path in paths:
         view = View(browser, path.as_uri())
